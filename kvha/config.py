@@ -1,0 +1,382 @@
+"""Configuration files: YAML in, typed and validated frozen dataclasses out.
+
+Every node reads one YAML document whose single top-level key names its role
+(``data:``; later ``master:`` and ``lb:``).  The loader is generic: it walks
+the fields of the role's dataclass, recursing into nested dataclasses, and
+checks each value against its type hint and the field's ``metadata`` (the
+``kind`` of value, and bounds).  Mistakes are reported once, up front, as a
+:class:`ConfigError` naming the key path, so a node never starts half-way on
+a bad file.  Adding a role means adding one dataclass, one ``Optional`` field
+on :class:`Config` and one entry in :data:`ROLES`.
+
+Paths in the file (``state_dir``, ``secret_file``) are used as written, so
+relative paths are relative to the node's working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Optional
+
+import yaml
+
+ENGINES = ("memory", "log")
+FSYNC_MODES = ("always", "everysec", "os")
+ENDPOINT_PREFIXES = ("tcp:", "tcp6:", "unix:", "ssl:")
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+SECRET_MIN_LENGTH = 16
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+#: Room a frame needs beyond its value for the key and request header.
+FRAME_OVERHEAD = 64 * KiB
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*")
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": KiB,
+    "mib": MiB,
+    "gib": GiB,
+    "tib": 1024 * GiB,
+}
+_ID_RE = re.compile(ID_PATTERN)
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
+
+
+class ConfigError(Exception):
+    """A configuration mistake, located by its key path inside the document."""
+
+    def __init__(self, path: tuple[str, ...], message: str) -> None:
+        super().__init__(path, message)
+        self.path = tuple(path)
+        self.message = message
+
+    def __str__(self) -> str:
+        where = format_path(self.path)
+        return f"{where}: {self.message}" if where else self.message
+
+
+def format_path(path: tuple[str, ...]) -> str:
+    """Render ``("master", "nodes", "[2]", "id")`` as ``master.nodes[2].id``."""
+    return "".join(p if p.startswith("[") or i == 0 else "." + p for i, p in enumerate(path))
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr`` for messages, cut short so a pasted blob cannot flood the terminal."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _opt(default: Any = dataclasses.MISSING, **metadata: Any) -> Any:
+    """A dataclass field with validation metadata (``kind``, ``min``, ...)."""
+    # Secrets stay out of repr() so a logged config does not leak them.
+    return field(default=default, metadata=metadata, repr=metadata.get("kind") != "secret")
+
+
+def _section(cls: type) -> Any:
+    """A nested section: absent from the file means all of its defaults."""
+    return field(default_factory=cls)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How a data node keeps its records (memory only, or an append-only log)."""
+
+    engine: str = _opt("memory", kind="enum", choices=ENGINES)
+    fsync: str = _opt("everysec", kind="enum", choices=FSYNC_MODES)
+    snapshot_interval: float = _opt(300.0, kind="duration", min=0, min_exclusive=True)
+    snapshot_log_bytes: int = _opt(64 * MiB, kind="size", min=4096)
+    segment_bytes: int = _opt(16 * MiB, kind="size", min=4096)
+
+
+@dataclass(frozen=True)
+class DataLimits:
+    """Bounds that keep one client or one request from exhausting a data node."""
+
+    max_frame_bytes: int = _opt(32 * MiB, kind="size", min=64 * KiB)
+    max_value_bytes: int = _opt(1 * MiB, kind="size", min=1)
+    max_connections: int = _opt(1024, min=1)
+    max_in_flight: int = _opt(1024, min=1)
+    request_timeout: float = _opt(5.0, kind="duration", min=0, min_exclusive=True)
+
+    def _validate(self) -> None:
+        """A value must fit in a frame together with its key and header."""
+        limit = self.max_frame_bytes - FRAME_OVERHEAD
+        if self.max_value_bytes >= limit:
+            raise ConfigError(
+                ("max_value_bytes",),
+                f"must be less than max_frame_bytes - 64KiB ({limit}); got {self.max_value_bytes}",
+            )
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Replication stream batching and flow control."""
+
+    batch_records: int = _opt(512, min=1)
+    window_batches: int = _opt(8, min=1)
+    max_bytes_per_second: int = _opt(0, kind="size")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A data node: stores partitions and serves the internal protocol."""
+
+    id: str = _opt(kind="id")
+    listen: str = _opt(kind="endpoint")
+    state_dir: str = _opt()
+    secret: str = _opt(kind="secret")
+    storage: StorageConfig = _section(StorageConfig)
+    tombstone_ttl: float = _opt(7 * 86400.0, kind="duration", min=0, min_exclusive=True)
+    expiry_sweep_interval: float = _opt(1.0, kind="duration", min=0, min_exclusive=True)
+    expiry_sweep_batch: int = _opt(1000, min=1)
+    limits: DataLimits = _section(DataLimits)
+    stream: StreamConfig = _section(StreamConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A loaded file: its role and that role's section (the others are None)."""
+
+    role: str
+    data: Optional[DataConfig] = None
+    source: str = "<string>"
+
+
+#: Top-level role key -> the dataclass of its section.
+ROLES: dict[str, type] = {"data": DataConfig}
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a config file; every failure is a ConfigError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError((), f"cannot read config file {path!r}: {exc}") from None
+    return load_config_string(text, source=path)
+
+
+def load_config_string(text: str, source: str = "<string>") -> Config:
+    """Parse and validate YAML text; ``source`` names it in error messages."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError((), f"invalid YAML in {source}{where}: {problem}") from None
+    roles = ", ".join(ROLES)
+    if doc is None:
+        raise ConfigError((), f"empty document; expected a mapping with one role key ({roles})")
+    if not isinstance(doc, dict):
+        raise ConfigError((), f"expected a mapping; got {_show(doc)}")
+    _check_keys(doc, ROLES, ())
+    if len(doc) != 1:
+        found = ", ".join(map(str, doc)) or "none"
+        raise ConfigError((), f"expected exactly one role key, one of {roles}; got {found}")
+    ((role, raw),) = doc.items()
+    return Config(role=role, source=source, **{role: _build(ROLES[role], raw, (role,))})
+
+
+def _check_keys(raw: dict, allowed: Iterable[str], path: tuple[str, ...]) -> None:
+    """Reject keys the schema does not know; typos must not pass silently."""
+    names = sorted(allowed)
+    for key in raw:
+        if key not in names:
+            raise ConfigError(path, f"unknown key {_show(key)}; expected one of {', '.join(names)}")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, raw: Any, path: tuple[str, ...]) -> Any:
+    """Build dataclass ``cls`` from mapping ``raw``, validating every field.
+
+    A null section (every key commented out) counts as empty, so defaults apply.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path, f"expected a mapping; got {_show(raw)}")
+    fields = dataclasses.fields(cls)
+    keys = [f.name for f in fields]
+    keys += [f.name + "_file" for f in fields if f.metadata.get("kind") == "secret"]
+    _check_keys(raw, keys, path)
+    hints = _hints(cls)
+    values: dict[str, Any] = {}
+    for f in fields:
+        fpath = path + (f.name,)
+        if f.metadata.get("kind") == "secret":
+            values[f.name] = _secret(raw, f.name, path)
+        elif f.name in raw:
+            values[f.name] = _value(hints[f.name], f.metadata, raw[f.name], fpath)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = _build(hints[f.name], {}, fpath)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(fpath, "required key is missing")
+    obj = cls(**values)
+    validate = getattr(obj, "_validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ConfigError as exc:
+            raise ConfigError(path + exc.path, exc.message) from None
+    return obj
+
+
+def _value(hint: Any, meta: Mapping[str, Any], raw: Any, path: tuple[str, ...]) -> Any:
+    """Convert and check one value against its type hint and field metadata."""
+    if typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if raw is None:
+            return None
+        hint = args[0] if len(args) == 1 else hint
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, raw, path)
+    if typing.get_origin(hint) in (list, tuple):
+        # Metadata applies to each element; tuples keep frozen configs immutable.
+        if not isinstance(raw, list):
+            raise ConfigError(path, f"expected a list; got {_show(raw)}")
+        item = typing.get_args(hint)[0]
+        items = [_value(item, meta, v, path + (f"[{i}]",)) for i, v in enumerate(raw)]
+        return typing.get_origin(hint)(items)
+    kind = meta.get("kind")
+    if kind == "duration":
+        value: Any = _duration(raw, path)
+    elif kind == "size":
+        value = _size(raw, path)
+    elif hint is bool:
+        if not isinstance(raw, bool):
+            raise ConfigError(path, f"expected true or false; got {_show(raw)}")
+        value = raw
+    elif hint is int:
+        if not isinstance(raw, int) or isinstance(raw, bool):
+            raise ConfigError(path, f"expected an integer; got {_show(raw)}")
+        value = raw
+    elif hint is float:
+        value = _number(raw, path)
+    elif hint is str:
+        value = _string(raw, kind, meta, path)
+    else:  # pragma: no cover - a schema bug, not a user mistake
+        raise TypeError(f"unsupported config type {hint!r} at {format_path(path)}")
+    _check_bounds(value, raw, meta, path)
+    return value
+
+
+def _string(raw: Any, kind: Optional[str], meta: Mapping[str, Any], path: tuple) -> str:
+    if kind == "enum":
+        if not isinstance(raw, str) or raw not in meta["choices"]:
+            choices = ", ".join(meta["choices"])
+            raise ConfigError(path, f"expected one of {choices}; got {_show(raw)}")
+        return raw
+    if not isinstance(raw, str):
+        raise ConfigError(path, f"expected a string; got {_show(raw)}")
+    if kind == "id" and not _ID_RE.fullmatch(raw):
+        raise ConfigError(path, f"expected an id matching {ID_PATTERN}; got {_show(raw)}")
+    if kind == "endpoint" and not any(
+        raw.startswith(p) and len(raw) > len(p) for p in ENDPOINT_PREFIXES
+    ):
+        prefixes = ", ".join(ENDPOINT_PREFIXES)
+        raise ConfigError(
+            path, f"expected a Twisted endpoint string starting with {prefixes}; got {_show(raw)}"
+        )
+    return raw
+
+
+def _number(raw: Any, path: tuple[str, ...], scale: float = 1.0) -> float:
+    """A finite float; ints are accepted, bools (an int subclass) are not."""
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise ConfigError(path, f"expected a number; got {_show(raw)}")
+    try:
+        value = float(raw) * scale
+    except OverflowError:  # an int too large for a float
+        value = math.inf
+    if not math.isfinite(value):
+        raise ConfigError(path, f"expected a finite number; got {_show(raw)}")
+    return value
+
+
+def _duration(raw: Any, path: tuple[str, ...]) -> float:
+    """Seconds, from a number or a string such as ``250ms``, ``1.5s`` or ``7d``."""
+    if isinstance(raw, str):
+        m = _DURATION_RE.fullmatch(raw)
+        if m:
+            return _number(float(m.group(1)), path, _DURATION_UNITS[m.group(2) or "s"])
+    elif isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return _number(raw, path)
+    raise ConfigError(
+        path, f"expected a duration such as 30, 250ms, 1.5s, 5m, 2h or 7d; got {_show(raw)}"
+    )
+
+
+def _size(raw: Any, path: tuple[str, ...]) -> int:
+    """Bytes, from an int or a string such as ``512KiB``, ``64MiB`` or ``10kB``."""
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+        return raw
+    if isinstance(raw, str):
+        m = _SIZE_RE.fullmatch(raw)
+        unit = _SIZE_UNITS.get((m.group(2) or "b").lower()) if m else None
+        size = Decimal(m.group(1)) * unit if m and unit is not None else None
+        if size is not None and size == int(size):
+            return int(size)
+    raise ConfigError(
+        path, f"expected a size in bytes such as 4096, 512KiB, 64MiB or 1GB; got {_show(raw)}"
+    )
+
+
+def _check_bounds(value: Any, raw: Any, meta: Mapping[str, Any], path: tuple) -> None:
+    """Apply ``min``/``min_exclusive``/``max``, quoting both forms of a unit string."""
+    got = f"{_show(raw)} ({value})" if isinstance(raw, str) else _show(raw)
+    low = meta.get("min")
+    if low is not None:
+        if meta.get("min_exclusive") and value <= low:
+            raise ConfigError(path, f"must be greater than {low}; got {got}")
+        if value < low:
+            raise ConfigError(path, f"must be at least {low}; got {got}")
+    high = meta.get("max")
+    if high is not None and value > high:
+        raise ConfigError(path, f"must be at most {high}; got {got}")
+
+
+def _secret(raw: dict, name: str, path: tuple[str, ...]) -> str:
+    """The secret comes inline or from a file (to keep it out of the config)."""
+    file_key = name + "_file"
+    if (name in raw) == (file_key in raw):
+        raise ConfigError(path + (name,), f"exactly one of {name} or {file_key} must be given")
+    if name in raw:
+        secret = raw[name]
+        if not isinstance(secret, str):
+            # Do not echo the value: it may be a real secret with a typo.
+            raise ConfigError(path + (name,), f"expected a string; got {type(secret).__name__}")
+        where = path + (name,)
+    else:
+        filename = raw[file_key]
+        where = path + (file_key,)
+        if not isinstance(filename, str):
+            raise ConfigError(where, f"expected a string; got {_show(filename)}")
+        try:
+            with open(filename, encoding="utf-8") as f:
+                secret = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(where, f"cannot read secret file {_show(filename)}: {exc}") from None
+    if len(secret) < SECRET_MIN_LENGTH:
+        raise ConfigError(
+            where, f"must be at least {SECRET_MIN_LENGTH} characters; got {len(secret)}"
+        )
+    return secret

@@ -1,0 +1,1 @@
+"""Data node: storage engines, the record store and the internal protocol server."""

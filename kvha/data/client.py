@@ -1,0 +1,472 @@
+"""The master's side of the internal protocol: a pipelined, reconnecting client.
+
+``DataClientProtocol`` keeps every request in flight in one dict keyed by
+request id (in the manner of ``twisted.protocols.memcache``'s pending
+deque, but matched by id so replies may come in any order).  A request
+that has waited longer than ``request_timeout`` fails with
+:class:`RequestTimeout`; when the connection goes, every pending request
+fails with :class:`NodeUnavailable`.  Timeouts are checked by one periodic
+scan of the oldest requests rather than a timer per request, which keeps the
+hot path to a dict insert and a ``transport.write``.
+
+``DataNodeClient`` wraps a ``ClientService`` that reconnects with backoff and
+hands out the protocol only after the handshake proved both sides hold the
+cluster secret.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer, endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from kvha import wire
+from kvha.data.store import IncrMode, Result, Status, StoreMode
+from kvha.record import Record, pack, tombstone
+from kvha.ring import TokenRange
+
+log = Logger()
+
+
+class DataNodeError(Exception):
+    """The data node answered a request with an error."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{message} (code {code})")
+        self.code = code
+        self.message = message
+
+
+class NodeUnavailable(Exception):
+    """No connection to the data node, or it was lost with the request pending."""
+
+
+class RequestTimeout(Exception):
+    """The data node did not answer in time."""
+
+
+class AuthenticationFailed(Exception):
+    """The handshake failed: wrong secret or protocol version."""
+
+
+Consumer = Callable[[list[tuple[bytes, bytes, bytes]]], Any]
+
+
+class _StreamState:
+    __slots__ = ("consumer", "done", "last_activity", "window")
+
+    def __init__(self, consumer: Consumer, done: Deferred, now: float, window: int) -> None:
+        self.consumer = consumer
+        self.done = done
+        self.last_activity = now
+        self.window = window
+
+
+class DataClientProtocol(Protocol):
+    """One authenticated, pipelined connection to a data node."""
+
+    def __init__(
+        self,
+        secret: bytes,
+        client_id: str,
+        clock: IReactorTime,
+        request_timeout: float = 5.0,
+        max_frame: int = wire.DEFAULT_MAX_FRAME,
+    ) -> None:
+        self.secret = secret
+        self.client_id = client_id
+        self.clock = clock
+        self.request_timeout = request_timeout
+        self.reader = wire.FrameReader(max_frame)
+        self.pending: dict[int, tuple[Deferred, float]] = {}
+        self.streams: dict[int, _StreamState] = {}
+        self.ready: Deferred = Deferred()
+        self.node_id = "?"
+        self.node_state = "?"
+        self.connected_ok = False
+        self._next_id = 1
+        self._nonce = b""
+        self._timeouts: Optional[LoopingCall] = None
+        self.on_lost: Optional[Callable[[DataClientProtocol], None]] = None
+
+    # Connection ------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        loop = LoopingCall(self._check_timeouts)
+        loop.clock = self.clock
+        loop.start(max(0.01, self.request_timeout / 4), now=False)
+        self._timeouts = loop
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._timeouts is not None and self._timeouts.running:
+            self._timeouts.stop()
+        self.connected_ok = False
+        failure = NodeUnavailable(f"connection to data node {self.node_id} lost")
+        pending, self.pending = self.pending, {}
+        for d, _ in pending.values():
+            d.errback(failure)
+        streams, self.streams = self.streams, {}
+        for state in streams.values():
+            state.done.errback(failure)
+        if not self.ready.called:
+            self.ready.errback(failure)
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+    def _check_timeouts(self) -> None:
+        now = self.clock.seconds()
+        deadline = now - self.request_timeout
+        expired = []
+        for request_id, (_d, sent) in self.pending.items():
+            if sent > deadline:
+                break  # the dict is in send order: the rest are younger
+            expired.append(request_id)
+        for request_id in expired:
+            d, _ = self.pending.pop(request_id)
+            d.errback(RequestTimeout(f"data node {self.node_id} did not answer in time"))
+        for request_id, state in list(self.streams.items()):
+            if state.last_activity <= deadline and state.window > 0:
+                del self.streams[request_id]
+                self._send(wire.Cancel(), request_id)
+                state.done.errback(RequestTimeout(f"stream from {self.node_id} stalled"))
+
+    # Frames ------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            frames = self.reader.feed(data)
+        except wire.WireError as e:
+            log.error("bad frame from data node {node}: {why}", node=self.node_id, why=str(e))
+            self.transport.abortConnection()
+            return
+        for opcode, request_id, body in frames:
+            try:
+                msg = wire.decode(opcode, body)
+            except wire.WireError as e:
+                log.error("bad reply from data node {node}: {why}", node=self.node_id, why=str(e))
+                self.transport.abortConnection()
+                return
+            if not self.connected_ok:
+                self._handshake(msg)
+                continue
+            stream = self.streams.get(request_id)
+            if stream is not None:
+                self._stream_frame(request_id, stream, msg)
+                continue
+            entry = self.pending.pop(request_id, None)
+            if entry is None:
+                continue  # it timed out already
+            if type(msg) is wire.Error:
+                entry[0].errback(DataNodeError(msg.code, msg.message))
+            else:
+                entry[0].callback(msg)
+
+    def _handshake(self, msg: wire.Message) -> None:
+        if isinstance(msg, wire.Challenge):
+            if msg.version != wire.PROTOCOL_VERSION:
+                self._refused(f"data node speaks protocol version {msg.version}")
+                return
+            self.node_id = msg.node_id
+            self._nonce = msg.nonce
+            proof = wire.proof(self.secret, wire.CLIENT_LABEL, msg.nonce)
+            self.transport.write(wire.Hello(wire.PROTOCOL_VERSION, self.client_id, proof).frame(0))
+        elif isinstance(msg, wire.Welcome):
+            if not wire.proof_ok(self.secret, wire.SERVER_LABEL, self._nonce, msg.proof):
+                self._refused("data node failed to prove it holds the cluster secret")
+                return
+            self.connected_ok = True
+            self.node_state = msg.state
+            self.ready.callback(self)
+        elif isinstance(msg, wire.Error):
+            self._refused(msg.message)
+        else:
+            self._refused(f"unexpected {type(msg).__name__} during handshake")
+
+    def _refused(self, why: str) -> None:
+        log.error("handshake with data node {node} failed: {why}", node=self.node_id, why=why)
+        if not self.ready.called:
+            self.ready.errback(AuthenticationFailed(why))
+        self.transport.abortConnection()
+
+    # Requests ----------------------------------------------------------------------
+
+    def _send(self, msg: wire.Message, request_id: int) -> None:
+        self.transport.write(msg.frame(request_id))
+
+    def request(self, msg: wire.Message) -> Deferred:
+        """Send ``msg``; the Deferred fires with the reply message."""
+        request_id = self._next_id
+        self._next_id = (request_id + 1) & 0xFFFFFFFF or 1
+        d: Deferred = Deferred()
+        self.pending[request_id] = (d, self.clock.seconds())
+        self.transport.write(msg.frame(request_id))
+        return d
+
+    def stream(
+        self,
+        ranges: Sequence[TokenRange],
+        min_version: int,
+        consumer: Consumer,
+        partitions: Sequence[bytes] = (),
+        window: int = 8,
+    ) -> Deferred:
+        """Receive every matching record, batch by batch, with flow control.
+
+        ``consumer`` gets each batch; if it returns a Deferred, no credit is
+        granted for that batch until it fires, so a slow consumer slows the
+        sender.  The result fires with ``(records, bytes)`` at the end.
+        """
+        request_id = self._next_id
+        self._next_id = (request_id + 1) & 0xFFFFFFFF or 1
+        done: Deferred = Deferred()
+        self.streams[request_id] = _StreamState(consumer, done, self.clock.seconds(), window)
+        self._send(wire.Stream(list(ranges), min_version, list(partitions), window), request_id)
+        return done
+
+    def _stream_frame(self, request_id: int, state: _StreamState, msg: wire.Message) -> None:
+        state.last_activity = self.clock.seconds()
+        if isinstance(msg, wire.StreamBatch):
+            state.window -= 1
+            try:
+                result = state.consumer(msg.records)
+            except Exception as e:
+                self.streams.pop(request_id, None)
+                self._send(wire.Cancel(), request_id)
+                state.done.errback(e)
+                return
+            if isinstance(result, Deferred):
+                result.addCallbacks(
+                    lambda _: self._grant(request_id),
+                    lambda f: self._stream_failed(request_id, f),
+                )
+            else:
+                self._grant(request_id)
+        elif isinstance(msg, wire.StreamEnd):
+            self.streams.pop(request_id, None)
+            state.done.callback((msg.count, msg.bytes))
+        elif isinstance(msg, wire.Error):
+            self.streams.pop(request_id, None)
+            state.done.errback(DataNodeError(msg.code, msg.message))
+
+    def _grant(self, request_id: int) -> None:
+        state = self.streams.get(request_id)
+        if state is not None and self.connected_ok:
+            state.window += 1
+            state.last_activity = self.clock.seconds()
+            self._send(wire.Credit(1), request_id)
+
+    def _stream_failed(self, request_id: int, failure: Any) -> None:
+        state = self.streams.pop(request_id, None)
+        if state is not None:
+            if self.connected_ok:
+                self._send(wire.Cancel(), request_id)
+            state.done.errback(failure)
+
+
+class DataClientFactory(Factory):
+    protocol = DataClientProtocol
+
+    def __init__(
+        self,
+        secret: bytes,
+        client_id: str,
+        clock: IReactorTime,
+        request_timeout: float,
+        max_frame: int,
+    ) -> None:
+        self.secret = secret
+        self.client_id = client_id
+        self.clock = clock
+        self.request_timeout = request_timeout
+        self.max_frame = max_frame
+
+    def buildProtocol(self, addr: Any) -> DataClientProtocol:
+        proto = DataClientProtocol(
+            self.secret, self.client_id, self.clock, self.request_timeout, self.max_frame
+        )
+        proto.factory = self
+        return proto
+
+
+def _result(msg: wire.Message) -> Result:
+    return Result(Status(msg.status), msg.packed or None)
+
+
+def _record(msg: wire.Message) -> Optional[Record]:
+    return _result(msg).record
+
+
+class DataNodeClient:
+    """A reconnecting client of one data node, with the operations as methods.
+
+    Every method returns a Deferred.  While there is no authenticated
+    connection the Deferred fails at once with :class:`NodeUnavailable`,
+    so callers can fall over to another copy without waiting.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        endpoint: str,
+        secret: bytes,
+        client_id: str = "",
+        request_timeout: float = 5.0,
+        max_frame: int = wire.DEFAULT_MAX_FRAME,
+        clock: Optional[IReactorTime] = None,
+        retry_max_delay: float = 2.0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.clock = clock if clock is not None else reactor
+        self.protocol: Optional[DataClientProtocol] = None
+        self._waiting: list[Deferred] = []
+        factory = _ReadyFactory(
+            self,
+            secret,
+            client_id or f"client-{os.getpid()}",
+            self.clock,
+            request_timeout,
+            max_frame,
+        )
+        self._service = ClientService(
+            endpoints.clientFromString(reactor, endpoint),
+            factory,
+            retryPolicy=backoffPolicy(initialDelay=0.05, factor=1.5, maxDelay=retry_max_delay),
+            clock=self.clock,
+        )
+
+    def start(self) -> None:
+        self._service.startService()
+
+    def stop(self) -> Deferred:
+        return defer.maybeDeferred(self._service.stopService)
+
+    @property
+    def connected(self) -> bool:
+        return self.protocol is not None
+
+    def when_ready(self) -> Deferred:
+        """Fires with the protocol once an authenticated connection exists."""
+        if self.protocol is not None:
+            return defer.succeed(self.protocol)
+        d: Deferred = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def _ready(self, proto: DataClientProtocol) -> None:
+        self.protocol = proto
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(proto)
+
+    def _lost(self, proto: DataClientProtocol) -> None:
+        if self.protocol is proto:
+            self.protocol = None
+
+    def _call(self, msg: wire.Message) -> Deferred:
+        proto = self.protocol
+        if proto is None:
+            return defer.fail(NodeUnavailable(f"not connected to {self.endpoint}"))
+        return proto.request(msg)
+
+    # Operations --------------------------------------------------------------------
+
+    def get(self, partition: bytes, key: bytes, tombstones: bool = False) -> Deferred:
+        """Fires with the Record, or None."""
+        return self._call(wire.Get(partition, key, int(tombstones))).addCallback(_record)
+
+    def mget(self, partition: bytes, keys: Sequence[bytes], tombstones: bool = False) -> Deferred:
+        """Fires with a list of Record-or-None, in the order of ``keys``."""
+        d = self._call(wire.MultiGet(partition, list(keys), int(tombstones)))
+        return d.addCallback(
+            lambda msg: [Result(Status.OK, p).record if p else None for _, _, p in msg.records]
+        )
+
+    def apply(self, partition: bytes, key: bytes, packed: bytes) -> Deferred:
+        """Store a versioned record if newer.  Fires with a Result."""
+        return self._call(wire.Apply(partition, key, packed)).addCallback(_result)
+
+    def set(
+        self,
+        partition: bytes,
+        key: bytes,
+        value: bytes,
+        flags: int = 0,
+        expires_ms: int = 0,
+        version: int = 0,
+    ) -> Deferred:
+        return self.apply(partition, key, pack(value, version, flags, expires_ms))
+
+    def store(
+        self,
+        mode: StoreMode,
+        partition: bytes,
+        key: bytes,
+        value: bytes,
+        flags: int = 0,
+        expires_ms: int = 0,
+        cas: int = 0,
+    ) -> Deferred:
+        msg = wire.Store(int(mode), partition, key, value, flags, expires_ms, cas)
+        return self._call(msg).addCallback(_result)
+
+    def incr(self, partition: bytes, key: bytes, mode: IncrMode, delta: bytes) -> Deferred:
+        return self._call(wire.Incr(int(mode), partition, key, delta)).addCallback(_result)
+
+    def touch(self, partition: bytes, key: bytes, expires_ms: int) -> Deferred:
+        return self._call(wire.Touch(partition, key, expires_ms)).addCallback(_result)
+
+    def delete(self, partition: bytes, key: bytes, version: int = 0) -> Deferred:
+        return self._call(wire.Delete(partition, key, version)).addCallback(_result)
+
+    def delete_replica(self, partition: bytes, key: bytes, version: int) -> Deferred:
+        """Replicate a delete: apply a tombstone of ``version`` if newer."""
+        return self.apply(partition, key, tombstone(version))
+
+    def flush(self, partition: bytes) -> Deferred:
+        return self._call(wire.Flush(partition)).addCallback(lambda _: None)
+
+    def ping(self) -> Deferred:
+        """Fires with ``(state, high_water)``."""
+        return self._call(wire.Ping()).addCallback(lambda m: (m.state, m.high_water))
+
+    def stats(self) -> Deferred:
+        """Fires with a dict of str -> str."""
+
+        def to_dict(msg: wire.Message) -> dict[str, str]:
+            pairs = msg.pairs
+            return {pairs[i].decode(): pairs[i + 1].decode() for i in range(0, len(pairs) - 1, 2)}
+
+        return self._call(wire.Stats()).addCallback(to_dict)
+
+    def stream(
+        self,
+        ranges: Sequence[TokenRange],
+        min_version: int,
+        consumer: Consumer,
+        partitions: Sequence[bytes] = (),
+        window: int = 8,
+    ) -> Deferred:
+        proto = self.protocol
+        if proto is None:
+            return defer.fail(NodeUnavailable(f"not connected to {self.endpoint}"))
+        return proto.stream(ranges, min_version, consumer, partitions, window)
+
+
+class _ReadyFactory(DataClientFactory):
+    def __init__(self, owner: DataNodeClient, *args: Any) -> None:
+        super().__init__(*args)
+        self.owner = owner
+
+    def buildProtocol(self, addr: Any) -> DataClientProtocol:
+        proto = super().buildProtocol(addr)
+        proto.ready.addCallbacks(self.owner._ready, lambda f: None)
+        proto.on_lost = self.owner._lost
+        return proto

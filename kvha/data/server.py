@@ -1,0 +1,549 @@
+"""The data node's side of the internal protocol.
+
+``DataNode`` holds the store and the node's timers; ``DataServerProtocol`` is
+the thin adapter that turns frames into store calls and results into frames
+(the split Tahoe-LAFS makes between ``StorageServer`` and its wire servers).
+
+Replies are gathered per connection and written once per reactor turn.  With
+a durable engine every reply, reads included, waits for the engine's
+``commit`` that the turn ends with, so nothing is acknowledged or shown to a
+reader before it is durable under the fsync policy, and one ``fdatasync``
+covers every connection's writes in that turn (group commit).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Optional
+
+from twisted.application import service
+from twisted.internet import interfaces
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from kvha import __version__, wire
+from kvha.data.engine import Engine
+from kvha.data.store import IncrMode, Result, Status, Store, StoreMode
+from kvha.record import HEADER_SIZE
+
+log = Logger()
+
+#: How often the node runs engine maintenance and the expiry sweep.
+TICK_SECONDS = 0.1
+#: Cap on bytes in one stream batch, whatever batch_records says.
+STREAM_BATCH_BYTES = 1 << 20
+
+
+class DataNode(service.Service):
+    """A data node: one store, its timers, and the counters behind ``stats``."""
+
+    def __init__(
+        self,
+        node_id: str,
+        engine: Engine,
+        secret: bytes,
+        clock: IReactorTime,
+        *,
+        tombstone_ttl: float = 7 * 86400.0,
+        max_value_bytes: int = 1 << 20,
+        max_frame_bytes: int = wire.DEFAULT_MAX_FRAME,
+        max_connections: int = 1024,
+        max_in_flight: int = 1024,
+        sweep_interval: float = 1.0,
+        sweep_batch: int = 1000,
+        stream_batch_records: int = 512,
+        stream_max_bytes_per_second: int = 0,
+        urandom: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.node_id = node_id
+        self.clock = clock
+        self.secret = secret
+        self.store = Store(engine, clock.seconds, tombstone_ttl, max_value_bytes)
+        self.max_frame_bytes = max_frame_bytes
+        self.max_connections = max_connections
+        self.max_in_flight = max_in_flight
+        self.sweep_interval = sweep_interval
+        self.sweep_batch = sweep_batch
+        self.stream_batch_records = stream_batch_records
+        self.stream_max_bytes_per_second = stream_max_bytes_per_second
+        self.urandom = urandom
+        self.state = "up"
+        self.started = clock.seconds()
+        self.connections: set[DataServerProtocol] = set()
+        self.total_connections = 0
+        self.rejected_connections = 0
+        self.auth_failures = 0
+        self.bad_frames = 0
+        self.ops: dict[str, int] = {}
+        self.get_hits = 0
+        self.get_misses = 0
+        self._dirty: list[DataServerProtocol] = []
+        self._flush_call: Any = None
+        self._loops: list[LoopingCall] = []
+        self._last_sweep = 0.0
+
+    # Service ----------------------------------------------------------------
+
+    def startService(self) -> None:
+        began = time.monotonic()
+        self.store.open()
+        log.info(
+            "data node {node} opened {engine} store: {records} records, high water {high}, "
+            "in {seconds:.3f}s",
+            node=self.node_id,
+            engine=self.store.engine.name,
+            records=self.store.engine.count(),
+            high=self.store.engine.high_water,
+            seconds=time.monotonic() - began,
+        )
+        self.started = self.clock.seconds()
+        loop = LoopingCall(self._tick)
+        loop.clock = self.clock
+        loop.start(TICK_SECONDS, now=False)
+        self._loops.append(loop)
+        service.Service.startService(self)
+
+    def stopService(self) -> Any:
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops.clear()
+        for proto in list(self.connections):
+            proto.transport.loseConnection()
+        self.flush()
+        self.store.close()
+        log.info("data node {node} stopped", node=self.node_id)
+        return service.Service.stopService(self)
+
+    def _tick(self) -> None:
+        now = self.clock.seconds()
+        if now - self._last_sweep >= self.sweep_interval:
+            self._last_sweep = now
+            self.store.sweep(self.sweep_batch)
+        self.store.engine.maintenance(now)
+        if self.store.engine.needs_commit:
+            # The sweep's removals are logged like any other write.
+            self.store.engine.commit()
+
+    # Group commit -------------------------------------------------------------
+
+    def reply_ready(self, proto: DataServerProtocol) -> None:
+        """A connection has replies to send once the current turn is committed."""
+        self._dirty.append(proto)
+        if self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self._flush_call = None
+        try:
+            self.store.engine.commit()
+        except OSError:
+            log.failure("commit failed; closing the connections waiting on it")
+            for proto in self._dirty:
+                proto.abort_pending()
+            self._dirty.clear()
+            return
+        dirty, self._dirty = self._dirty, []
+        for proto in dirty:
+            proto.send_pending()
+
+    # Stats --------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "node_id": self.node_id,
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptime": int(self.clock.seconds() - self.started),
+            "state": self.state,
+            "engine": self.store.engine.name,
+            "curr_connections": len(self.connections),
+            "total_connections": self.total_connections,
+            "rejected_connections": self.rejected_connections,
+            "auth_failures": self.auth_failures,
+            "bad_frames": self.bad_frames,
+            "get_hits": self.get_hits,
+            "get_misses": self.get_misses,
+        }
+        for name, count in sorted(self.ops.items()):
+            out[f"cmd_{name}"] = count
+        out.update(self.store.stats())
+        out.update(self.store.engine.stats())
+        return out
+
+
+class StreamSender:
+    """One outgoing record stream, paced by credit, back-pressure and a byte rate."""
+
+    def __init__(self, proto: DataServerProtocol, request_id: int, msg: wire.Stream) -> None:
+        self.proto = proto
+        self.request_id = request_id
+        self.records = proto.node.store.stream(msg.ranges, msg.min_version, msg.partitions)
+        self.credit = msg.window
+        self.count = 0
+        self.bytes = 0
+        self.done = False
+        self._call: Any = None
+
+    def grant(self, batches: int) -> None:
+        self.credit += batches
+        self.schedule()
+
+    def schedule(self, delay: float = 0.0) -> None:
+        if self._call is None and not self.done:
+            self._call = self.proto.node.clock.callLater(delay, self._send)
+
+    def cancel(self) -> None:
+        self.done = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _send(self) -> None:
+        self._call = None
+        if self.done or self.credit <= 0 or self.proto.paused:
+            return  # resumed by Credit or resumeProducing
+        node = self.proto.node
+        batch = []
+        size = 0
+        for record in self.records:
+            batch.append(record)
+            size += len(record[0]) + len(record[1]) + len(record[2]) + 10
+            if len(batch) >= node.stream_batch_records or size >= STREAM_BATCH_BYTES:
+                break
+        else:
+            self.done = True
+        if batch:
+            self.credit -= 1
+            self.count += len(batch)
+            self.bytes += size
+            self.proto.transport.write(wire.StreamBatch(batch).frame(self.request_id))
+        if self.done:
+            self.proto.transport.write(
+                wire.StreamEnd(self.count, self.bytes).frame(self.request_id)
+            )
+            self.proto.streams.pop(self.request_id, None)
+            return
+        rate = node.stream_max_bytes_per_second
+        self.schedule(size / rate if rate else 0.0)
+
+
+@implementer(interfaces.IPushProducer)
+class DataServerProtocol(Protocol):
+    """One master's connection to this data node."""
+
+    def __init__(self, node: DataNode) -> None:
+        self.node = node
+        self.reader = wire.FrameReader(node.max_frame_bytes)
+        self.authenticated = False
+        self.peer_id = "?"
+        self.nonce = b""
+        self.out: list[bytes] = []
+        self.streams: dict[int, StreamSender] = {}
+        self.paused = False
+        self.closing = False
+
+    # Connection -----------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        node = self.node
+        node.total_connections += 1
+        if len(node.connections) >= node.max_connections:
+            node.rejected_connections += 1
+            log.warn(
+                "refused a connection from {peer}: {limit} connections already open",
+                peer=self.transport.getPeer(),
+                limit=node.max_connections,
+            )
+            self._fatal(wire.E_LIMIT, "too many connections")
+            return
+        node.connections.add(self)
+        self.transport.registerProducer(self, True)
+        self.nonce = node.urandom(32)
+        self.transport.write(
+            wire.Challenge(wire.PROTOCOL_VERSION, node.node_id, self.nonce).frame(0)
+        )
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.node.connections.discard(self)
+        for sender in self.streams.values():
+            sender.cancel()
+        self.streams.clear()
+        self.out.clear()
+
+    def _fatal(self, code: int, message: str, request_id: int = 0) -> None:
+        """Answer with an error and close: the stream cannot be trusted any more."""
+        self.closing = True
+        self.out.clear()
+        self.transport.write(wire.Error(code, message).frame(request_id))
+        self.transport.loseConnection()
+
+    # IPushProducer: the transport's buffer is full, so stop reading requests.
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.transport.resumeProducing()
+        for sender in list(self.streams.values()):
+            sender.schedule()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+    # Requests -------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            frames = self.reader.feed(data)
+        except wire.WireError as e:
+            self.node.bad_frames += 1
+            log.warn(
+                "closing connection from {peer} ({id}): bad frame: {why}",
+                peer=self.transport.getPeer(),
+                id=self.peer_id,
+                why=str(e),
+            )
+            self._fatal(
+                wire.E_TOO_LARGE if isinstance(e, wire.FrameTooLarge) else wire.E_BAD_REQUEST,
+                str(e),
+            )
+            return
+        if not frames:
+            return
+        out = self.out
+        handlers = _HANDLERS
+        ops = self.node.ops
+        for opcode, request_id, body in frames:
+            if not self.authenticated:
+                self._hello(opcode, request_id, body)
+                if self.closing:
+                    return
+                continue
+            entry = handlers.get(opcode)
+            if entry is None:
+                self.node.bad_frames += 1
+                out.append(
+                    wire.Error(wire.E_UNKNOWN_OP, f"unknown opcode {opcode}").frame(request_id)
+                )
+                continue
+            name, cls, handler = entry
+            try:
+                msg = cls.decode(body)
+            except wire.WireError as e:
+                self.node.bad_frames += 1
+                log.warn("bad {op} request from {id}: {why}", op=name, id=self.peer_id, why=str(e))
+                out.append(wire.Error(wire.E_BAD_REQUEST, str(e)).frame(request_id))
+                continue
+            ops[name] = ops.get(name, 0) + 1
+            try:
+                reply = handler(self, msg, request_id)
+            except Exception as e:
+                log.failure("internal error handling {op}", op=name)
+                reply = wire.Error(wire.E_INTERNAL, f"internal error: {e}")
+            if reply is not None:
+                out.append(reply.frame(request_id))
+        if out:
+            if self.node.store.engine.needs_commit:
+                self.node.reply_ready(self)
+            else:
+                self.send_pending()
+
+    def send_pending(self) -> None:
+        if self.out and not self.closing:
+            data = b"".join(self.out) if len(self.out) > 1 else self.out[0]
+            self.out.clear()
+            self.transport.write(data)
+
+    def abort_pending(self) -> None:
+        self.out.clear()
+        self.transport.abortConnection()
+
+    def _hello(self, opcode: int, request_id: int, body: bytes) -> None:
+        peer = self.transport.getPeer()
+        if opcode != wire.Hello.OPCODE:
+            self.node.auth_failures += 1
+            log.warn("refused {peer}: request before HELLO", peer=peer)
+            self._fatal(wire.E_NOT_AUTHENTICATED, "HELLO required first", request_id)
+            return
+        try:
+            hello = wire.Hello.decode(body)
+        except wire.WireError as e:
+            self.node.auth_failures += 1
+            self._fatal(wire.E_BAD_REQUEST, f"bad HELLO: {e}", request_id)
+            return
+        if hello.version != wire.PROTOCOL_VERSION:
+            self.node.auth_failures += 1
+            log.warn(
+                "refused {peer}: protocol version {theirs}, this node speaks {ours}",
+                peer=peer,
+                theirs=hello.version,
+                ours=wire.PROTOCOL_VERSION,
+            )
+            self._fatal(
+                wire.E_VERSION,
+                f"protocol version {hello.version} is not supported (this node speaks "
+                f"{wire.PROTOCOL_VERSION})",
+                request_id,
+            )
+            return
+        if not wire.proof_ok(self.node.secret, wire.CLIENT_LABEL, self.nonce, hello.proof):
+            self.node.auth_failures += 1
+            log.warn("refused {peer} ({id}): wrong cluster secret", peer=peer, id=hello.node_id)
+            self._fatal(wire.E_AUTH, "authentication failed: wrong cluster secret", request_id)
+            return
+        self.authenticated = True
+        self.peer_id = hello.node_id
+        welcome = wire.Welcome(
+            self.node.node_id,
+            wire.proof(self.node.secret, wire.SERVER_LABEL, self.nonce),
+            self.node.state,
+        )
+        self.transport.write(welcome.frame(request_id))
+
+    # Handlers: each returns the reply message, or None when it answers later.
+
+    def _get(self, msg: wire.Get, request_id: int) -> wire.Message:
+        packed = self.node.store.get_packed(msg.partition, msg.key, bool(msg.tombstones))
+        if packed is None:
+            self.node.get_misses += 1
+            return wire.Result(Status.NOT_FOUND, b"")
+        self.node.get_hits += 1
+        return wire.Result(Status.OK, packed)
+
+    def _mget(self, msg: wire.MultiGet, request_id: int) -> wire.Message:
+        get = self.node.store.get_packed
+        records = []
+        hits = 0
+        for key in msg.keys:
+            packed = get(msg.partition, key, bool(msg.tombstones))
+            if packed is not None:
+                hits += 1
+            records.append((msg.partition, key, packed or b""))
+        self.node.get_hits += hits
+        self.node.get_misses += len(msg.keys) - hits
+        return wire.Records(records)
+
+    def _apply(self, msg: wire.Apply, request_id: int) -> wire.Message:
+        if len(msg.packed) < HEADER_SIZE:
+            return wire.Error(wire.E_BAD_REQUEST, "packed record is shorter than its header")
+        return _result(self.node.store.apply(msg.partition, msg.key, msg.packed))
+
+    def _store(self, msg: wire.Store, request_id: int) -> wire.Message:
+        try:
+            mode = StoreMode(msg.mode)
+        except ValueError:
+            return wire.Error(wire.E_BAD_REQUEST, f"unknown store mode {msg.mode}")
+        return _result(
+            self.node.store.store(
+                mode, msg.partition, msg.key, msg.value, msg.flags, msg.expires_ms, msg.cas
+            )
+        )
+
+    def _incr(self, msg: wire.Incr, request_id: int) -> wire.Message:
+        try:
+            mode = IncrMode(msg.mode)
+        except ValueError:
+            return wire.Error(wire.E_BAD_REQUEST, f"unknown incr mode {msg.mode}")
+        return _result(self.node.store.incr(msg.partition, msg.key, mode, msg.delta))
+
+    def _touch(self, msg: wire.Touch, request_id: int) -> wire.Message:
+        return _result(self.node.store.touch(msg.partition, msg.key, msg.expires_ms))
+
+    def _delete(self, msg: wire.Delete, request_id: int) -> wire.Message:
+        return _result(self.node.store.delete(msg.partition, msg.key, msg.version))
+
+    def _flush(self, msg: wire.Flush, request_id: int) -> wire.Message:
+        removed = self.node.store.flush(msg.partition)
+        log.info(
+            "flushed partition {partition}: {removed} records, asked by {id}",
+            partition=msg.partition.decode("utf-8", "replace"),
+            removed=removed,
+            id=self.peer_id,
+        )
+        return wire.Result(Status.OK, b"")
+
+    def _ping(self, msg: wire.Ping, request_id: int) -> wire.Message:
+        return wire.Pong(self.node.state, self.node.store.engine.high_water)
+
+    def _stats(self, msg: wire.Stats, request_id: int) -> wire.Message:
+        pairs = []
+        for name, value in self.node.stats().items():
+            pairs.append(name.encode())
+            pairs.append(str(value).encode())
+        return wire.StatsReply(pairs)
+
+    def _stream(self, msg: wire.Stream, request_id: int) -> Optional[wire.Message]:
+        if request_id in self.streams:
+            return wire.Error(wire.E_BAD_REQUEST, f"stream {request_id} is already running")
+        if len(self.streams) >= self.node.max_in_flight:
+            return wire.Error(wire.E_LIMIT, "too many streams on this connection")
+        if msg.window < 1:
+            return wire.Error(wire.E_BAD_REQUEST, "stream window must be at least 1")
+        sender = StreamSender(self, request_id, msg)
+        self.streams[request_id] = sender
+        log.info(
+            "stream {stream} to {id}: {ranges} ranges above version {min}",
+            stream=request_id,
+            id=self.peer_id,
+            ranges=len(msg.ranges) or "all",
+            min=msg.min_version,
+        )
+        sender.schedule()
+        return None
+
+    def _credit(self, msg: wire.Credit, request_id: int) -> None:
+        sender = self.streams.get(request_id)
+        if sender is not None:
+            sender.grant(msg.batches)
+        return None
+
+    def _cancel(self, msg: wire.Cancel, request_id: int) -> None:
+        sender = self.streams.pop(request_id, None)
+        if sender is not None:
+            sender.cancel()
+        return None
+
+
+def _result(result: Result) -> wire.Message:
+    if result.status is Status.TOO_LARGE:
+        return wire.Result(Status.TOO_LARGE, b"")
+    return wire.Result(result.status, result.packed or b"")
+
+
+_HANDLERS: dict[int, tuple[str, type[wire.Message], Callable[..., Any]]] = {
+    cls.OPCODE: (name, cls, handler)
+    for name, cls, handler in (
+        ("get", wire.Get, DataServerProtocol._get),
+        ("mget", wire.MultiGet, DataServerProtocol._mget),
+        ("apply", wire.Apply, DataServerProtocol._apply),
+        ("store", wire.Store, DataServerProtocol._store),
+        ("incr", wire.Incr, DataServerProtocol._incr),
+        ("touch", wire.Touch, DataServerProtocol._touch),
+        ("delete", wire.Delete, DataServerProtocol._delete),
+        ("flush", wire.Flush, DataServerProtocol._flush),
+        ("ping", wire.Ping, DataServerProtocol._ping),
+        ("stats", wire.Stats, DataServerProtocol._stats),
+        ("stream", wire.Stream, DataServerProtocol._stream),
+        ("credit", wire.Credit, DataServerProtocol._credit),
+        ("cancel", wire.Cancel, DataServerProtocol._cancel),
+    )
+}
+
+
+class DataServerFactory(Factory):
+    def __init__(self, node: DataNode) -> None:
+        self.node = node
+
+    def buildProtocol(self, addr: Any) -> DataServerProtocol:
+        proto = DataServerProtocol(self.node)
+        proto.factory = self
+        return proto

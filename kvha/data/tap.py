@@ -1,0 +1,62 @@
+"""``twistd kvha-data --config FILE``: the data node as a twistd service."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.application import service, strports
+from twisted.python import usage
+
+from kvha.config import ConfigError, DataConfig, load_config
+from kvha.data.engines import make_engine
+from kvha.data.server import DataNode, DataServerFactory
+
+
+class Options(usage.Options):
+    optParameters = [["config", "c", None, "YAML configuration file with a `data:` section"]]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config FILE is required")
+        try:
+            config = load_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(f"{self['config']}: {e}") from None
+        if config.data is None:
+            raise usage.UsageError(
+                f"{self['config']}: this is a {config.role} configuration; kvha-data needs `data:`"
+            )
+        self["data"] = config.data
+
+
+def build_node(config: DataConfig, reactor: Optional[Any] = None) -> DataNode:
+    """The data node service described by ``config`` (without its listener)."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    engine = make_engine(config.storage, config.state_dir, reactor)
+    return DataNode(
+        config.id,
+        engine,
+        config.secret.encode("utf-8"),
+        reactor,
+        tombstone_ttl=config.tombstone_ttl,
+        max_value_bytes=config.limits.max_value_bytes,
+        max_frame_bytes=config.limits.max_frame_bytes,
+        max_connections=config.limits.max_connections,
+        max_in_flight=config.limits.max_in_flight,
+        sweep_interval=config.expiry_sweep_interval,
+        sweep_batch=config.expiry_sweep_batch,
+        stream_batch_records=config.stream.batch_records,
+        stream_max_bytes_per_second=config.stream.max_bytes_per_second,
+    )
+
+
+def makeService(options: Options) -> service.MultiService:
+    config: DataConfig = options["data"]
+    top = service.MultiService()
+    node = build_node(config)
+    node.setServiceParent(top)  # opens the store before the port listens
+    strports.service(config.listen, DataServerFactory(node)).setServiceParent(top)
+    return top

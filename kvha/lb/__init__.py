@@ -1,0 +1,1 @@
+"""Load-balancer pair (see the load-balancer issue)."""

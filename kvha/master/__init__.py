@@ -1,0 +1,1 @@
+"""Master node: client protocols and routing (see the master-node issues)."""

@@ -1,0 +1,458 @@
+"""The internal protocol between masters and data nodes: framing and messages.
+
+Why binary and not RESP: every request carries binary fields (packed records
+with their 21-byte header, 64-bit versions and token ranges) that RESP would
+have to turn into decimal text and back, and a fixed header lets the reader
+match a reply to its request by id without parsing the body.  Frames are::
+
+    u32 length   bytes that follow: 1 + 4 + len(body)
+    u8  opcode   which message
+    u32 id       request id; a reply carries the id of its request
+    body         the message's fields, in order
+
+All integers are little-endian.  Field encodings: ``u8/u16/u32/u64``;
+``bytes`` (u32 length + data); ``str`` (u16 length + UTF-8); ``list``
+(u32 count + ``bytes`` each); ``ranges`` (u32 count + u64 lo, u64 hi each);
+``records`` (u32 count + u16, u32, u32 lengths + partition, key, packed).
+
+A connection starts with the server's CHALLENGE (protocol version, node id,
+random nonce).  The client answers HELLO with an HMAC-SHA256 of the nonce
+under the cluster secret; the server answers WELCOME with its own proof, so
+each side knows the other holds the secret and the secret never crosses the
+wire.  Nothing else is accepted before that.
+
+Each message is one class with an ``OPCODE`` and a ``FIELDS`` table, in the
+manner of Synapse's replication commands; :data:`MESSAGES` maps opcodes to
+classes.  Decoding a frame either yields a whole message or raises
+:class:`WireError`: nothing is ever half-parsed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from typing import Any, ClassVar
+
+PROTOCOL_VERSION = 1
+
+FRAME = struct.Struct("<IBI")
+FRAME_SIZE = FRAME.size
+_FRAME_BODY = 5  # opcode + id, counted by the length field
+
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_RANGE = struct.Struct("<QQ")
+_REC = struct.Struct("<HII")
+
+DEFAULT_MAX_FRAME = 32 << 20
+
+
+class WireError(Exception):
+    """A frame or message that cannot be decoded."""
+
+
+class FrameTooLarge(WireError):
+    pass
+
+
+# Field codecs ------------------------------------------------------------
+
+
+def _enc(kind: str, value: Any, out: list[bytes]) -> None:
+    if kind == "bytes":
+        out.append(_U32.pack(len(value)))
+        out.append(value)
+    elif kind == "u64":
+        out.append(_U64.pack(value))
+    elif kind == "u8":
+        out.append(_U8.pack(value))
+    elif kind == "u32":
+        out.append(_U32.pack(value))
+    elif kind == "u16":
+        out.append(_U16.pack(value))
+    elif kind == "str":
+        data = value.encode("utf-8")
+        out.append(_U16.pack(len(data)))
+        out.append(data)
+    elif kind == "list":
+        out.append(_U32.pack(len(value)))
+        for item in value:
+            out.append(_U32.pack(len(item)))
+            out.append(item)
+    elif kind == "ranges":
+        out.append(_U32.pack(len(value)))
+        for lo, hi in value:
+            out.append(_RANGE.pack(lo, hi))
+    elif kind == "records":
+        out.append(_U32.pack(len(value)))
+        for partition, key, packed in value:
+            out.append(_REC.pack(len(partition), len(key), len(packed)))
+            out.append(partition)
+            out.append(key)
+            out.append(packed)
+    else:  # pragma: no cover - a typo in a FIELDS table
+        raise AssertionError(kind)
+
+
+def _need(data: bytes, offset: int, n: int) -> int:
+    end = offset + n
+    if n < 0 or end > len(data):
+        raise WireError("message body is truncated")
+    return end
+
+
+def _dec(kind: str, data: bytes, offset: int) -> tuple[Any, int]:
+    if kind == "bytes":
+        end = _need(data, offset, 4)
+        (n,) = _U32.unpack_from(data, offset)
+        stop = _need(data, end, n)
+        return data[end:stop], stop
+    if kind in ("u8", "u16", "u32", "u64"):
+        codec = {"u8": _U8, "u16": _U16, "u32": _U32, "u64": _U64}[kind]
+        end = _need(data, offset, codec.size)
+        return codec.unpack_from(data, offset)[0], end
+    if kind == "str":
+        end = _need(data, offset, 2)
+        (n,) = _U16.unpack_from(data, offset)
+        stop = _need(data, end, n)
+        try:
+            return data[end:stop].decode("utf-8"), stop
+        except UnicodeDecodeError:
+            raise WireError("string field is not valid UTF-8") from None
+    if kind == "list":
+        end = _need(data, offset, 4)
+        (count,) = _U32.unpack_from(data, offset)
+        _need(data, end, count * 4)  # refuse absurd counts before allocating
+        items = []
+        for _ in range(count):
+            item, end = _dec("bytes", data, end)
+            items.append(item)
+        return items, end
+    if kind == "ranges":
+        end = _need(data, offset, 4)
+        (count,) = _U32.unpack_from(data, offset)
+        stop = _need(data, end, count * _RANGE.size)
+        return [_RANGE.unpack_from(data, end + i * _RANGE.size) for i in range(count)], stop
+    if kind == "records":
+        end = _need(data, offset, 4)
+        (count,) = _U32.unpack_from(data, offset)
+        _need(data, end, count * _REC.size)
+        records = []
+        for _ in range(count):
+            start = _need(data, end, _REC.size)
+            plen, klen, vlen = _REC.unpack_from(data, end)
+            p_end = _need(data, start, plen)
+            k_end = _need(data, p_end, klen)
+            end = _need(data, k_end, vlen)
+            records.append((data[start:p_end], data[p_end:k_end], data[k_end:end]))
+        return records, end
+    raise AssertionError(kind)  # pragma: no cover
+
+
+# Messages ----------------------------------------------------------------
+
+
+class Message:
+    """A message: an opcode and named, typed fields."""
+
+    OPCODE: ClassVar[int] = 0
+    FIELDS: ClassVar[tuple[tuple[str, str], ...]] = ()
+    __slots__ = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        names = [name for name, _ in self.FIELDS]
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__} takes {len(names)} fields")
+        values = dict(zip(names, args))
+        values.update(kwargs)
+        for name in names:
+            setattr(self, name, values.pop(name))
+        if values:
+            raise TypeError(f"{type(self).__name__}: unknown fields {sorted(values)}")
+
+    def body(self) -> bytes:
+        out: list[bytes] = []
+        for name, kind in self.FIELDS:
+            _enc(kind, getattr(self, name), out)
+        return b"".join(out)
+
+    def frame(self, request_id: int) -> bytes:
+        body = self.body()
+        return FRAME.pack(len(body) + _FRAME_BODY, self.OPCODE, request_id) + body
+
+    @classmethod
+    def decode(cls, body: bytes) -> Message:
+        offset = 0
+        values = []
+        for _name, kind in cls.FIELDS:
+            value, offset = _dec(kind, body, offset)
+            values.append(value)
+        if offset != len(body):
+            raise WireError(f"{len(body) - offset} stray bytes after {cls.__name__}")
+        return cls(*values)
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and all(
+            getattr(self, n) == getattr(other, n) for n, _ in self.FIELDS
+        )
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n, _ in self.FIELDS)
+        return f"{type(self).__name__}({fields})"
+
+
+MESSAGES: dict[int, type[Message]] = {}
+
+
+def message(opcode: int, *fields: tuple[str, str]) -> Any:
+    """Class decorator: give a message its opcode and fields and register it."""
+
+    def register(cls: type[Message]) -> type[Message]:
+        if opcode in MESSAGES:  # pragma: no cover
+            raise AssertionError(f"opcode {opcode} used twice")
+        cls.OPCODE = opcode
+        cls.FIELDS = fields
+        MESSAGES[opcode] = cls
+        return cls
+
+    return register
+
+
+# Requests: master -> data node.
+
+
+@message(1, ("version", "u16"), ("node_id", "str"), ("proof", "bytes"))
+class Hello(Message):
+    __slots__ = ("version", "node_id", "proof")
+
+
+@message(2)
+class Ping(Message):
+    __slots__ = ()
+
+
+@message(3, ("partition", "bytes"), ("key", "bytes"), ("tombstones", "u8"))
+class Get(Message):
+    __slots__ = ("partition", "key", "tombstones")
+
+
+@message(4, ("partition", "bytes"), ("keys", "list"), ("tombstones", "u8"))
+class MultiGet(Message):
+    __slots__ = ("partition", "keys", "tombstones")
+
+
+@message(5, ("partition", "bytes"), ("key", "bytes"), ("packed", "bytes"))
+class Apply(Message):
+    """Store a versioned record or tombstone if newer (version 0: node issues one)."""
+
+    __slots__ = ("partition", "key", "packed")
+
+
+@message(
+    6,
+    ("mode", "u8"),
+    ("partition", "bytes"),
+    ("key", "bytes"),
+    ("value", "bytes"),
+    ("flags", "u32"),
+    ("expires_ms", "u64"),
+    ("cas", "u64"),
+)
+class Store(Message):
+    """add / replace / append / prepend / cas, run on the primary."""
+
+    __slots__ = ("mode", "partition", "key", "value", "flags", "expires_ms", "cas")
+
+
+@message(7, ("mode", "u8"), ("partition", "bytes"), ("key", "bytes"), ("delta", "bytes"))
+class Incr(Message):
+    __slots__ = ("mode", "partition", "key", "delta")
+
+
+@message(8, ("partition", "bytes"), ("key", "bytes"), ("expires_ms", "u64"))
+class Touch(Message):
+    __slots__ = ("partition", "key", "expires_ms")
+
+
+@message(9, ("partition", "bytes"), ("key", "bytes"), ("version", "u64"))
+class Delete(Message):
+    __slots__ = ("partition", "key", "version")
+
+
+@message(10)
+class Stats(Message):
+    __slots__ = ()
+
+
+@message(
+    11, ("ranges", "ranges"), ("min_version", "u64"), ("partitions", "list"), ("window", "u32")
+)
+class Stream(Message):
+    """Send every record in the token ranges newer than min_version, in batches.
+
+    ``window`` is the number of batches the receiver takes before it must
+    grant more with Credit (flow control); an empty range list means all.
+    """
+
+    __slots__ = ("ranges", "min_version", "partitions", "window")
+
+
+@message(12, ("batches", "u32"))
+class Credit(Message):
+    """Flow control: the receiver of a stream may take this many more batches."""
+
+    __slots__ = ("batches",)
+
+
+@message(13)
+class Cancel(Message):
+    __slots__ = ()
+
+
+@message(14, ("partition", "bytes"))
+class Flush(Message):
+    __slots__ = ("partition",)
+
+
+# Replies: data node -> master.
+
+
+@message(64, ("version", "u16"), ("node_id", "str"), ("nonce", "bytes"))
+class Challenge(Message):
+    __slots__ = ("version", "node_id", "nonce")
+
+
+@message(65, ("node_id", "str"), ("proof", "bytes"), ("state", "str"))
+class Welcome(Message):
+    __slots__ = ("node_id", "proof", "state")
+
+
+@message(66, ("status", "u8"), ("packed", "bytes"))
+class Result(Message):
+    """A status (kvha.data.store.Status) and a packed record, empty for none."""
+
+    __slots__ = ("status", "packed")
+
+
+@message(67, ("records", "records"))
+class Records(Message):
+    """Multi-get reply: one (partition, key, packed) per key asked, packed empty if absent."""
+
+    __slots__ = ("records",)
+
+
+@message(68, ("pairs", "list"))
+class StatsReply(Message):
+    """Alternating names and values, as ASCII."""
+
+    __slots__ = ("pairs",)
+
+
+@message(69, ("code", "u16"), ("message", "str"))
+class Error(Message):
+    __slots__ = ("code", "message")
+
+
+@message(70, ("records", "records"))
+class StreamBatch(Message):
+    __slots__ = ("records",)
+
+
+@message(71, ("count", "u64"), ("bytes", "u64"))
+class StreamEnd(Message):
+    __slots__ = ("count", "bytes")
+
+
+@message(72, ("state", "str"), ("high_water", "u64"))
+class Pong(Message):
+    __slots__ = ("state", "high_water")
+
+
+# Error codes carried by Error.
+E_BAD_REQUEST = 1
+E_AUTH = 2
+E_VERSION = 3
+E_TOO_LARGE = 4
+E_UNKNOWN_OP = 5
+E_NOT_AUTHENTICATED = 6
+E_INTERNAL = 7
+E_LIMIT = 8
+
+
+def decode(opcode: int, body: bytes) -> Message:
+    """Decode one message body, or raise WireError."""
+    cls = MESSAGES.get(opcode)
+    if cls is None:
+        raise WireError(f"unknown opcode {opcode}")
+    return cls.decode(body)
+
+
+class FrameReader:
+    """Splits a byte stream into ``(opcode, request_id, body)`` frames.
+
+    Raises :class:`FrameTooLarge` as soon as a length prefix exceeds the
+    limit, before buffering the body, and :class:`WireError` on a length too
+    short to hold a header.  Either leaves the stream unusable: close it.
+    """
+
+    __slots__ = ("_buffer", "_need", "max_frame")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self._buffer = bytearray()
+        self._need = FRAME_SIZE  # bytes needed before parsing is worth trying
+        self.max_frame = max_frame
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        buf = self._buffer
+        buf += data
+        end = len(buf)
+        if end < self._need:
+            return []
+        frames = []
+        offset = 0
+        unpack = FRAME.unpack_from
+        view = memoryview(buf)
+        try:
+            while end - offset >= FRAME_SIZE:
+                length, opcode, request_id = unpack(buf, offset)
+                if length < _FRAME_BODY:
+                    raise WireError(f"frame length {length} is shorter than its header")
+                if length > self.max_frame:
+                    raise FrameTooLarge(
+                        f"frame of {length} bytes exceeds the {self.max_frame} limit"
+                    )
+                stop = offset + 4 + length
+                if stop > end:
+                    break
+                frames.append((opcode, request_id, bytes(view[offset + FRAME_SIZE : stop])))
+                offset = stop
+        finally:
+            view.release()
+        if offset:
+            del buf[:offset]
+        left = len(buf)
+        if left >= FRAME_SIZE:
+            self._need = _U32.unpack_from(buf, 0)[0] + 4
+        else:
+            self._need = FRAME_SIZE
+        return frames
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+
+def proof(secret: bytes, label: bytes, nonce: bytes) -> bytes:
+    """HMAC-SHA256 of ``label + nonce`` under the cluster secret."""
+    return hmac.new(secret, label + nonce, hashlib.sha256).digest()
+
+
+def proof_ok(secret: bytes, label: bytes, nonce: bytes, given: bytes) -> bool:
+    return hmac.compare_digest(proof(secret, label, nonce), given)
+
+
+CLIENT_LABEL = b"kvha-hello-v1:"
+SERVER_LABEL = b"kvha-welcome-v1:"

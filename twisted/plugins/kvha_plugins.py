@@ -1,0 +1,10 @@
+"""twistd plugins for kvha.  Each role's module is imported only when it runs."""
+
+from twisted.application.service import ServiceMaker
+
+kvha_data = ServiceMaker(
+    "kvha-data",
+    "kvha.data.tap",
+    "kvha data node: storage engine and the internal protocol",
+    "kvha-data",
+)
