@@ -1,0 +1,145 @@
+"""Start, watch and stop kvha ``twistd`` processes on this machine.
+
+Used by the process tests, the benchmarks and (later) ``kvha up``: each node
+is a real ``twistd -n kvha-<role> --config FILE`` child whose pid we own, so
+it can be stopped cleanly or killed with SIGKILL in the middle of a load.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Optional
+
+#: The source tree; children import kvha and its twistd plugin from here.
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
+            time.sleep(0.05)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process, from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class NodeProcess:
+    """One ``twistd -n`` child: start, wait until it listens, stop or kill -9."""
+
+    def __init__(
+        self,
+        role: str,
+        config_path: str,
+        log_path: str,
+        host: str = "127.0.0.1",
+        port: Optional[int] = None,
+        python: str = sys.executable,
+    ) -> None:
+        self.role = role
+        self.config_path = config_path
+        self.log_path = log_path
+        self.host = host
+        self.port = port
+        self.python = python
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, wait: bool = True, timeout: float = 20.0) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = SOURCE_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        cmd = [
+            os.path.join(os.path.dirname(self.python), "twistd"),
+            "--nodaemon",
+            "--pidfile=",
+            "--logfile",
+            self.log_path,
+            f"kvha-{self.role}",
+            "--config",
+            self.config_path,
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        if wait and self.port is not None:
+            try:
+                self._wait_listening(timeout)
+            except Exception:
+                self.kill()
+                raise
+
+    def _wait_listening(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        assert self.proc is not None and self.port is not None
+        while True:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise RuntimeError(
+                    f"kvha-{self.role} exited with {self.proc.returncode}: {err}\n{self.log()}"
+                )
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"kvha-{self.role} did not listen on {self.port}") from None
+                time.sleep(0.05)
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up runs, as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait; SIGKILL if it does not exit in time."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        return int(self.proc.returncode)
