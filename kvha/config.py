@@ -141,8 +141,8 @@ class DataConfig:
     secret: str = _opt(kind="secret")
     storage: StorageConfig = _section(StorageConfig)
     tombstone_ttl: float = _opt(7 * 86400.0, kind="duration", min=0, min_exclusive=True)
-    expiry_sweep_interval: float = _opt(1.0, kind="duration", min=0, min_exclusive=True)
-    expiry_sweep_batch: int = _opt(1000, min=1)
+    expiry_sweep_interval: float = _opt(0.1, kind="duration", min=0, min_exclusive=True)
+    expiry_sweep_batch: int = _opt(2000, min=1)
     limits: DataLimits = _section(DataLimits)
     stream: StreamConfig = _section(StreamConfig)
 

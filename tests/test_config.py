@@ -78,8 +78,8 @@ def test_minimal_config_fills_defaults() -> None:
         SECRET,
     )
     assert d.tombstone_ttl == 7 * 86400.0
-    assert d.expiry_sweep_interval == 1.0
-    assert d.expiry_sweep_batch == 1000
+    assert d.expiry_sweep_interval == 0.1
+    assert d.expiry_sweep_batch == 2000
     s = d.storage
     assert (s.engine, s.fsync, s.snapshot_interval) == ("memory", "everysec", 300.0)
     assert (s.snapshot_log_bytes, s.segment_bytes) == (64 << 20, 16 << 20)

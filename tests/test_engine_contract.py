@@ -33,6 +33,7 @@ from twisted.internet.task import Clock
 
 from kvha.clock import version_millis
 from kvha.data.engine import Engine, MemoryEngine
+from kvha.data import logengine
 from kvha.data.logengine import LogEngine
 from kvha.data.store import IncrMode, Result, Status, Store, StoreMode
 from kvha.record import Record, pack, unpack
@@ -561,11 +562,12 @@ class StoreMachine(RuleBasedStateMachine):
         assert self.store.get(p, k) is None
         assert self.store.get(p, k, include_tombstones=True) == self.model[(p, k)]
 
-    @rule(p=partitions, size=st.integers(100, MAX_VALUE), expiry=expiries)
-    def burst(self, p: bytes, size: int, expiry: tuple[str, int]) -> None:
-        # Large writes to every key, so that small log segments rotate and snapshots run.
-        for i, k in enumerate(KEYS):
-            self.set(p, k, bytes([65 + i]) * size, i, expiry)
+    @rule(p=partitions, size=st.integers(100, MAX_VALUE), rounds=st.integers(1, 6), expiry=expiries)
+    def burst(self, p: bytes, size: int, rounds: int, expiry: tuple[str, int]) -> None:
+        # Many large writes, so that small log segments rotate and snapshots run.
+        for r in range(rounds):
+            for i, k in enumerate(KEYS):
+                self.set(p, k, bytes([65 + r + i]) * size, i, expiry)
 
     @rule(p=partitions)
     def flush(self, p: bytes) -> None:
@@ -584,9 +586,13 @@ class StoreMachine(RuleBasedStateMachine):
         if record is not None and record.tombstone:
             assert self.store.get(p, k, include_tombstones=True) == record
 
-    @rule(seconds=st.sampled_from([0, 0, 0.001, 0.5, 1, 5, 30, 61, 3600]))
-    def advance(self, seconds: float) -> None:
+    @rule(seconds=st.sampled_from([0, 0, 0.001, 0.5, 1, 5, 30, 61, 3600]), tick=st.booleans())
+    def advance(self, seconds: float, tick: bool) -> None:
+        # Time passes (running any delayed calls, such as snapshot steps), and
+        # maybe the node's periodic maintenance runs, as its timer would.
         self.clock.advance(seconds)
+        if tick:
+            self.engine.maintenance(self.clock.seconds())
 
     @rule(budget=st.one_of(st.integers(1, 4), st.just(1000)))
     def sweep(self, budget: int) -> None:
@@ -673,6 +679,11 @@ class TestLogEngineTinySegments(EngineContract):
     """fsync os and tiny files: rotation and size-triggered snapshots happen all the time."""
 
     durable = True
+
+    @pytest.fixture(autouse=True)
+    def _small_snapshot_steps(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # Two records per snapshot step, so writes interleave with running snapshots.
+        monkeypatch.setattr(logengine, "SNAPSHOT_STEP", 2)
 
     def make_engine(self, path: Path, clock: Clock) -> Engine:
         return LogEngine(

@@ -61,13 +61,15 @@ Consumer = Callable[[list[tuple[bytes, bytes, bytes]]], Any]
 
 
 class _StreamState:
-    __slots__ = ("consumer", "done", "last_activity", "window")
+    __slots__ = ("busy", "consumer", "done", "end", "last_activity", "window")
 
     def __init__(self, consumer: Consumer, done: Deferred, now: float, window: int) -> None:
         self.consumer = consumer
         self.done = done
         self.last_activity = now
         self.window = window
+        self.busy = 0  # batches whose consumer Deferred has not fired yet
+        self.end: Optional[tuple[int, int]] = None  # StreamEnd's totals, once received
 
 
 class DataClientProtocol(Protocol):
@@ -222,7 +224,8 @@ class DataClientProtocol(Protocol):
 
         ``consumer`` gets each batch; if it returns a Deferred, no credit is
         granted for that batch until it fires, so a slow consumer slows the
-        sender.  The result fires with ``(records, bytes)`` at the end.
+        sender.  The result fires with ``(records, bytes)`` at the end, once
+        the consumer has finished with every batch.
         """
         request_id = self._next_id
         self._next_id = (request_id + 1) & 0xFFFFFFFF or 1
@@ -243,15 +246,18 @@ class DataClientProtocol(Protocol):
                 state.done.errback(e)
                 return
             if isinstance(result, Deferred):
+                state.busy += 1
                 result.addCallbacks(
-                    lambda _: self._grant(request_id),
-                    lambda f: self._stream_failed(request_id, f),
+                    lambda _: self._batch_done(request_id, state),
+                    lambda f: self._stream_failed(request_id, state, f),
                 )
             else:
                 self._grant(request_id)
         elif isinstance(msg, wire.StreamEnd):
             self.streams.pop(request_id, None)
-            state.done.callback((msg.count, msg.bytes))
+            state.end = (msg.count, msg.bytes)
+            if not state.busy:
+                state.done.callback(state.end)
         elif isinstance(msg, wire.Error):
             self.streams.pop(request_id, None)
             state.done.errback(DataNodeError(msg.code, msg.message))
@@ -263,11 +269,20 @@ class DataClientProtocol(Protocol):
             state.last_activity = self.clock.seconds()
             self._send(wire.Credit(1), request_id)
 
-    def _stream_failed(self, request_id: int, failure: Any) -> None:
-        state = self.streams.pop(request_id, None)
-        if state is not None:
+    def _batch_done(self, request_id: int, state: _StreamState) -> None:
+        state.busy -= 1
+        if state.end is None:
+            self._grant(request_id)
+        elif not state.busy and not state.done.called:
+            state.done.callback(state.end)
+
+    def _stream_failed(self, request_id: int, state: _StreamState, failure: Any) -> None:
+        state.busy -= 1
+        if self.streams.get(request_id) is state:
+            del self.streams[request_id]
             if self.connected_ok:
                 self._send(wire.Cancel(), request_id)
+        if not state.done.called:
             state.done.errback(failure)
 
 
