@@ -281,7 +281,7 @@ def test_frame_length_shorter_than_header_closes(node: DataNode) -> None:
 
 
 def test_malformed_body_is_answered_and_the_connection_kept(node: DataNode) -> None:
-    """A truncated Apply gets E_BAD_REQUEST with its id, stores nothing, and the next request works."""
+    """A truncated Apply gets E_BAD_REQUEST with its id and stores nothing; the next one works."""
     conn = authed(node)
     body = apply_msg(b"k").body()[:-3]
     conn.send(wire.FRAME.pack(5 + len(body), wire.Apply.OPCODE, 41) + body)
@@ -740,7 +740,9 @@ def test_stream_through_iosim_with_flow_control(
     assert server.streams == {} and client.streams == {}
 
 
-def test_stream_result_waits_for_the_consumer(make_node: Callable[..., DataNode], clock: Clock) -> None:
+def test_stream_result_waits_for_the_consumer(
+    make_node: Callable[..., DataNode], clock: Clock
+) -> None:
     """The stream's Deferred fires only after the consumer has finished every batch."""
     node = make_node(stream_batch_records=10)
     fill(node, 25)
@@ -856,10 +858,21 @@ def test_stream_token_ranges_select_exactly_the_tokens_in_them(
 # Client timeouts and lost connections ---------------------------------------------------
 
 
+def bare_client(
+    clock: Clock, request_timeout: float = 5.0, connected: bool = False
+) -> tuple[DataClientProtocol, StringTransport]:
+    """A client on a string transport with no server behind it."""
+    client = DataClientProtocol(SECRET, "m", clock, request_timeout)
+    client.ready.addErrback(lambda f: None)  # no handshake will ever happen
+    transport = StringTransport()
+    client.makeConnection(transport)
+    client.connected_ok = connected
+    return client, transport
+
+
 def test_unanswered_request_times_out(clock: Clock) -> None:
     """A request the server never answers fails with RequestTimeout, and not before its time."""
-    client = DataClientProtocol(SECRET, "m", clock, request_timeout=5.0)
-    client.makeConnection(StringTransport())
+    client, _ = bare_client(clock, 5.0)
     first = client.request(wire.Ping())
     clock.advance(3.0)
     second = client.request(wire.Ping())
@@ -879,9 +892,7 @@ def test_unanswered_request_times_out(clock: Clock) -> None:
 
 def test_late_reply_after_timeout_is_ignored(clock: Clock) -> None:
     """A reply arriving after its request timed out is dropped without error."""
-    client = DataClientProtocol(SECRET, "m", clock, request_timeout=1.0)
-    client.makeConnection(StringTransport())
-    client.connected_ok = True
+    client, _ = bare_client(clock, 1.0, connected=True)
     d = client.request(wire.Ping())
     failures: list[Failure] = []
     d.addErrback(failures.append)
@@ -894,10 +905,7 @@ def test_late_reply_after_timeout_is_ignored(clock: Clock) -> None:
 
 def test_stalled_stream_times_out_and_is_cancelled(clock: Clock) -> None:
     """A stream that receives nothing while owed batches fails and sends Cancel."""
-    client = DataClientProtocol(SECRET, "m", clock, request_timeout=2.0)
-    transport = StringTransport()
-    client.makeConnection(transport)
-    client.connected_ok = True
+    client, transport = bare_client(clock, 2.0, connected=True)
     done = client.stream([], 0, lambda records: None, window=2)
     transport.clear()
     failures: list[Failure] = []
@@ -910,7 +918,7 @@ def test_stalled_stream_times_out_and_is_cancelled(clock: Clock) -> None:
 
 
 def test_connection_lost_fails_everything_pending(clock: Clock) -> None:
-    """Losing the connection fails pending requests, streams and the handshake with NodeUnavailable."""
+    """Losing the connection fails requests, streams and the handshake with NodeUnavailable."""
     client = DataClientProtocol(SECRET, "m", clock)
     client.makeConnection(StringTransport())
     lost: list[DataClientProtocol] = []

@@ -218,6 +218,8 @@ class StreamSender:
         else:
             self.done = True
         if batch:
+            if node.store.engine.needs_commit:
+                node.store.engine.commit()  # never show a record before it is durable
             self.credit -= 1
             self.count += len(batch)
             self.bytes += size
