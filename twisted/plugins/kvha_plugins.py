@@ -8,3 +8,10 @@ kvha_data = ServiceMaker(
     "kvha data node: storage engine and the internal protocol",
     "kvha-data",
 )
+
+kvha_master = ServiceMaker(
+    "kvha-master",
+    "kvha.master.tap",
+    "kvha master node: memcached protocol, ring, replication and fail-over",
+    "kvha-master",
+)

@@ -1,0 +1,765 @@
+"""The memcached text protocol on a master's client port.
+
+Commands and their replies follow memcached 1.6's ``proto_text.c`` word for
+word, so that memcached clients and ``memccapable -a`` cannot tell the
+difference: storage commands (set, add, replace, append, prepend, cas, all
+with ``noreply``), retrieval (get, gets, gat, gats), incr, decr, touch,
+delete, flush_all (of this port's partition only), stats, version,
+verbosity and quit.
+
+Requests are pipelined: each gets a slot in an ordered queue as it is read,
+its reply fills the slot when the data nodes answer, and the filled slots at
+the head go out in one write.  Operations on the same key from the same
+connection run one after another, so a client always reads its own writes.
+When ``max_in_flight`` replies are pending the master stops reading the
+connection (back-pressure) rather than buffer without bound.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from typing import Any, Callable, Optional
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from kvha import __version__
+from kvha.data.store import IncrMode, Result, Status, StoreMode
+from kvha.master.router import Router
+from kvha.record import Record, absolute_expiry_ms
+
+log = Logger()
+
+#: What ``version`` answers: a memcached-style number first, for clients that parse it.
+VERSION_LINE = f"VERSION 1.6.0 kvha/{__version__}\r\n".encode()
+KEY_MAX = 250
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+
+ERROR = b"ERROR\r\n"
+BAD_FORMAT = b"CLIENT_ERROR bad command line format\r\n"
+BAD_CHUNK = b"CLIENT_ERROR bad data chunk\r\n"
+TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
+LINE_TOO_LONG = b"CLIENT_ERROR line too long\r\n"
+BAD_DELTA = b"CLIENT_ERROR invalid numeric delta argument\r\n"
+NON_NUMERIC = b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
+BAD_EXPTIME = b"CLIENT_ERROR invalid exptime argument\r\n"
+DELETE_USAGE = b"CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]\r\n"
+
+STORED = b"STORED\r\n"
+NOT_STORED = b"NOT_STORED\r\n"
+EXISTS = b"EXISTS\r\n"
+NOT_FOUND = b"NOT_FOUND\r\n"
+DELETED = b"DELETED\r\n"
+TOUCHED = b"TOUCHED\r\n"
+END = b"END\r\n"
+OK = b"OK\r\n"
+
+_STORE_MODES = {
+    b"add": StoreMode.ADD,
+    b"replace": StoreMode.REPLACE,
+    b"append": StoreMode.APPEND,
+    b"prepend": StoreMode.PREPEND,
+    b"cas": StoreMode.CAS,
+}
+
+_CONTROL = bytes(range(33)) + b"\x7f"
+
+
+def valid_key(key: bytes) -> bool:
+    """At most 250 bytes, none of them a control character or space."""
+    return 0 < len(key) <= KEY_MAX and key == key.translate(None, _CONTROL)
+
+
+def _u32(token: bytes) -> Optional[int]:
+    if not token.isdigit() or len(token) > 10:
+        return None
+    n = int(token)
+    return n if n <= U32_MAX else None
+
+
+def _i32(token: bytes) -> Optional[int]:
+    body = token[1:] if token[:1] == b"-" else token
+    if not body.isdigit() or len(body) > 10:
+        return None
+    n = int(token)
+    return n if -(1 << 31) <= n < (1 << 31) else None
+
+
+def _u64(token: bytes) -> Optional[int]:
+    if not token.isdigit() or len(token) > 20:
+        return None
+    n = int(token)
+    return n if n <= U64_MAX else None
+
+
+class MemcacheStats:
+    """Counters behind ``stats``, shared by every connection of one master."""
+
+    COUNTERS = (
+        "cmd_get",
+        "cmd_set",
+        "cmd_flush",
+        "cmd_touch",
+        "get_hits",
+        "get_misses",
+        "delete_misses",
+        "delete_hits",
+        "incr_misses",
+        "incr_hits",
+        "decr_misses",
+        "decr_hits",
+        "cas_misses",
+        "cas_hits",
+        "cas_badval",
+        "touch_hits",
+        "touch_misses",
+        "total_connections",
+        "rejected_connections",
+        "server_errors",
+    )
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self.started = clock.seconds()
+        self.curr_connections = 0
+        for name in self.COUNTERS:
+            setattr(self, name, 0)
+
+    def reset(self) -> None:
+        for name in self.COUNTERS:
+            if name != "total_connections":
+                setattr(self, name, 0)
+
+
+class MemcacheProtocol(Protocol):
+    """One memcached client connection."""
+
+    def __init__(self, factory: MemcacheFactory) -> None:
+        self.factory = factory
+        self.router: Router = factory.router
+        self.partition: bytes = factory.partition
+        self.stats = factory.stats
+        self.clock = factory.clock
+        self.max_line = factory.max_line_bytes
+        self.max_value = factory.max_value_bytes
+        self.max_in_flight = factory.max_in_flight
+        self._buffer = b""
+        self._slots: deque[list[Optional[bytes]]] = deque()
+        self._key_tail: dict[bytes, Deferred] = {}
+        self._pending_data: Optional[tuple[Any, ...]] = None  # a storage command awaiting data
+        self._paused = False
+        self._quitting = False
+        self._closed = False
+        self._idle_call: Any = None
+
+    # Connection -------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        stats = self.stats
+        stats.total_connections += 1
+        if stats.curr_connections >= self.factory.max_connections:
+            stats.rejected_connections += 1
+            log.warn(
+                "refused memcached client {peer}: {limit} connections already open",
+                peer=self.transport.getPeer(),
+                limit=self.factory.max_connections,
+            )
+            self.transport.write(b"SERVER_ERROR too many open connections\r\n")
+            self.transport.loseConnection()
+            self._closed = True
+            return
+        stats.curr_connections += 1
+        self._touch_idle()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self._closed:
+            self.stats.curr_connections -= 1
+        self._closed = True
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._slots.clear()
+
+    def _touch_idle(self) -> None:
+        timeout = self.factory.idle_timeout
+        if not timeout:
+            return
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(timeout)
+        else:
+            self._idle_call = self.clock.callLater(timeout, self._idle)
+
+    def _idle(self) -> None:
+        if self._slots:
+            self._touch_idle()
+            return
+        log.info("closing idle memcached client {peer}", peer=self.transport.getPeer())
+        self.transport.loseConnection()
+
+    # Output ordering -----------------------------------------------------------------
+
+    def _reply(self, data: bytes) -> None:
+        """A reply that is ready now, in its place in the queue."""
+        if self._slots:
+            self._slots.append([data])
+        else:
+            self.transport.write(data)
+
+    def _slot(self) -> list[Optional[bytes]]:
+        slot: list[Optional[bytes]] = [None]
+        self._slots.append(slot)
+        if len(self._slots) >= self.max_in_flight and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+        return slot
+
+    def _fill(self, slot: list[Optional[bytes]], data: bytes) -> None:
+        slot[0] = data
+        slots = self._slots
+        if not slots or slots[0] is not slot:
+            return
+        out = []
+        while slots and slots[0][0] is not None:
+            out.append(slots.popleft()[0])
+        if self._closed:
+            return
+        self.transport.write(b"".join(out))  # type: ignore[arg-type]
+        if self._paused and len(slots) < self.max_in_flight // 2:
+            self._paused = False
+            self.transport.resumeProducing()
+            if self._buffer:
+                self._process()
+        if self._quitting and not slots:
+            self.transport.loseConnection()
+
+    def _async(self, d: Deferred, render: Callable[[Any], bytes], noreply: bool = False) -> None:
+        """Route ``d``'s outcome into a reply slot (none for noreply, bar errors)."""
+        slot = self._slot()
+        d.addCallbacks(render, self._server_error)
+        if noreply:
+            d.addCallback(
+                lambda data: data if data.startswith((b"SERVER_ERROR", b"CLIENT_ERROR")) else b""
+            )
+        d.addCallback(lambda data: self._fill(slot, data))
+
+    def _server_error(self, failure: Any) -> bytes:
+        self.stats.server_errors += 1
+        message = failure.getErrorMessage().replace("\r", " ").replace("\n", " ")
+        if not failure.check(Exception):
+            log.failure("unexpected failure", failure)
+        return f"SERVER_ERROR {message}\r\n".encode()
+
+    def _after(self, keys: list[bytes], start: Callable[[], Deferred]) -> Deferred:
+        """Run ``start`` once earlier operations on ``keys`` from this connection are done."""
+        tails = self._key_tail
+        waits = [tails[k] for k in keys if k in tails]
+        if not waits:
+            d = start()
+        else:
+            gate = waits[0] if len(waits) == 1 else defer.DeferredList(waits)
+            d = Deferred()
+            gate.addBoth(lambda _: start().chainDeferred(d))
+        if not d.called:
+            marker: Deferred = Deferred()
+            for k in keys:
+                tails[k] = marker
+
+            def release(result: Any) -> Any:
+                for k in keys:
+                    if tails.get(k) is marker:
+                        del tails[k]
+                marker.callback(None)
+                return result
+
+            d.addBoth(release)
+        return d
+
+    # Input ---------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer = self._buffer + data if self._buffer else data
+        if self.factory.idle_timeout:
+            self._touch_idle()
+        if not self._paused:
+            self._process()
+
+    def _process(self) -> None:
+        while self._buffer and not self._paused and not self._quitting:
+            if self._pending_data is not None:
+                if not self._take_data():
+                    return
+                continue
+            buf = self._buffer
+            end = buf.find(b"\n")
+            if end < 0:
+                if len(buf) > self.max_line:
+                    self._reply(LINE_TOO_LONG)
+                    self._quit()
+                return
+            if end > self.max_line:
+                self._reply(LINE_TOO_LONG)
+                self._quit()
+                return
+            line = buf[: end - 1] if end and buf[end - 1] == 13 else buf[:end]
+            self._buffer = buf[end + 1 :]
+            self._command(line)
+
+    def _quit(self) -> None:
+        self._quitting = True
+        self._buffer = b""
+        if not self._slots:
+            self.transport.loseConnection()
+
+    def _command(self, line: bytes) -> None:
+        tokens = line.split()
+        if not tokens:
+            self._reply(ERROR)
+            return
+        cmd = tokens[0]
+        handler = _COMMANDS.get(cmd)
+        if handler is None:
+            self._reply(ERROR)
+            return
+        handler(self, tokens)
+
+    # Retrieval ------------------------------------------------------------------------
+
+    def _get(self, tokens: list[bytes]) -> None:
+        self._retrieve(tokens[1:], with_cas=tokens[0] == b"gets")
+
+    def _gat(self, tokens: list[bytes]) -> None:
+        if len(tokens) < 3:
+            self._reply(ERROR)
+            return
+        exptime = _i32(tokens[1])
+        if exptime is None:
+            self._reply(BAD_EXPTIME)
+            return
+        self._retrieve(tokens[2:], with_cas=tokens[0] == b"gats", touch=exptime)
+
+    def _retrieve(self, keys: list[bytes], with_cas: bool, touch: Optional[int] = None) -> None:
+        if not keys:
+            self._reply(ERROR)
+            return
+        for key in keys:
+            if not valid_key(key):
+                self._reply(BAD_FORMAT)
+                return
+        stats = self.stats
+        stats.cmd_get += len(keys)
+        partition = self.partition
+        router = self.router
+        if touch is not None:
+            stats.cmd_touch += len(keys)
+            expires = absolute_expiry_ms(touch, self.clock.seconds())
+
+            def start() -> Deferred:
+                ds = [
+                    router.conditional(
+                        partition, k, lambda c, k=k: c.touch(partition, k, expires)
+                    ).addCallback(lambda r: r.record if r.status is Status.TOUCHED else None)
+                    for k in keys
+                ]
+                return defer.gatherResults(ds, consumeErrors=True).addErrback(_unwrap)
+
+        else:
+
+            def start() -> Deferred:
+                return router.get_many(partition, keys)
+
+        def render(records: list[Optional[Record]]) -> bytes:
+            out = []
+            hits = 0
+            for key, record in zip(keys, records):
+                if record is None:
+                    continue
+                hits += 1
+                if with_cas:
+                    out.append(
+                        b"VALUE %s %d %d %d\r\n%s\r\n"
+                        % (key, record.flags, len(record.value), record.version, record.value)
+                    )
+                else:
+                    out.append(
+                        b"VALUE %s %d %d\r\n%s\r\n"
+                        % (key, record.flags, len(record.value), record.value)
+                    )
+            stats.get_hits += hits
+            stats.get_misses += len(keys) - hits
+            if touch is not None:
+                stats.touch_hits += hits
+                stats.touch_misses += len(keys) - hits
+            out.append(END)
+            return b"".join(out)
+
+        self._async(self._after(keys, start), render)
+
+    # Storage --------------------------------------------------------------------------
+
+    def _storage(self, tokens: list[bytes]) -> None:
+        cmd = tokens[0]
+        is_cas = cmd == b"cas"
+        base = 6 if is_cas else 5
+        if len(tokens) not in (base, base + 1):
+            self._reply(ERROR)
+            return
+        key = tokens[1]
+        flags = _u32(tokens[2])
+        exptime = _i32(tokens[3])
+        length = _i32(tokens[4])
+        cas = _u64(tokens[5]) if is_cas else 0
+        noreply = len(tokens) == base + 1 and tokens[base] == b"noreply"
+        if (
+            not valid_key(key)
+            or flags is None
+            or exptime is None
+            or length is None
+            or length < 0
+            or cas is None
+        ):
+            self._reply(BAD_FORMAT)
+            return
+        self._pending_data = (cmd, key, flags, exptime, length, cas, noreply)
+        self._take_data()
+
+    def _take_data(self) -> bool:
+        """Consume the data block of a storage command once it has all arrived."""
+        assert self._pending_data is not None
+        cmd, key, flags, exptime, length, cas, noreply = self._pending_data
+        buf = self._buffer
+        if len(buf) < length + 2:
+            return False
+        self._pending_data = None
+        value = buf[:length]
+        terminator = buf[length : length + 2]
+        self._buffer = buf[length + 2 :]
+        self.stats.cmd_set += 1
+        if length > self.max_value:
+            self._reply(TOO_LARGE)
+            return True
+        if terminator != b"\r\n":
+            self._reply(BAD_CHUNK)
+            return True
+        expires = absolute_expiry_ms(exptime, self.clock.seconds())
+        partition = self.partition
+        router = self.router
+        stats = self.stats
+        if cmd == b"set":
+
+            def start() -> Deferred:
+                return router.set(partition, key, value, flags, expires)
+
+            def render(result: Result) -> bytes:
+                return STORED
+
+        else:
+            mode = _STORE_MODES[cmd]
+
+            def start() -> Deferred:
+                return router.conditional(
+                    partition,
+                    key,
+                    lambda c: c.store(mode, partition, key, value, flags, expires, cas),
+                )
+
+            def render(result: Result) -> bytes:
+                status = result.status
+                if mode is StoreMode.CAS:
+                    if status is Status.STORED:
+                        stats.cas_hits += 1
+                    elif status is Status.EXISTS:
+                        stats.cas_badval += 1
+                    elif status is Status.NOT_FOUND:
+                        stats.cas_misses += 1
+                if status is Status.STORED:
+                    return STORED
+                if status is Status.EXISTS:
+                    return EXISTS
+                if status is Status.NOT_FOUND:
+                    return NOT_FOUND
+                if status is Status.TOO_LARGE:
+                    return TOO_LARGE
+                return NOT_STORED
+
+        self._async(self._after([key], start), render, noreply)
+        return True
+
+    # Other keyed commands ---------------------------------------------------------------
+
+    def _noreply(self, tokens: list[bytes], base: int) -> Optional[bool]:
+        """``noreply`` flag of a command with ``base`` tokens, or None if malformed."""
+        if len(tokens) == base:
+            return False
+        if len(tokens) == base + 1 and tokens[base] == b"noreply":
+            return True
+        return None
+
+    def _delete(self, tokens: list[bytes]) -> None:
+        # delete <key> [0] [noreply]: memcached accepts a zero hold time and nothing else.
+        args = tokens[2:]
+        noreply = bool(args) and args[-1] == b"noreply"
+        if noreply:
+            args = args[:-1]
+        if len(tokens) < 2 or len(args) > 1 or (args and args[0] != b"0"):
+            self._reply(DELETE_USAGE if len(tokens) >= 2 else ERROR)
+            return
+        key = tokens[1]
+        if not valid_key(key):
+            self._reply(BAD_FORMAT)
+            return
+        stats = self.stats
+
+        def render(result: Result) -> bytes:
+            if result.status is Status.DELETED:
+                stats.delete_hits += 1
+                return DELETED
+            stats.delete_misses += 1
+            return NOT_FOUND
+
+        partition = self.partition
+        self._async(self._after([key], lambda: self.router.delete(partition, key)), render, noreply)
+
+    def _arith(self, tokens: list[bytes]) -> None:
+        noreply = self._noreply(tokens, 3)
+        if noreply is None:
+            self._reply(ERROR)
+            return
+        key = tokens[1]
+        if not valid_key(key):
+            self._reply(BAD_FORMAT)
+            return
+        if _u64(tokens[2]) is None:
+            self._reply(BAD_DELTA)
+            return
+        incr = tokens[0] == b"incr"
+        mode = IncrMode.MEMCACHED_INCR if incr else IncrMode.MEMCACHED_DECR
+        delta = tokens[2]
+        partition = self.partition
+        stats = self.stats
+
+        def start() -> Deferred:
+            return self.router.conditional(
+                partition, key, lambda c: c.incr(partition, key, mode, delta)
+            )
+
+        def render(result: Result) -> bytes:
+            status = result.status
+            if status is Status.NOT_FOUND:
+                if incr:
+                    stats.incr_misses += 1
+                else:
+                    stats.decr_misses += 1
+                return NOT_FOUND
+            if status is Status.NON_NUMERIC:
+                return NON_NUMERIC
+            if incr:
+                stats.incr_hits += 1
+            else:
+                stats.decr_hits += 1
+            record = result.record
+            assert record is not None
+            return record.value + b"\r\n"
+
+        self._async(self._after([key], start), render, noreply)
+
+    def _touch(self, tokens: list[bytes]) -> None:
+        noreply = self._noreply(tokens, 3)
+        if noreply is None:
+            self._reply(ERROR)
+            return
+        key = tokens[1]
+        if not valid_key(key):
+            self._reply(BAD_FORMAT)
+            return
+        exptime = _i32(tokens[2])
+        if exptime is None:
+            self._reply(BAD_EXPTIME)
+            return
+        self.stats.cmd_touch += 1
+        expires = absolute_expiry_ms(exptime, self.clock.seconds())
+        partition = self.partition
+        stats = self.stats
+
+        def render(result: Result) -> bytes:
+            if result.status is Status.TOUCHED:
+                stats.touch_hits += 1
+                return TOUCHED
+            stats.touch_misses += 1
+            return NOT_FOUND
+
+        start = lambda: self.router.conditional(  # noqa: E731
+            partition, key, lambda c: c.touch(partition, key, expires)
+        )
+        self._async(self._after([key], start), render, noreply)
+
+    # Whole-server commands -----------------------------------------------------------------
+
+    def _flush_all(self, tokens: list[bytes]) -> None:
+        args = tokens[1:]
+        noreply = bool(args) and args[-1] == b"noreply"
+        if noreply:
+            args = args[:-1]
+        delay = 0
+        if len(args) > 1:
+            self._reply(ERROR)
+            return
+        if args:
+            parsed = _i32(args[0])
+            if parsed is None or parsed < 0:
+                self._reply(BAD_FORMAT)
+                return
+            delay = parsed
+        self.stats.cmd_flush += 1
+        partition = self.partition
+        if delay:
+            when = absolute_expiry_ms(delay, self.clock.seconds()) / 1000.0
+            self.clock.callLater(
+                max(0.0, when - self.clock.seconds()),
+                lambda: self.router.flush(partition).addErrback(
+                    lambda f: log.error("delayed flush_all failed: {why}", why=f.getErrorMessage())
+                ),
+            )
+            if not noreply:
+                self._reply(OK)
+            return
+        # A flush must not overtake writes this connection already sent.
+        pending = list(self._key_tail.values())
+        gate = defer.DeferredList(pending) if pending else defer.succeed(None)
+        d: Deferred = Deferred()
+        gate.addBoth(lambda _: self.router.flush(partition).chainDeferred(d))
+        self._async(d, lambda _: OK, noreply)
+
+    def _version(self, tokens: list[bytes]) -> None:
+        self._reply(VERSION_LINE)
+
+    def _verbosity(self, tokens: list[bytes]) -> None:
+        if len(tokens) not in (2, 3):
+            self._reply(ERROR)
+            return
+        if tokens[-1] == b"noreply":  # as memcached: "verbosity noreply" is silent too
+            return
+        self._reply(OK)
+
+    def _quit_command(self, tokens: list[bytes]) -> None:
+        self._quit()
+
+    def _stats(self, tokens: list[bytes]) -> None:
+        if len(tokens) == 1:
+            self._async(self.router.node_stats(), self._render_stats)
+            return
+        group = tokens[1]
+        if group == b"reset" and len(tokens) == 2:
+            self.stats.reset()
+            self._reply(b"RESET\r\n")
+        elif group == b"settings" and len(tokens) == 2:
+            lines = [
+                ("maxbytes", 0),
+                ("maxconns", self.factory.max_connections),
+                ("item_size_max", self.max_value),
+                ("partition", self.partition.decode()),
+                ("replicas", self.router.copies - 1),
+            ]
+            self._reply(
+                b"".join(b"STAT %s %s\r\n" % (k.encode(), str(v).encode()) for k, v in lines) + END
+            )
+        elif group in (b"items", b"slabs", b"sizes", b"conns") and len(tokens) == 2:
+            self._reply(END)
+        else:
+            self._reply(ERROR)
+
+    def _render_stats(self, node_stats: dict[str, dict[str, str]]) -> bytes:
+        s = self.stats
+        now = self.clock.seconds()
+        key = f"records:{self.partition.decode()}"
+        bkey = f"bytes:{self.partition.decode()}"
+        records = sum(int(st.get(key, 0)) for st in node_stats.values())
+        nbytes = sum(int(st.get(bkey, 0)) for st in node_stats.values())
+        copies = max(1, min(self.router.copies, len(node_stats) or 1))
+        usage = os.times()
+        lines: list[tuple[str, Any]] = [
+            ("pid", os.getpid()),
+            ("uptime", int(now - s.started)),
+            ("time", int(time.time())),
+            ("version", f"1.6.0 kvha/{__version__}"),
+            ("pointer_size", 64),
+            ("rusage_user", f"{usage.user:.6f}"),
+            ("rusage_system", f"{usage.system:.6f}"),
+            ("curr_connections", s.curr_connections),
+            ("total_connections", s.total_connections),
+            ("rejected_connections", s.rejected_connections),
+        ]
+        lines += [
+            (name, getattr(s, name))
+            for name in MemcacheStats.COUNTERS
+            if name not in ("total_connections", "rejected_connections")
+        ]
+        lines += [
+            ("threads", 1),
+            ("curr_items", records // copies),
+            ("bytes", nbytes // copies),
+            ("data_nodes_up", sum(1 for link in self.router.links.values() if link.state == "up")),
+            ("data_nodes", len(self.router.links)),
+        ]
+        return b"".join(b"STAT %s %s\r\n" % (k.encode(), str(v).encode()) for k, v in lines) + END
+
+
+def _unwrap(failure: Any) -> Any:
+    if failure.check(defer.FirstError):
+        return failure.value.subFailure
+    return failure
+
+
+_COMMANDS: dict[bytes, Callable[[MemcacheProtocol, list[bytes]], None]] = {
+    b"get": MemcacheProtocol._get,
+    b"gets": MemcacheProtocol._get,
+    b"gat": MemcacheProtocol._gat,
+    b"gats": MemcacheProtocol._gat,
+    b"set": MemcacheProtocol._storage,
+    b"add": MemcacheProtocol._storage,
+    b"replace": MemcacheProtocol._storage,
+    b"append": MemcacheProtocol._storage,
+    b"prepend": MemcacheProtocol._storage,
+    b"cas": MemcacheProtocol._storage,
+    b"delete": MemcacheProtocol._delete,
+    b"incr": MemcacheProtocol._arith,
+    b"decr": MemcacheProtocol._arith,
+    b"touch": MemcacheProtocol._touch,
+    b"flush_all": MemcacheProtocol._flush_all,
+    b"version": MemcacheProtocol._version,
+    b"verbosity": MemcacheProtocol._verbosity,
+    b"quit": MemcacheProtocol._quit_command,
+    b"stats": MemcacheProtocol._stats,
+}
+
+
+class MemcacheFactory(Factory):
+    def __init__(
+        self,
+        router: Router,
+        partition: bytes,
+        clock: IReactorTime,
+        stats: Optional[MemcacheStats] = None,
+        *,
+        max_connections: int = 4096,
+        max_in_flight: int = 256,
+        max_line_bytes: int = 8192,
+        max_value_bytes: int = 1 << 20,
+        idle_timeout: float = 0.0,
+    ) -> None:
+        self.router = router
+        self.partition = partition
+        self.clock = clock
+        self.stats = stats if stats is not None else MemcacheStats(clock)
+        self.max_connections = max_connections
+        self.max_in_flight = max_in_flight
+        self.max_line_bytes = max_line_bytes
+        self.max_value_bytes = max_value_bytes
+        self.idle_timeout = idle_timeout
+
+    def buildProtocol(self, addr: Any) -> MemcacheProtocol:
+        return MemcacheProtocol(self)

@@ -1,0 +1,416 @@
+"""Routing: which data nodes a request goes to, and when it is done.
+
+The protocols (memcached now; Redis and HTTP later) call this module and
+never talk to data nodes themselves, so every client protocol gets the same
+guarantees (DESIGN §3):
+
+* **Reads** go to one live copy chosen by ``read_weight`` and fall over to
+  the next copy, within the same request, on error or timeout.  With
+  ``read: quorum`` a majority is read, the newest version wins, and stale
+  copies are repaired.
+* **Writes** go to every live copy at once, with a version from this master's
+  hybrid logical clock, and are acknowledged per ``write_acks``.  A copy that
+  is down is skipped and counted, for merge to repair.
+* **Conditional operations** run on the primary (the first live copy in
+  ring order), which issues the version; the record it returns is then
+  replicated like a write.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from kvha.clock import HybridLogicalClock
+from kvha.data.client import DataNodeClient, DataNodeError, NodeUnavailable, RequestTimeout
+from kvha.data.store import Result, Status
+from kvha.master.health import NodeLink
+from kvha.record import HEADER, Record, pack, unpack
+from kvha.ring import Ring
+
+log = Logger()
+
+#: Errors after which a read tries the next copy.
+RETRYABLE = (NodeUnavailable, RequestTimeout, DataNodeError)
+
+
+class Unavailable(Exception):
+    """Not enough live copies to serve the request."""
+
+
+class PartitionPolicy:
+    __slots__ = ("name", "write_acks", "read")
+
+    def __init__(self, name: str, write_acks: str = "all", read: str = "one") -> None:
+        self.name = name
+        self.write_acks = write_acks
+        self.read = read
+
+
+class _Fanout:
+    """Counts answers to one write sent to several copies."""
+
+    __slots__ = ("d", "required", "wait_all", "pending", "ok", "errors", "first", "fired")
+
+    def __init__(self, required: int, pending: int, wait_all: bool) -> None:
+        self.d: Deferred = Deferred()
+        self.required = required
+        self.wait_all = wait_all
+        self.pending = pending
+        self.ok = 0
+        self.errors: list[Any] = []
+        self.first: Optional[Result] = None
+        self.fired = False
+
+    def answer(self, result: Any, good: bool) -> None:
+        self.pending -= 1
+        if good:
+            self.ok += 1
+            if self.first is None:
+                self.first = result
+        else:
+            self.errors.append(result)
+        if self.fired:
+            return
+        if self.ok >= self.required and (not self.wait_all or self.pending == 0):
+            self.fired = True
+            self.d.callback(self.first)
+        elif self.pending == 0:
+            self.fired = True
+            why = self.errors[0].getErrorMessage() if self.errors else "no live copy"
+            self.d.errback(
+                Unavailable(f"{self.ok} of {self.required} required copies stored it ({why})")
+            )
+
+
+class Router:
+    """Requests in, data-node operations out."""
+
+    def __init__(
+        self,
+        ring: Ring,
+        links: dict[str, NodeLink],
+        replicas: int,
+        partitions: Sequence[PartitionPolicy],
+        clock: IReactorTime,
+        rng: Optional[random.Random] = None,
+    ) -> None:
+        self.ring = ring
+        self.links = links
+        self.copies = replicas + 1
+        self.policies = {p.name.encode(): p for p in partitions}
+        self.clock = clock
+        self.rng = rng if rng is not None else random.Random()
+        self.hlc = HybridLogicalClock(clock.seconds)
+        self.repairs = 0
+        self._copies_cache: dict[tuple[str, ...], list[NodeLink]] = {}
+
+    def policy(self, partition: bytes) -> PartitionPolicy:
+        policy = self.policies.get(partition)
+        if policy is None:
+            raise KeyError(f"unknown partition {partition.decode(errors='replace')!r}")
+        return policy
+
+    def copies_of(self, partition: bytes, key: bytes) -> list[NodeLink]:
+        """The key's copies in ring order: main node first."""
+        ids = self.ring.nodes_for(partition, key, self.copies)
+        links = self._copies_cache.get(ids)
+        if links is None:
+            links = self._copies_cache[ids] = [self.links[i] for i in ids]
+        return links
+
+    # Reads ------------------------------------------------------------------------
+
+    def _read_order(self, copies: list[NodeLink]) -> list[NodeLink]:
+        """Live readable copies: the first by read_weight, then the rest in ring order."""
+        live = [c for c in copies if c.state == "up"]
+        if len(live) <= 1:
+            return live
+        total = 0.0
+        for c in live:
+            total += c.read_weight
+        if total <= 0:
+            first = self.rng.randrange(len(live))
+        else:
+            pick = self.rng.random() * total
+            first = len(live) - 1
+            for i, c in enumerate(live):
+                pick -= c.read_weight
+                if pick < 0:
+                    first = i
+                    break
+        if first == 0:
+            return live
+        return [live[first]] + live[:first] + live[first + 1 :]
+
+    def get(self, partition: bytes, key: bytes) -> Deferred:
+        """Fires with the live Record or None."""
+        copies = self.copies_of(partition, key)
+        if self.policy(partition).read == "quorum":
+            return self._quorum_get(partition, key, copies)
+        order = self._read_order(copies)
+        if not order:
+            return defer.fail(Unavailable("no live copy of the key"))
+        return self._read_from(order, 0, lambda c: c.get(partition, key))
+
+    def _read_from(
+        self, order: list[NodeLink], i: int, op: Callable[[DataNodeClient], Deferred]
+    ) -> Deferred:
+        link = order[i]
+        d = op(link.client)
+        if i + 1 < len(order):
+            d.addErrback(self._read_next, order, i, op)
+        return d
+
+    def _read_next(
+        self, failure: Any, order: list[NodeLink], i: int, op: Callable[[DataNodeClient], Deferred]
+    ) -> Deferred:
+        failure.trap(*RETRYABLE)
+        order[i].mark_failed(failure.getErrorMessage())
+        return self._read_from(order, i + 1, op)
+
+    def _quorum_get(self, partition: bytes, key: bytes, copies: list[NodeLink]) -> Deferred:
+        needed = len(copies) // 2 + 1
+        live = [c for c in copies if c.state == "up"]
+        if len(live) < needed:
+            return defer.fail(Unavailable(f"quorum read needs {needed} live copies"))
+        ds = [c.client.get(partition, key, tombstones=True) for c in live]
+        d = defer.DeferredList(ds, consumeErrors=True)
+        d.addCallback(self._quorum_done, partition, key, live, needed)
+        return d
+
+    def _quorum_done(
+        self,
+        results: list[tuple[bool, Any]],
+        partition: bytes,
+        key: bytes,
+        live: list[NodeLink],
+        needed: int,
+    ) -> Optional[Record]:
+        answers = [(link, r) for link, (ok, r) in zip(live, results) if ok]
+        if len(answers) < needed:
+            raise Unavailable(f"only {len(answers)} of {needed} copies answered a quorum read")
+        newest: Optional[Record] = None
+        for _link, record in answers:
+            if record is not None and (newest is None or record.version > newest.version):
+                newest = record
+        if newest is not None:
+            packed = newest.pack()
+            for link, record in answers:
+                if record is None or record.version < newest.version:
+                    self.repairs += 1
+                    link.client.apply(partition, key, packed).addErrback(lambda f: None)
+        if newest is None or newest.tombstone:
+            return None
+        if newest.expires_ms and newest.expires_ms <= int(self.clock.seconds() * 1000):
+            return None
+        return newest
+
+    def get_many(self, partition: bytes, keys: Sequence[bytes]) -> Deferred:
+        """Fires with a list of Record-or-None in key order: one MGET per node."""
+        if self.policy(partition).read == "quorum" or len(keys) == 1:
+            return defer.gatherResults(
+                [self.get(partition, k) for k in keys], consumeErrors=True
+            ).addErrback(_first_error)
+        by_node: dict[str, tuple[list[int], list[bytes], list[NodeLink]]] = {}
+        for i, key in enumerate(keys):
+            order = self._read_order(self.copies_of(partition, key))
+            if not order:
+                return defer.fail(Unavailable("no live copy of a key"))
+            entry = by_node.get(order[0].node_id)
+            if entry is None:
+                entry = by_node[order[0].node_id] = ([], [], order)
+            entry[0].append(i)
+            entry[1].append(key)
+        out: list[Optional[Record]] = [None] * len(keys)
+        ds = []
+        for node_id, (indexes, node_keys, _order) in by_node.items():
+            d = self.links[node_id].client.mget(partition, node_keys)
+            d.addCallback(_scatter, out, indexes)
+            # A node failing its share: fetch those keys one by one from other copies.
+            d.addErrback(self._mget_fallback, partition, node_keys, indexes, out, node_id)
+            ds.append(d)
+        return (
+            defer.gatherResults(ds, consumeErrors=True)
+            .addCallback(lambda _: out)
+            .addErrback(_first_error)
+        )
+
+    def _mget_fallback(
+        self,
+        failure: Any,
+        partition: bytes,
+        keys: list[bytes],
+        indexes: list[int],
+        out: list[Optional[Record]],
+        failed: str,
+    ) -> Deferred:
+        failure.trap(*RETRYABLE)
+        self.links[failed].mark_failed(failure.getErrorMessage())
+        ds = []
+        for key in keys:
+            order = [c for c in self._read_order(self.copies_of(partition, key))]
+            order = [c for c in order if c.node_id != failed]
+            if not order:
+                return defer.fail(Unavailable("no other live copy of a key"))
+            ds.append(self._read_from(order, 0, lambda c, key=key: c.get(partition, key)))
+        return defer.gatherResults(ds, consumeErrors=True).addCallback(_scatter, out, indexes)
+
+    # Writes -----------------------------------------------------------------------
+
+    def _required(self, partition: bytes, live: int) -> tuple[int, bool]:
+        acks = self.policy(partition).write_acks
+        if acks == "one":
+            return 1, False
+        if acks == "quorum":
+            return self.copies // 2 + 1, False
+        return max(1, live), True
+
+    def _fanout(
+        self,
+        partition: bytes,
+        targets: list[NodeLink],
+        send: Callable[[DataNodeClient], Deferred],
+        done_already: Optional[Result] = None,
+    ) -> Deferred:
+        live = []
+        for link in targets:
+            if link.state != "down":
+                live.append(link)
+            else:
+                link.skipped_writes += 1
+        base = 1 if done_already is not None else 0
+        required, wait_all = self._required(partition, len(live) + base)
+        if len(live) + base < required or (not live and base == 0):
+            return defer.fail(
+                Unavailable(f"{len(live) + base} live copies; {required} required to write")
+            )
+        fan = _Fanout(required, len(live), wait_all)
+        if done_already is not None:
+            fan.ok = 1
+            fan.first = done_already
+            if fan.ok >= required and (not wait_all or not live):
+                fan.fired = True
+                fan.d.callback(done_already)
+        for link in live:
+            d = send(link.client)
+            d.addCallbacks(
+                fan.answer, self._write_failed, callbackArgs=(True,), errbackArgs=(fan, link)
+            )
+        return fan.d
+
+    def _write_failed(self, failure: Any, fan: _Fanout, link: NodeLink) -> None:
+        if failure.check(NodeUnavailable):
+            link.skipped_writes += 1
+            link.mark_failed(failure.getErrorMessage())
+        fan.answer(failure, False)
+
+    def set(
+        self, partition: bytes, key: bytes, value: bytes, flags: int = 0, expires_ms: int = 0
+    ) -> Deferred:
+        """Store a value on every live copy.  Fires with the first copy's Result."""
+        packed = pack(value, self.hlc.next(), flags, expires_ms)
+        return self.replicate(partition, key, packed)
+
+    def replicate(
+        self,
+        partition: bytes,
+        key: bytes,
+        packed: bytes,
+        skip: Optional[NodeLink] = None,
+        done_already: Optional[Result] = None,
+    ) -> Deferred:
+        targets = [c for c in self.copies_of(partition, key) if c is not skip]
+        return self._fanout(
+            partition, targets, lambda c: c.apply(partition, key, packed), done_already
+        )
+
+    def delete(self, partition: bytes, key: bytes) -> Deferred:
+        """Tombstone every live copy.  Fires with DELETED if any copy held the key."""
+        version = self.hlc.next()
+        targets = self.copies_of(partition, key)
+        seen_live: list[bool] = []
+
+        def send(client: DataNodeClient) -> Deferred:
+            d = client.delete(partition, key, version)
+            return d.addCallback(lambda r: seen_live.append(r.status is Status.DELETED) or r)
+
+        d = self._fanout(partition, targets, send)
+        return d.addCallback(
+            lambda r: Result(Status.DELETED if any(seen_live) else Status.NOT_FOUND, r.packed)
+        )
+
+    def conditional(
+        self, partition: bytes, key: bytes, op: Callable[[DataNodeClient], Deferred]
+    ) -> Deferred:
+        """Run ``op`` on the primary, then replicate the record it stored.
+
+        Fires with the primary's Result.  Only a primary that was not
+        connected when asked is passed over; a primary that fails once the
+        request is sent fails the request, since it may have applied it.
+        """
+        primary = None
+        for link in self.copies_of(partition, key):
+            if link.state == "up" and link.client.connected:
+                primary = link
+                break
+        if primary is None:
+            return defer.fail(Unavailable("no live primary for the key"))
+        d = op(primary.client)
+        d.addCallback(self._replicate_result, partition, key, primary)
+        return d
+
+    def _replicate_result(
+        self, result: Result, partition: bytes, key: bytes, primary: NodeLink
+    ) -> Any:
+        if result.packed is None or result.status not in (
+            Status.STORED,
+            Status.TOUCHED,
+            Status.DELETED,
+        ):
+            return result
+        self.hlc.observe(HEADER.unpack_from(result.packed)[0])
+        d = self.replicate(partition, key, result.packed, skip=primary, done_already=result)
+        return d.addCallback(lambda _: result)
+
+    def flush(self, partition: bytes) -> Deferred:
+        """Remove every record of a partition from every live node."""
+        live = [link for link in self.links.values() if link.state != "down"]
+        if not live:
+            return defer.fail(Unavailable("no live data node"))
+        return (
+            defer.gatherResults([link.client.flush(partition) for link in live], consumeErrors=True)
+            .addCallback(lambda _: None)
+            .addErrback(_first_error)
+        )
+
+    def node_stats(self) -> Deferred:
+        """Fires with {node_id: stats dict} for every node that answers."""
+        live = [link for link in self.links.values() if link.client.connected]
+        ds = [link.client.stats() for link in live]
+        d = defer.DeferredList(ds, consumeErrors=True)
+        return d.addCallback(
+            lambda results: {link.node_id: r for link, (ok, r) in zip(live, results) if ok}
+        )
+
+
+def _scatter(
+    records: list[Optional[Record]], out: list[Optional[Record]], indexes: list[int]
+) -> None:
+    for i, record in zip(indexes, records):
+        out[i] = record
+
+
+def _first_error(failure: Any) -> Any:
+    if failure.check(defer.FirstError):
+        return failure.value.subFailure
+    return failure
+
+
+__all__ = ["Router", "PartitionPolicy", "Unavailable", "unpack"]

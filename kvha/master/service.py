@@ -1,0 +1,80 @@
+"""A master node: links to every data node, the ring, the router, the listeners."""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Optional
+
+from twisted.application import service, strports
+from twisted.internet import defer
+
+from kvha.config import MasterConfig
+from kvha.data.client import DataNodeClient
+from kvha.master.health import NodeLink
+from kvha.master.memcache import MemcacheFactory, MemcacheStats
+from kvha.master.router import PartitionPolicy, Router
+from kvha.ring import Ring
+
+
+class MasterNode(service.MultiService):
+    """Everything one master runs; the listeners are child services."""
+
+    def __init__(self, config: MasterConfig, reactor: Any, rng: Optional[random.Random] = None):
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        cluster = config.cluster
+        health = config.health
+        self.links: dict[str, NodeLink] = {}
+        for node in cluster.nodes:
+            client = DataNodeClient(
+                reactor,
+                node.address,
+                config.secret.encode("utf-8"),
+                client_id=config.id,
+                request_timeout=health.request_timeout,
+                retry_max_delay=max(health.ping_interval * 4, 0.5),
+            )
+            self.links[node.id] = NodeLink(
+                node.id,
+                client,
+                reactor,
+                ping_interval=health.ping_interval,
+                ping_timeout=health.ping_timeout,
+                weight=node.weight,
+                read_weight=node.read_weight,
+            )
+        self.ring = Ring.build([(n.id, n.weight) for n in cluster.nodes], cluster.vnodes)
+        self.router = Router(
+            self.ring,
+            self.links,
+            cluster.replicas,
+            [PartitionPolicy(p.name, p.write_acks, p.read) for p in cluster.partitions],
+            reactor,
+            rng,
+        )
+        self.memcache_stats = MemcacheStats(reactor)
+        limits = config.limits
+        if config.memcached.listen:
+            factory = MemcacheFactory(
+                self.router,
+                config.memcached.partition.encode(),
+                reactor,
+                self.memcache_stats,
+                max_connections=limits.max_connections,
+                max_in_flight=limits.max_in_flight,
+                max_line_bytes=limits.max_line_bytes,
+                max_value_bytes=limits.max_value_bytes,
+                idle_timeout=limits.idle_timeout,
+            )
+            strports.service(config.memcached.listen, factory).setServiceParent(self)
+
+    def startService(self) -> None:
+        for link in self.links.values():
+            link.start()
+        super().startService()
+
+    def stopService(self) -> Any:
+        d = defer.maybeDeferred(super().stopService)
+        stops = [defer.maybeDeferred(link.stop) for link in self.links.values()]
+        return defer.gatherResults([d, *stops], consumeErrors=True)
