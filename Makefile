@@ -22,16 +22,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Until the master and load-balancer roles land, the local cluster is the
-# example data nodes in etc/ (one memory, one log), in the foreground.
-# Ctrl-C stops them all.
+# Until the load-balancer pair and `kvha up` land, the local cluster is the
+# three example data nodes and one master from etc/, in the foreground, with
+# their logs interleaved.  Ctrl-C stops them all.
 run: $(STAMP)
 	mkdir -p var
-	@echo "starting data nodes: etc/data-memory.yaml (port 7101), etc/data-log.yaml (port 7102)"
-	@trap 'kill 0' INT TERM; \
-	for f in etc/data-memory.yaml etc/data-log.yaml; do \
-	  $(BIN)/twistd --nodaemon --pidfile= --logfile - kvha-data --config $$f & \
-	done; wait
+	@echo "data nodes on 127.0.0.1:7101-7103; master memcached port 127.0.0.1:11311"
+	@pids=""; \
+	for f in etc/data-memory.yaml etc/data-log.yaml etc/data-log-always.yaml; do \
+	  $(BIN)/twistd --nodaemon --pidfile= --logfile - kvha-data --config $$f & pids="$$pids $$!"; \
+	done; \
+	$(BIN)/twistd --nodaemon --pidfile= --logfile - kvha-master --config etc/master.yaml & \
+	pids="$$pids $$!"; \
+	trap 'kill $$pids 2>/dev/null; wait; exit 0' INT TERM; \
+	wait
 
 test: $(STAMP)
 	$(BIN)/ruff check kvha tests bench twisted

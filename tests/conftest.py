@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 import textwrap
+import time
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import pytest
+import yaml
 
 from kvha.procs import NodeProcess, free_port
 
@@ -15,19 +20,82 @@ SECRET = "test-cluster-secret-0123456789"
 def data_config(node_id: str, port: int, state_dir: str, **storage: object) -> str:
     lines = [f"    {k}: {v}" for k, v in storage.items()]
     storage_block = ("  storage:\n" + "\n".join(lines)) if lines else ""
-    return textwrap.dedent(
-        f"""\
+    return (
+        textwrap.dedent(
+            f"""\
         data:
           id: {node_id}
           listen: "tcp:{port}:interface=127.0.0.1"
           state_dir: "{state_dir}"
           secret: "{SECRET}"
         """
-    ) + storage_block + "\n"
+        )
+        + storage_block
+        + "\n"
+    )
+
+
+def master_config(
+    node_id: str,
+    port: int,
+    data_nodes: Sequence[NodeProcess],
+    replicas: int = 1,
+    read_weights: Optional[Sequence[float]] = None,
+    **extra: Any,
+) -> str:
+    """A ``master:`` document in front of ``data_nodes`` (ids from their config files).
+
+    ``extra`` adds or overrides keys of the ``master:`` section; an ``extra["cluster"]``
+    mapping is merged into ``cluster:`` (e.g. ``partitions``, ``vnodes``).
+    """
+    refs = []
+    for i, node in enumerate(data_nodes):
+        ref: dict[str, Any] = {"id": node.node_id, "address": f"tcp:127.0.0.1:{node.port}"}
+        if read_weights is not None:
+            ref["read_weight"] = read_weights[i]
+        refs.append(ref)
+    cluster: dict[str, Any] = {"replicas": replicas, "nodes": refs}
+    cluster.update(extra.pop("cluster", {}))
+    section: dict[str, Any] = {
+        "id": node_id,
+        "secret": SECRET,
+        "memcached": {"listen": f"tcp:{port}:interface=127.0.0.1"},
+        "cluster": cluster,
+    }
+    section.update(extra)
+    return yaml.safe_dump({"master": section}, sort_keys=False)
+
+
+def memcache_command(port: int, command: bytes, timeout: float = 2.0) -> bytes:
+    """Send one memcached text command and read its reply up to ``END``/one line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(command)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+            if command.startswith(b"stats") or command.startswith(b"get"):
+                if data.endswith(b"END\r\n") or data.startswith((b"ERROR", b"SERVER_ERROR")):
+                    return data
+            elif data.endswith(b"\r\n"):
+                return data
+
+
+def memcache_stats(port: int) -> dict[str, str]:
+    """A master's ``stats`` as a dict."""
+    reply = memcache_command(port, b"stats\r\n")
+    out = {}
+    for line in reply.split(b"\r\n"):
+        parts = line.split(b" ", 2)
+        if len(parts) == 3 and parts[0] == b"STAT":
+            out[parts[1].decode()] = parts[2].decode()
+    return out
 
 
 class NodeFactory:
-    """Starts data nodes as real twistd processes and kills them all at the end."""
+    """Starts data nodes and masters as real twistd processes and kills them all at the end."""
 
     def __init__(self, tmp_path: str) -> None:
         self.tmp_path = tmp_path
@@ -41,13 +109,71 @@ class NodeFactory:
         with open(path, "w") as f:
             f.write(data_config(node_id, port, state_dir, **storage))
         node = NodeProcess("data", path, os.path.join(self.tmp_path, f"{node_id}.log"), port=port)
+        node.node_id = node_id  # type: ignore[attr-defined]
         self.nodes.append(node)
         return node
 
+    def master(
+        self,
+        node_id: str,
+        data_nodes: Sequence[NodeProcess],
+        replicas: int = 1,
+        read_weights: Optional[Sequence[float]] = None,
+        **extra: Any,
+    ) -> NodeProcess:
+        """A master (not started) whose ``.port`` is its memcached port."""
+        port = free_port()
+        path = os.path.join(self.tmp_path, f"{node_id}.yaml")
+        with open(path, "w") as f:
+            f.write(master_config(node_id, port, data_nodes, replicas, read_weights, **extra))
+        node = NodeProcess("master", path, os.path.join(self.tmp_path, f"{node_id}.log"), port=port)
+        node.node_id = node_id  # type: ignore[attr-defined]
+        self.nodes.append(node)
+        return node
+
+    def cluster(
+        self,
+        n_data: int = 3,
+        replicas: int = 1,
+        read_weights: Optional[Sequence[float]] = None,
+        timeout: float = 15.0,
+        **extra: Any,
+    ) -> tuple[NodeProcess, list[NodeProcess]]:
+        """Start ``n_data`` data nodes and a master; return once the master sees all up."""
+        data = [self.data(f"data{i + 1}") for i in range(n_data)]
+        for node in data:
+            node.start()
+        master = self.master("master1", data, replicas, read_weights, **extra)
+        master.start()
+        assert master.port is not None
+        deadline = time.monotonic() + timeout
+        stats: dict[str, str] = {}
+        while True:
+            try:
+                if memcache_command(master.port, b"version\r\n").startswith(b"VERSION "):
+                    stats = memcache_stats(master.port)
+                    if stats.get("data_nodes_up") == str(n_data):
+                        return master, data
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"master did not see {n_data} data nodes up within {timeout}s "
+                    f"(data_nodes_up={stats.get('data_nodes_up')})\n{master.log()}"
+                )
+            time.sleep(0.05)
+
     def cleanup(self) -> None:
+        """Kill every process started here, by pid, even if one of them fails to die."""
+        errors = []
         for node in self.nodes:
-            node.kill()
-            node.stop()
+            try:
+                node.kill()
+                node.stop()
+            except Exception as e:  # keep going: the others must not outlive the test
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
 
 @pytest.fixture

@@ -254,7 +254,7 @@ class LogEngine(MemoryEngine):
         if self.get(partition, key) is None:
             return
         super().remove(partition, key)
-        if 0: self._pending.append(encode_entry(OP_REMOVE, partition, key))
+        self._pending.append(encode_entry(OP_REMOVE, partition, key))
 
     def drop_partition(self, partition: bytes) -> int:
         n = super().drop_partition(partition)
