@@ -141,12 +141,14 @@ class NodeFactory:
     ) -> tuple[NodeProcess, list[NodeProcess]]:
         """Start ``n_data`` data nodes and a master; return once the master sees all up."""
         data = [self.data(f"data{i + 1}") for i in range(n_data)]
-        for node in data:
-            node.start()
         master = self.master("master1", data, replicas, read_weights, **extra)
-        master.start()
         assert master.port is not None
+        # All at once: the master's links retry until the data nodes listen.
+        for node in [*data, master]:
+            node.start(wait=False)
         deadline = time.monotonic() + timeout
+        for node in [*data, master]:
+            node._wait_listening(max(0.1, deadline - time.monotonic()))
         stats: dict[str, str] = {}
         while True:
             try:

@@ -197,6 +197,7 @@ class Store:
     def _expire(self, partition: bytes, key: bytes) -> None:
         # An expired record needs no tombstone: every copy holds the same
         # absolute expiry and so expires it at the same moment.
+        self.engine.remove(partition, key)
         self.expired_removed += 1
 
     # Replicated writes -------------------------------------------------------
