@@ -223,6 +223,26 @@ class MemcachedListener:
 
 
 @dataclass(frozen=True)
+class RedisListener:
+    """The Redis (RESP2) port."""
+
+    listen: Optional[str] = _opt(None, kind="endpoint")
+    #: The partition this port serves.
+    partition: str = _opt("default", kind="id")
+
+
+@dataclass(frozen=True)
+class HttpListener:
+    """The REST Web API port (also /health and /metrics)."""
+
+    listen: Optional[str] = _opt(None, kind="endpoint")
+    #: Origins allowed to call the API from browser JavaScript ("*" for any).
+    cors_origins: tuple[str, ...] = _opt(())
+    #: Largest page of a key listing.
+    max_list: int = _opt(1000, min=1, max=100_000)
+
+
+@dataclass(frozen=True)
 class MasterLimits:
     """Bounds on what one client can make a master hold."""
 
@@ -244,17 +264,20 @@ class MasterConfig:
     secret: str = _opt(kind="secret")
     cluster: ClusterConfig = _opt()
     memcached: MemcachedListener = _section(MemcachedListener)
+    redis: RedisListener = _section(RedisListener)
+    http: HttpListener = _section(HttpListener)
     health: HealthConfig = _section(HealthConfig)
     limits: MasterLimits = _section(MasterLimits)
 
     def _validate(self) -> None:
         names = {p.name for p in self.cluster.partitions}
-        if self.memcached.partition not in names:
-            raise ConfigError(
-                ("memcached", "partition"),
-                f"unknown partition {self.memcached.partition!r}; "
-                f"expected one of {', '.join(sorted(names))}",
-            )
+        for section, listener in (("memcached", self.memcached), ("redis", self.redis)):
+            if listener.partition not in names:
+                raise ConfigError(
+                    (section, "partition"),
+                    f"unknown partition {listener.partition!r}; "
+                    f"expected one of {', '.join(sorted(names))}",
+                )
 
 
 @dataclass(frozen=True)

@@ -89,8 +89,9 @@ class NodeProcess:
             cmd,
             env=env,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            # twistd prints usage and config errors on stdout: keep both, in one pipe.
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         if wait and self.port is not None:
             try:
@@ -104,7 +105,7 @@ class NodeProcess:
         assert self.proc is not None and self.port is not None
         while True:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                err = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
                 raise RuntimeError(
                     f"kvha-{self.role} exited with {self.proc.returncode}: {err}\n{self.log()}"
                 )
@@ -140,6 +141,6 @@ class NodeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        if self.proc.stderr:
-            self.proc.stderr.close()
+        if self.proc.stdout:
+            self.proc.stdout.close()
         return int(self.proc.returncode)

@@ -45,7 +45,7 @@ def in_range(tok: int, lo: int, hi: int) -> bool:
     """
     if lo < hi:
         return lo < tok <= hi
-    return tok >= lo or tok <= hi
+    return tok > lo or tok <= hi
 
 
 def in_ranges(tok: int, ranges: Sequence[TokenRange]) -> bool:

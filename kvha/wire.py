@@ -12,8 +12,9 @@ match a reply to its request by id without parsing the body.  Frames are::
 
 All integers are little-endian.  Field encodings: ``u8/u16/u32/u64``;
 ``bytes`` (u32 length + data); ``str`` (u16 length + UTF-8); ``list``
-(u32 count + ``bytes`` each); ``ranges`` (u32 count + u64 lo, u64 hi each);
-``records`` (u32 count + u16, u32, u32 lengths + partition, key, packed).
+(u32 count + ``bytes`` each); ``u64s`` (u32 count + u64 each); ``ranges``
+(u32 count + u64 lo, u64 hi each); ``records`` (u32 count + u16, u32, u32
+lengths + partition, key, packed).
 
 A connection starts with the server's CHALLENGE (protocol version, node id,
 random nonce).  The client answers HELLO with an HMAC-SHA256 of the nonce
@@ -82,6 +83,9 @@ def _enc(kind: str, value: Any, out: list[bytes]) -> None:
         for item in value:
             out.append(_U32.pack(len(item)))
             out.append(item)
+    elif kind == "u64s":
+        out.append(_U32.pack(len(value)))
+        out.append(struct.pack(f"<{len(value)}Q", *value))
     elif kind == "ranges":
         out.append(_U32.pack(len(value)))
         for lo, hi in value:
@@ -131,6 +135,11 @@ def _dec(kind: str, data: bytes, offset: int) -> tuple[Any, int]:
             item, end = _dec("bytes", data, end)
             items.append(item)
         return items, end
+    if kind == "u64s":
+        end = _need(data, offset, 4)
+        (count,) = _U32.unpack_from(data, offset)
+        stop = _need(data, end, count * 8)
+        return list(struct.unpack_from(f"<{count}Q", data, end)), stop
     if kind == "ranges":
         end = _need(data, offset, 4)
         (count,) = _U32.unpack_from(data, offset)
@@ -317,6 +326,13 @@ class Flush(Message):
     __slots__ = ("partition",)
 
 
+@message(15, ("partition", "bytes"), ("after", "u64"), ("count", "u32"))
+class Scan(Message):
+    """The live keys with the smallest tokens above ``after`` (a SCAN cursor)."""
+
+    __slots__ = ("partition", "after", "count")
+
+
 # Replies: data node -> master.
 
 
@@ -369,6 +385,11 @@ class StreamEnd(Message):
 @message(72, ("state", "str"), ("high_water", "u64"))
 class Pong(Message):
     __slots__ = ("state", "high_water")
+
+
+@message(73, ("tokens", "u64s"), ("keys", "list"))
+class ScanReply(Message):
+    __slots__ = ("tokens", "keys")
 
 
 # Error codes carried by Error.

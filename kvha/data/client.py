@@ -456,6 +456,11 @@ class DataNodeClient:
     def flush(self, partition: bytes) -> Deferred:
         return self._call(wire.Flush(partition)).addCallback(lambda _: None)
 
+    def scan(self, partition: bytes, after: int, count: int) -> Deferred:
+        """Fires with up to ``count`` ``(token, key)`` pairs above ``after``, in token order."""
+        d = self._call(wire.Scan(partition, after, count))
+        return d.addCallback(lambda m: list(zip(m.tokens, m.keys)))
+
     def ping(self) -> Deferred:
         """Fires with ``(state, high_water)``."""
         return self._call(wire.Ping()).addCallback(lambda m: (m.state, m.high_water))

@@ -15,7 +15,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Optional
 
-from kvha.record import HEADER
+from kvha.record import HEADER, HEADER_SIZE, TOMBSTONE
+
+_BITS = HEADER_SIZE - 1  # offset of the bits byte in a packed record
 
 
 class Engine:
@@ -60,6 +62,10 @@ class Engine:
 
     def bytes_used(self, partition: Optional[bytes] = None) -> int:
         """Bytes of keys and packed records held (the unit quotas will use)."""
+        raise NotImplementedError
+
+    def tombstones(self, partition: Optional[bytes] = None) -> int:
+        """How many of the records counted by :meth:`count` are tombstones."""
         raise NotImplementedError
 
     def items(self) -> Iterator[tuple[bytes, bytes, bytes]]:
@@ -107,6 +113,7 @@ class MemoryEngine(Engine):
     def __init__(self) -> None:
         self._data: dict[bytes, dict[bytes, bytes]] = {}
         self._bytes: dict[bytes, int] = {}
+        self._tombs: dict[bytes, int] = {}
         self._high_water = 0
 
     def get(self, partition: bytes, key: bytes) -> Optional[bytes]:
@@ -120,12 +127,18 @@ class MemoryEngine(Engine):
         if part is None:
             part = self._data[partition] = {}
             self._bytes[partition] = 0
+            self._tombs[partition] = 0
         old = part.get(key)
         part[key] = packed
+        tomb = packed[_BITS] & TOMBSTONE
         if old is None:
             self._bytes[partition] += len(key) + len(packed)
+            if tomb:
+                self._tombs[partition] += 1
         else:
             self._bytes[partition] += len(packed) - len(old)
+            if tomb != old[_BITS] & TOMBSTONE:
+                self._tombs[partition] += 1 if tomb else -1
         version = HEADER.unpack_from(packed)[0]
         if version > self._high_water:
             self._high_water = version
@@ -137,13 +150,17 @@ class MemoryEngine(Engine):
         old = part.pop(key, None)
         if old is not None:
             self._bytes[partition] -= len(key) + len(old)
+            if old[_BITS] & TOMBSTONE:
+                self._tombs[partition] -= 1
             if not part:
                 del self._data[partition]
                 del self._bytes[partition]
+                del self._tombs[partition]
 
     def drop_partition(self, partition: bytes) -> int:
         part = self._data.pop(partition, None)
         self._bytes.pop(partition, None)
+        self._tombs.pop(partition, None)
         return 0 if part is None else len(part)
 
     def partitions(self) -> list[bytes]:
@@ -164,6 +181,11 @@ class MemoryEngine(Engine):
             return self._bytes.get(partition, 0)
         return sum(self._bytes.values())
 
+    def tombstones(self, partition: Optional[bytes] = None) -> int:
+        if partition is not None:
+            return self._tombs.get(partition, 0)
+        return sum(self._tombs.values())
+
     @property
     def high_water(self) -> int:
         # Nothing survives a restart, so nothing is held durably.
@@ -177,4 +199,5 @@ class MemoryEngine(Engine):
     def clear(self) -> None:
         self._data.clear()
         self._bytes.clear()
+        self._tombs.clear()
         self._high_water = 0

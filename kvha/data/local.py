@@ -175,6 +175,9 @@ class LocalDataClient:
     def flush(self, partition: bytes) -> Deferred:
         return self._call("flush", lambda: self.node.store.flush(partition) and None)
 
+    def scan(self, partition: bytes, after: int, count: int) -> Deferred:
+        return self._call("scan", lambda: self.node.store.scan(partition, after, count))
+
     def ping(self) -> Deferred:
         return self._call("ping", lambda: (self.node.state, self.node.store.engine.high_water))
 

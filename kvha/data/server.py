@@ -174,7 +174,7 @@ class DataNode(service.Service):
         engine = self.store.engine
         for partition in engine.partitions():
             name = partition.decode("utf-8", "replace")
-            out[f"records:{name}"] = engine.count(partition)
+            out[f"records:{name}"] = engine.count(partition) - engine.tombstones(partition)
             out[f"bytes:{name}"] = engine.bytes_used(partition)
         out.update(self.store.stats())
         out.update(self.store.engine.stats())
@@ -478,6 +478,10 @@ class DataServerProtocol(Protocol):
         )
         return wire.Result(Status.OK, b"")
 
+    def _scan(self, msg: wire.Scan, request_id: int) -> wire.Message:
+        found = self.node.store.scan(msg.partition, msg.after, min(msg.count, 100_000))
+        return wire.ScanReply([t for t, _ in found], [k for _, k in found])
+
     def _ping(self, msg: wire.Ping, request_id: int) -> wire.Message:
         return wire.Pong(self.node.state, self.node.store.engine.high_water)
 
@@ -537,6 +541,7 @@ _HANDLERS: dict[int, tuple[str, type[wire.Message], Callable[..., Any]]] = {
         ("touch", wire.Touch, DataServerProtocol._touch),
         ("delete", wire.Delete, DataServerProtocol._delete),
         ("flush", wire.Flush, DataServerProtocol._flush),
+        ("scan", wire.Scan, DataServerProtocol._scan),
         ("ping", wire.Ping, DataServerProtocol._ping),
         ("stats", wire.Stats, DataServerProtocol._stats),
         ("stream", wire.Stream, DataServerProtocol._stream),

@@ -19,6 +19,7 @@ its meaning is here, once:
 from __future__ import annotations
 
 import enum
+import heapq
 from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from typing import Callable, Optional
@@ -59,6 +60,7 @@ class StoreMode(enum.IntEnum):
     APPEND = 3
     PREPEND = 4
     CAS = 5  # cas == 0 means "only if absent", which gives Redis NX for free
+    CAS_DELETE = 6  # delete only if the live record still has version ``cas``
 
 
 class IncrMode(enum.IntEnum):
@@ -259,6 +261,14 @@ class Store:
         cas: int = 0,
     ) -> Result:
         current = self._live(partition, key)
+        if mode is StoreMode.CAS_DELETE:
+            if current is None:
+                return Result(Status.NOT_FOUND)
+            if _unpack_header(current)[0] != cas:
+                return Result(Status.EXISTS, current)
+            packed = tombstone(self.clock.next())
+            self.engine.put(partition, key, packed)
+            return Result(Status.DELETED, packed)
         if mode is StoreMode.ADD:
             if current is not None:
                 return Result(Status.NOT_STORED, current)
@@ -375,6 +385,32 @@ class Store:
                     continue
                 yield partition, key, packed
 
+    def scan(self, partition: bytes, after: int, count: int) -> list[tuple[int, bytes]]:
+        """The ``count`` live keys with the smallest tokens above ``after``, in token order.
+
+        A cursor over the ring that stays valid across calls however the
+        key set changes meanwhile (Redis SCAN's guarantee: a key present for
+        the whole scan is returned).  It walks the whole partition, so it
+        costs O(records) per call.
+        """
+        now_ms = self._now_ms()
+        get = self.engine.get
+
+        def candidates() -> Iterator[tuple[int, bytes]]:
+            for key in self.engine.keys(partition):
+                tok = token(partition, key)
+                if tok <= after:
+                    continue
+                packed = get(partition, key)
+                if packed is None:
+                    continue
+                _v, expires_ms, _f, bits = _unpack_header(packed)
+                if bits & TOMBSTONE or (expires_ms and expires_ms <= now_ms):
+                    continue
+                yield tok, key
+
+        return heapq.nsmallest(count, candidates())
+
     # Background sweep ---------------------------------------------------------
 
     def sweep(self, budget: int) -> int:
@@ -420,6 +456,7 @@ class Store:
     def stats(self) -> dict[str, int]:
         return {
             "records": self.engine.count(),
+            "tombstones": self.engine.tombstones(),
             "bytes": self.engine.bytes_used(),
             "high_water": self.engine.high_water,
             "expired_removed": self.expired_removed,

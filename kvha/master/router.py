@@ -29,9 +29,9 @@ from twisted.logger import Logger
 
 from kvha.clock import HybridLogicalClock
 from kvha.data.client import DataNodeClient, DataNodeError, NodeUnavailable, RequestTimeout
-from kvha.data.store import Result, Status
+from kvha.data.store import Result, Status, StoreMode
 from kvha.master.health import NodeLink
-from kvha.record import HEADER, Record, pack, unpack
+from kvha.record import HEADER, Record, pack
 from kvha.ring import Ring
 
 log = Logger()
@@ -42,6 +42,26 @@ RETRYABLE = (NodeUnavailable, RequestTimeout, DataNodeError)
 
 class Unavailable(Exception):
     """Not enough live copies to serve the request."""
+
+
+class Change:
+    """What a read-modify-write decided: store a new value, or delete."""
+
+    __slots__ = ("delete", "value", "flags", "expires_ms")
+
+    def __init__(self, delete: bool, value: bytes = b"", flags: int = 0, expires_ms: int = 0):
+        self.delete = delete
+        self.value = value
+        self.flags = flags
+        self.expires_ms = expires_ms
+
+    @classmethod
+    def store(cls, value: bytes, flags: int = 0, expires_ms: int = 0) -> Change:
+        return cls(False, value, flags, expires_ms)
+
+    @classmethod
+    def remove(cls) -> Change:
+        return cls(True)
 
 
 class PartitionPolicy:
@@ -355,11 +375,7 @@ class Router:
         connected when asked is passed over; a primary that fails once the
         request is sent fails the request, since it may have applied it.
         """
-        primary = None
-        for link in self.copies_of(partition, key):
-            if link.state == "up" and link.client.connected:
-                primary = link
-                break
+        primary = self._primary(partition, key)
         if primary is None:
             return defer.fail(Unavailable("no live primary for the key"))
         d = op(primary.client)
@@ -378,6 +394,172 @@ class Router:
         self.hlc.observe(HEADER.unpack_from(result.packed)[0])
         d = self.replicate(partition, key, result.packed, skip=primary, done_already=result)
         return d.addCallback(lambda _: result)
+
+    def _primary(self, partition: bytes, key: bytes) -> Optional[NodeLink]:
+        for link in self.copies_of(partition, key):
+            if link.state == "up" and link.client.connected:
+                return link
+        return None
+
+    def modify(
+        self,
+        partition: bytes,
+        key: bytes,
+        fn: Callable[[Optional[Record]], tuple[Optional[Change], Any]],
+        attempts: int = 32,
+    ) -> Deferred:
+        """Read-modify-write with a compare-and-set on the version, at the primary.
+
+        ``fn`` gets the live record (or None) and returns ``(change, reply)``;
+        a change of None writes nothing.  If another writer changed the key
+        between the read and the write, ``fn`` runs again on the new record.
+        Fires with the reply of the run that took effect.
+        """
+        primary = self._primary(partition, key)
+        if primary is None:
+            return defer.fail(Unavailable("no live primary for the key"))
+
+        def decide(record: Optional[Record]) -> Any:
+            change, reply = fn(record)
+            if change is None:
+                return reply
+            cas = record.version if record is not None else 0
+            if change.delete:
+                if record is None:
+                    return reply
+
+                def op(c: DataNodeClient) -> Deferred:
+                    return c.store(StoreMode.CAS_DELETE, partition, key, b"", 0, 0, cas)
+
+            else:
+
+                def op(c: DataNodeClient) -> Deferred:
+                    return c.store(
+                        StoreMode.CAS,
+                        partition,
+                        key,
+                        change.value,
+                        change.flags,
+                        change.expires_ms,
+                        cas,
+                    )
+
+            return self.conditional(partition, key, op).addCallback(check, reply)
+
+        def check(result: Result, reply: Any) -> Any:
+            if result.status in (Status.STORED, Status.DELETED):
+                return reply
+            if result.status is Status.TOO_LARGE:
+                raise ValueError("value exceeds the maximum value size")
+            if attempts > 1:
+                return self.modify(partition, key, fn, attempts - 1)
+            raise Unavailable("the key kept changing; gave up after repeated conflicts")
+
+        return primary.client.get(partition, key).addCallback(decide)
+
+    def set_if_all_absent(self, partition: bytes, pairs: Sequence[tuple[bytes, bytes]]) -> Deferred:
+        """Store every pair only if no key exists (MSETNX).  Fires with True or False.
+
+        Each key is created with "only if absent" at its primary; if any of
+        them lost a race, the ones already created are deleted again
+        (only if still unchanged), so either all keys are set or none.
+        """
+        keys = [k for k, _ in pairs]
+
+        def create(existing: list[Optional[Record]]) -> Any:
+            if any(r is not None for r in existing):
+                return False
+            ds = [
+                self.conditional(
+                    partition,
+                    k,
+                    lambda c, k=k, v=v: c.store(StoreMode.CAS, partition, k, v, 0, 0, 0),
+                )
+                for k, v in pairs
+            ]
+            return defer.DeferredList(ds, consumeErrors=True).addCallback(settle)
+
+        def settle(results: list[tuple[bool, Any]]) -> Any:
+            created = [
+                (k, r.record.version)
+                for (k, _), (ok, r) in zip(pairs, results)
+                if ok and r.status is Status.STORED and r.record is not None
+            ]
+            if len(created) == len(pairs):
+                return True
+            undo = [
+                self.conditional(
+                    partition,
+                    k,
+                    lambda c, k=k, v=v: c.store(StoreMode.CAS_DELETE, partition, k, b"", 0, 0, v),
+                )
+                for k, v in created
+            ]
+            failures = [r for ok, r in results if not ok]
+            d = defer.DeferredList(undo, consumeErrors=True)
+            if failures:
+                return d.addCallback(lambda _: failures[0])
+            return d.addCallback(lambda _: False)
+
+        return self.get_many(partition, keys).addCallback(create)
+
+    def count_from_stats(self, partition: bytes, stats: dict[str, dict[str, str]]) -> int:
+        """Live keys of a partition, from the data nodes' per-partition counts."""
+        name = f"records:{partition.decode(errors='replace')}"
+        total = sum(int(st.get(name, 0)) for st in stats.values())
+        return total // max(1, min(self.copies, len(stats) or 1))
+
+    def scan(self, partition: bytes, cursor: int, count: int) -> Deferred:
+        """One SCAN page: fires with ``(next_cursor, keys)``; cursor 0 means done.
+
+        The cursor is a ring token.  Every live node returns its keys with the
+        smallest tokens above it; the page is their union, deduplicated (a key
+        has several copies), cut where the shortest full answer ends so that
+        no key is skipped.
+        """
+        live = [link for link in self.links.values() if link.state == "up"]
+        if not live:
+            return defer.fail(Unavailable("no live data node"))
+        ds = [link.client.scan(partition, cursor, count) for link in live]
+
+        def merge(answers: list[list[tuple[int, bytes]]]) -> tuple[int, list[bytes]]:
+            limit: Optional[int] = None
+            merged: dict[bytes, int] = {}
+            for answer in answers:
+                if len(answer) >= count:
+                    last = answer[-1][0]
+                    limit = last if limit is None else min(limit, last)
+                for tok, key in answer:
+                    merged[key] = tok
+            ordered = sorted((tok, key) for key, tok in merged.items())
+            if limit is not None:
+                ordered = [(t, k) for t, k in ordered if t <= limit]
+            page = ordered[:count]
+            more = limit is not None or len(ordered) > count
+            next_cursor = page[-1][0] if (page and more) else 0
+            return next_cursor, [k for _, k in page]
+
+        return (
+            defer.gatherResults(ds, consumeErrors=True).addCallback(merge).addErrback(_first_error)
+        )
+
+    def scan_all(self, partition: bytes, pattern: bytes, page: int = 1000) -> Deferred:
+        """Every live key matching a Redis glob pattern (KEYS), page by page."""
+        from kvha.master.resp import glob_match
+
+        found: list[bytes] = []
+        done: Deferred = Deferred()
+
+        def step(result: tuple[int, list[bytes]]) -> None:
+            cursor, keys = result
+            found.extend(k for k in keys if pattern == b"*" or glob_match(pattern, k))
+            if cursor == 0:
+                done.callback(found)
+            else:
+                self.scan(partition, cursor, page).addCallbacks(step, done.errback)
+
+        self.scan(partition, 0, page).addCallbacks(step, done.errback)
+        return done
 
     def flush(self, partition: bytes) -> Deferred:
         """Remove every record of a partition from every live node."""
@@ -411,6 +593,3 @@ def _first_error(failure: Any) -> Any:
     if failure.check(defer.FirstError):
         return failure.value.subFailure
     return failure
-
-
-__all__ = ["Router", "PartitionPolicy", "Unavailable", "unpack"]

@@ -12,6 +12,7 @@ from kvha.config import MasterConfig
 from kvha.data.client import DataNodeClient
 from kvha.master.health import NodeLink
 from kvha.master.memcache import MemcacheFactory, MemcacheStats
+from kvha.master.resp import RespFactory
 from kvha.master.router import PartitionPolicy, Router
 from kvha.ring import Ring
 
@@ -68,6 +69,17 @@ class MasterNode(service.MultiService):
                 idle_timeout=limits.idle_timeout,
             )
             strports.service(config.memcached.listen, factory).setServiceParent(self)
+        if config.redis.listen:
+            resp = RespFactory(
+                self.router,
+                config.redis.partition.encode(),
+                reactor,
+                port=_port_of(config.redis.listen),
+                max_connections=limits.max_connections,
+                max_in_flight=limits.max_in_flight,
+                max_value_bytes=limits.max_value_bytes,
+            )
+            strports.service(config.redis.listen, resp).setServiceParent(self)
 
     def startService(self) -> None:
         for link in self.links.values():
@@ -78,3 +90,14 @@ class MasterNode(service.MultiService):
         d = defer.maybeDeferred(super().stopService)
         stops = [defer.maybeDeferred(link.stop) for link in self.links.values()]
         return defer.gatherResults([d, *stops], consumeErrors=True)
+
+
+def _port_of(endpoint: str) -> int:
+    """The port number of a ``tcp:PORT:...`` endpoint string, for INFO; 0 if none."""
+    parts = endpoint.split(":")
+    for part in parts[1:]:
+        if part.isdigit():
+            return int(part)
+        if part.startswith("port="):
+            return int(part[5:]) if part[5:].isdigit() else 0
+    return 0

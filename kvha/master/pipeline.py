@@ -1,0 +1,138 @@
+"""Ordered replies for pipelined client protocols.
+
+A client may send many requests before reading a reply, and the data nodes
+answer them in any order.  Each request takes a slot in a queue as it is
+read; its reply fills the slot when ready; the filled slots at the head of the
+queue leave in one write.  Requests on the same key from one connection run
+one after another, so a client reads its own writes.  When ``max_in_flight``
+replies are pending the protocol stops reading the connection, so a client
+that pipelines without reading cannot make the master buffer without bound.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Optional
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+
+
+class OrderedReplies(Protocol):
+    """Base for client protocols: slots, per-key ordering and back-pressure."""
+
+    max_in_flight = 256
+
+    def __init__(self) -> None:
+        self._slots: deque[list[Optional[bytes]]] = deque()
+        self._key_tail: dict[bytes, Deferred] = {}
+        self._paused = False
+        self._quitting = False
+        self._closed = False
+
+    # Hooks ------------------------------------------------------------------
+
+    def resume_input(self) -> None:
+        """Called when reading resumes: parse what was buffered meanwhile."""
+
+    # Replies ----------------------------------------------------------------
+
+    def reply(self, data: bytes) -> None:
+        """A reply that is ready now, in its place in the queue."""
+        if self._slots:
+            self._slots.append([data])
+        elif not self._closed:
+            self.transport.write(data)
+
+    def slot(self) -> list[Optional[bytes]]:
+        slot: list[Optional[bytes]] = [None]
+        self._slots.append(slot)
+        if len(self._slots) >= self.max_in_flight and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+        return slot
+
+    def fill(self, slot: list[Optional[bytes]], data: bytes) -> None:
+        slot[0] = data
+        slots = self._slots
+        if not slots or slots[0] is not slot:
+            return
+        out = []
+        while slots and slots[0][0] is not None:
+            out.append(slots.popleft()[0])
+        if self._closed:
+            return
+        self.transport.write(b"".join(out))  # type: ignore[arg-type]
+        if self._paused and len(slots) < self.max_in_flight // 2:
+            self._paused = False
+            self.transport.resumeProducing()
+            self.resume_input()
+        if self._quitting and not slots:
+            self.transport.loseConnection()
+
+    def deferred_reply(
+        self,
+        d: Deferred,
+        render: Callable[[Any], bytes],
+        on_error: Callable[[Any], bytes],
+        silent: bool = False,
+    ) -> None:
+        """Route ``d``'s outcome into a slot; ``silent`` keeps only error replies."""
+        slot = self.slot()
+        d.addCallbacks(render, on_error)
+        if silent:
+            d.addCallback(lambda data: data if self.is_error(data) else b"")
+        d.addCallback(lambda data: self.fill(slot, data))
+
+    def is_error(self, data: bytes) -> bool:
+        return False
+
+    def quit_after_replies(self) -> None:
+        """Close once every pending reply is written (QUIT, fatal errors)."""
+        self._quitting = True
+        if not self._slots:
+            self.transport.loseConnection()
+
+    def pending_replies(self) -> int:
+        return len(self._slots)
+
+    def forget_replies(self) -> None:
+        self._closed = True
+        self._slots.clear()
+
+    # Per-key order ------------------------------------------------------------
+
+    def after(self, keys: list[bytes], start: Callable[[], Deferred]) -> Deferred:
+        """Run ``start`` once earlier operations on ``keys`` from this connection are done."""
+        tails = self._key_tail
+        waits = [tails[k] for k in keys if k in tails]
+        if not waits:
+            d = start()
+        else:
+            gate = waits[0] if len(waits) == 1 else defer.DeferredList(waits)
+            d = Deferred()
+            gate.addBoth(lambda _: defer.maybeDeferred(start).chainDeferred(d))
+        if not d.called:
+            marker: Deferred = Deferred()
+            for k in keys:
+                tails[k] = marker
+
+            def release(result: Any) -> Any:
+                for k in keys:
+                    if tails.get(k) is marker:
+                        del tails[k]
+                marker.callback(None)
+                return result
+
+            d.addBoth(release)
+        return d
+
+    def after_all(self, start: Callable[[], Deferred]) -> Deferred:
+        """Run ``start`` once every operation this connection started is done."""
+        pending = list(set(self._key_tail.values()))
+        if not pending:
+            return defer.maybeDeferred(start)
+        d: Deferred = Deferred()
+        defer.DeferredList(pending).addBoth(lambda _: defer.maybeDeferred(start).chainDeferred(d))
+        return d

@@ -1,0 +1,1245 @@
+"""The Redis protocol (RESP2) on a master's client port.
+
+Enough of Redis for redis-cli, redis-py, txredisapi and redis-benchmark to
+work unchanged: the connection commands, the string and key commands, KEYS
+and SCAN.  Replies and error words follow Redis 7.  An unknown command never
+closes the connection; a protocol error (a malformed multibulk header) does,
+after the error reply, as Redis does.
+
+Read-modify-write commands that the data nodes have no single operation for
+(SET with GET or KEEPTTL, GETSET, GETDEL, GETEX, SETRANGE, APPEND, EXPIRE and
+friends, PERSIST) run as an optimistic loop at the key's primary: read the
+record, compute, write back with a compare-and-set on its version, and retry
+if another writer got there first (:meth:`Router.modify`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import time
+from collections.abc import Sequence
+from typing import Any, Callable, Optional, Union
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from kvha import __version__
+from kvha.data.store import IncrMode, Result, Status, StoreMode
+from kvha.master.pipeline import OrderedReplies
+from kvha.master.router import Change, Router
+from kvha.record import Record
+
+log = Logger()
+
+Reply = Union[bytes, Deferred]
+
+MAX_MULTIBULK = 1024 * 1024
+MAX_INLINE = 64 * 1024
+I64_MIN = -(1 << 63)
+I64_MAX = (1 << 63) - 1
+
+OK = b"+OK\r\n"
+PONG = b"+PONG\r\n"
+NULL = b"$-1\r\n"
+NULL_ARRAY = b"*-1\r\n"
+EMPTY_ARRAY = b"*0\r\n"
+QUEUED_CLOSE = b""
+
+E_SYNTAX = b"-ERR syntax error\r\n"
+E_NOT_INT = b"-ERR value is not an integer or out of range\r\n"
+E_NOT_FLOAT = b"-ERR value is not a valid float\r\n"
+E_OVERFLOW = b"-ERR increment or decrement would overflow\r\n"
+E_NAN = b"-ERR increment would produce NaN or Infinity\r\n"
+E_DB_RANGE = b"-ERR DB index is out of range\r\n"
+E_NOAUTH_CONFIG = (
+    b"-ERR AUTH <password> called without any password configured for the default user. "
+    b"Are you sure your configuration is correct?\r\n"
+)
+E_INVALID_CURSOR = b"-ERR invalid cursor\r\n"
+E_OFFSET = b"-ERR offset is out of range\r\n"
+
+
+class RespError(Exception):
+    """A malformed request stream; the connection is closed after the reply."""
+
+
+# Encoding -------------------------------------------------------------------
+
+
+def simple(text: str) -> bytes:
+    return b"+" + text.encode() + b"\r\n"
+
+
+def error(text: str) -> bytes:
+    return b"-" + text.replace("\r", " ").replace("\n", " ").encode() + b"\r\n"
+
+
+def integer(n: int) -> bytes:
+    return b":%d\r\n" % n
+
+
+def bulk(data: Optional[bytes]) -> bytes:
+    if data is None:
+        return NULL
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def array(items: Sequence[bytes]) -> bytes:
+    """An array of already encoded replies."""
+    return b"*%d\r\n" % len(items) + b"".join(items)
+
+
+def bulk_array(items: Sequence[Optional[bytes]]) -> bytes:
+    return array([bulk(i) for i in items])
+
+
+def wrong_args(name: bytes) -> bytes:
+    return error(
+        f"ERR wrong number of arguments for '{name.decode(errors='replace').lower()}' command"
+    )
+
+
+def _int(token: bytes) -> Optional[int]:
+    """Redis's string2ll: optional minus, digits, no leading zeros or spaces."""
+    if not token or len(token) > 20:
+        return None
+    body = token[1:] if token[:1] == b"-" else token
+    if not body.isdigit() or (len(body) > 1 and body[:1] == b"0") or token == b"-0":
+        return None
+    n = int(token)
+    return n if I64_MIN <= n <= I64_MAX else None
+
+
+def _float(token: bytes) -> Optional[float]:
+    try:
+        x = float(token)
+    except ValueError:
+        return None
+    if token != token.strip() or x != x:
+        return None
+    return x
+
+
+# Parsing --------------------------------------------------------------------
+
+
+class RespParser:
+    """Splits a byte stream into commands (lists of bytes), resumably.
+
+    Multibulk (``*N`` then ``$len`` arguments) and inline commands (one line,
+    space-separated, for people typing into telnet).  A bulk argument longer
+    than ``max_bulk`` is skipped as it arrives, never buffered, and its
+    command comes out as ``[TOO_LARGE, name]`` so the server can answer it.
+    """
+
+    TOO_LARGE = b"\x00too-large"
+
+    def __init__(self, max_bulk: int) -> None:
+        self.max_bulk = max_bulk
+        self._buf = bytearray()
+        self._args: list[bytes] = []
+        self._left = 0
+        self._bulk = -1
+        self._skip = 0
+        self._too_large = False
+
+    def feed(self, data: bytes) -> list[list[bytes]]:
+        buf = self._buf
+        if self._skip:
+            n = min(self._skip, len(data))
+            self._skip -= n
+            data = data[n:]
+            if self._skip == 0:
+                self._arg_done(None)
+        buf += data
+        out: list[list[bytes]] = []
+        pos = 0
+        end = len(buf)
+        try:
+            while True:
+                if self._skip:
+                    break
+                if self._left == 0:
+                    if self._args or self._too_large:
+                        out.append(self._finish())
+                    if pos >= end:
+                        break
+                    if buf[pos] == 42:  # '*'
+                        nl = buf.find(b"\r\n", pos)
+                        if nl < 0:
+                            if end - pos > MAX_INLINE:
+                                raise RespError("Protocol error: too big mbulk count string")
+                            break
+                        try:
+                            n = int(buf[pos + 1 : nl])
+                        except ValueError:
+                            raise RespError("Protocol error: invalid multibulk length") from None
+                        if n > MAX_MULTIBULK:
+                            raise RespError("Protocol error: invalid multibulk length")
+                        pos = nl + 2
+                        if n > 0:
+                            self._left = n
+                        continue
+                    nl = buf.find(b"\n", pos)
+                    if nl < 0:
+                        if end - pos > MAX_INLINE:
+                            raise RespError("Protocol error: too big inline request")
+                        break
+                    line = bytes(buf[pos:nl]).rstrip(b"\r")
+                    pos = nl + 1
+                    args = line.split()
+                    if args:
+                        out.append(args)
+                    continue
+                if self._bulk < 0:
+                    if pos >= end:
+                        break
+                    if buf[pos] != 36:  # '$'
+                        got = chr(buf[pos])
+                        raise RespError(f"Protocol error: expected '$', got '{got}'")
+                    nl = buf.find(b"\r\n", pos)
+                    if nl < 0:
+                        if end - pos > MAX_INLINE:
+                            raise RespError("Protocol error: too big bulk count string")
+                        break
+                    try:
+                        length = int(buf[pos + 1 : nl])
+                    except ValueError:
+                        raise RespError("Protocol error: invalid bulk length") from None
+                    if length < 0 or length > (1 << 31):
+                        raise RespError("Protocol error: invalid bulk length")
+                    pos = nl + 2
+                    if length > self.max_bulk:
+                        self._too_large = True
+                        have = min(end - pos, length + 2)
+                        pos += have
+                        self._skip = length + 2 - have
+                        if self._skip == 0:
+                            self._arg_done(None)
+                        continue
+                    self._bulk = length
+                if end - pos < self._bulk + 2:
+                    break
+                length = self._bulk
+                self._arg_done(bytes(buf[pos : pos + length]))
+                pos += length + 2
+        finally:
+            if pos:
+                del buf[:pos]
+        return out
+
+    def _arg_done(self, arg: Optional[bytes]) -> None:
+        if arg is not None:
+            self._args.append(arg)
+        elif not self._args:
+            self._args.append(b"?")
+        self._bulk = -1
+        self._left -= 1
+
+    def _finish(self) -> list[bytes]:
+        args, self._args = self._args, []
+        if self._too_large:
+            self._too_large = False
+            return [self.TOO_LARGE, args[0] if args else b"?"]
+        return args
+
+
+# Commands -------------------------------------------------------------------
+
+
+class Command:
+    """A row of the command table: what COMMAND INFO reports, and the handler."""
+
+    __slots__ = ("name", "handler", "arity", "flags", "first_key", "last_key", "step")
+
+    def __init__(
+        self,
+        name: str,
+        handler: Callable[..., Reply],
+        arity: int,
+        flags: tuple[str, ...],
+        first_key: int = 0,
+        last_key: int = 0,
+        step: int = 0,
+    ) -> None:
+        self.name = name
+        self.handler = handler
+        self.arity = arity
+        self.flags = flags
+        self.first_key = first_key
+        self.last_key = last_key
+        self.step = step
+
+    def info(self) -> bytes:
+        return array(
+            [
+                bulk(self.name.encode()),
+                integer(self.arity),
+                array([simple(f) for f in self.flags]),
+                integer(self.first_key),
+                integer(self.last_key),
+                integer(self.step),
+            ]
+        )
+
+
+class RespProtocol(OrderedReplies):
+    """One Redis client connection."""
+
+    def __init__(self, factory: RespFactory) -> None:
+        super().__init__()
+        self.factory = factory
+        self.router: Router = factory.router
+        self.partition: bytes = factory.partition
+        self.clock: IReactorTime = factory.clock
+        self.max_in_flight = factory.max_in_flight
+        self.parser = RespParser(factory.max_value_bytes)
+        self.client_id = 0
+        self.client_name: Optional[bytes] = None
+        self.lib_name = b""
+        self.lib_ver = b""
+        self.created = 0.0
+        self._pending: list[list[bytes]] = []
+        self._counted = False
+
+    # Connection --------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        factory.total_connections += 1
+        if len(factory.clients) >= factory.max_connections:
+            factory.rejected_connections += 1
+            log.warn(
+                "refused Redis client {peer}: {limit} connections already open",
+                peer=self.transport.getPeer(),
+                limit=factory.max_connections,
+            )
+            self.transport.write(b"-ERR max number of clients reached\r\n")
+            self.transport.loseConnection()
+            self._closed = True
+            return
+        factory.next_id += 1
+        self.client_id = factory.next_id
+        self.created = self.clock.seconds()
+        factory.clients[self.client_id] = self
+        self._counted = True
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._counted:
+            self.factory.clients.pop(self.client_id, None)
+        self.forget_replies()
+
+    def is_error(self, data: bytes) -> bool:
+        return data[:1] == b"-"
+
+    # Input ---------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._quitting or self._closed:
+            return
+        try:
+            commands = self.parser.feed(data)
+        except RespError as e:
+            self.reply(error(f"ERR {e}"))
+            log.info(
+                "closing Redis client {peer}: {why}", peer=self.transport.getPeer(), why=str(e)
+            )
+            self.quit_after_replies()
+            return
+        if self._pending or self._paused:
+            self._pending.extend(commands)
+            if not self._paused:
+                self.resume_input()
+            return
+        for i, args in enumerate(commands):
+            self.run(args)
+            if self._quitting:
+                return
+            if self._paused:
+                self._pending.extend(commands[i + 1 :])
+                return
+
+    def resume_input(self) -> None:
+        while self._pending and not self._paused and not self._quitting:
+            self.run(self._pending.pop(0))
+
+    def run(self, args: list[bytes]) -> None:
+        factory = self.factory
+        name = args[0].lower()
+        if name == RespParser.TOO_LARGE:
+            self.reply(
+                error(
+                    f"ERR argument exceeds the maximum value size ({factory.max_value_bytes} bytes)"
+                )
+            )
+            return
+        command = COMMANDS.get(name)
+        if command is None:
+            shown = " ".join(f"'{a[:128].decode(errors='replace')}'" for a in args[1:])
+            self.reply(
+                error(
+                    f"ERR unknown command '{args[0][:128].decode(errors='replace')}', "
+                    f"with args beginning with: {shown}" + (" " if shown else "")
+                )
+            )
+            return
+        arity = command.arity
+        if (arity > 0 and len(args) != arity) or (arity < 0 and len(args) < -arity):
+            self.reply(wrong_args(name))
+            return
+        factory.calls[command.name] = factory.calls.get(command.name, 0) + 1
+        try:
+            result = command.handler(self, args)
+        except Exception as e:
+            log.failure("Redis command {cmd} failed", cmd=command.name)
+            result = error(f"ERR internal error: {e}")
+        if isinstance(result, bytes):
+            if result:
+                self.reply(result)
+        else:
+            self.deferred_reply(result, lambda data: data, self._server_error)
+
+    def _server_error(self, failure: Any) -> bytes:
+        self.factory.errors += 1
+        return error(f"ERR {failure.getErrorMessage()}")
+
+    def keyed(self, keys: list[bytes], start: Callable[[], Deferred]) -> Deferred:
+        return self.after(keys, start)
+
+    # Helpers -----------------------------------------------------------------------
+
+    def now_ms(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+    def get(self, key: bytes) -> Deferred:
+        return self.keyed([key], lambda: self.router.get(self.partition, key))
+
+    def modify(
+        self, key: bytes, fn: Callable[[Optional[Record]], tuple[Optional[Change], bytes]]
+    ) -> Deferred:
+        return self.keyed([key], lambda: self.router.modify(self.partition, key, fn))
+
+    # Connection commands -------------------------------------------------------------
+
+    def c_ping(self, args: list[bytes]) -> Reply:
+        if len(args) > 2:
+            return wrong_args(b"ping")
+        return PONG if len(args) == 1 else bulk(args[1])
+
+    def c_echo(self, args: list[bytes]) -> Reply:
+        return bulk(args[1])
+
+    def c_quit(self, args: list[bytes]) -> Reply:
+        self.reply(OK)
+        self.quit_after_replies()
+        return QUEUED_CLOSE
+
+    def c_select(self, args: list[bytes]) -> Reply:
+        n = _int(args[1])
+        if n is None:
+            return E_NOT_INT
+        return OK if n == 0 else E_DB_RANGE
+
+    def c_auth(self, args: list[bytes]) -> Reply:
+        if len(args) > 3:
+            return E_SYNTAX
+        return E_NOAUTH_CONFIG
+
+    def c_hello(self, args: list[bytes]) -> Reply:
+        i = 1
+        if len(args) > 1:
+            version = _int(args[1])
+            if version is None:
+                return b"-ERR Protocol version is not an integer or out of range\r\n"
+            if version != 2:
+                return b"-NOPROTO unsupported protocol version\r\n"
+            i = 2
+        while i < len(args):
+            opt = args[i].lower()
+            if opt == b"auth" and i + 2 < len(args):
+                return E_NOAUTH_CONFIG
+            if opt == b"setname" and i + 1 < len(args):
+                self.client_name = args[i + 1]
+                i += 2
+                continue
+            return error(f"ERR Syntax error in HELLO option '{args[i].decode(errors='replace')}'")
+        return array(
+            [
+                bulk(b"server"),
+                bulk(b"redis"),
+                bulk(b"version"),
+                bulk(b"7.0.0"),
+                bulk(b"proto"),
+                integer(2),
+                bulk(b"id"),
+                integer(self.client_id),
+                bulk(b"mode"),
+                bulk(b"standalone"),
+                bulk(b"role"),
+                bulk(b"master"),
+                bulk(b"modules"),
+                EMPTY_ARRAY,
+            ]
+        )
+
+    def c_client(self, args: list[bytes]) -> Reply:
+        sub = args[1].lower()
+        if sub == b"setname" and len(args) == 3:
+            if b" " in args[2] or b"\n" in args[2]:
+                return (
+                    b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n"
+                )
+            self.client_name = args[2] or None
+            return OK
+        if sub == b"getname" and len(args) == 2:
+            return bulk(self.client_name)
+        if sub == b"id" and len(args) == 2:
+            return integer(self.client_id)
+        if sub == b"info" and len(args) == 2:
+            return bulk(self.client_line() + b"\n")
+        if sub == b"list" and len(args) == 2:
+            return bulk(b"".join(c.client_line() + b"\n" for c in self.factory.clients.values()))
+        if sub == b"setinfo" and len(args) == 4:
+            attr = args[2].lower()
+            if attr == b"lib-name":
+                self.lib_name = args[3]
+            elif attr == b"lib-ver":
+                self.lib_ver = args[3]
+            else:
+                return error(f"ERR Unrecognized option '{args[2].decode(errors='replace')}'")
+            return OK
+        if sub in (b"setname", b"getname", b"id", b"info", b"list", b"setinfo"):
+            return error(
+                f"ERR wrong number of arguments for 'client|{sub.decode(errors='replace')}' command"
+            )
+        return error(
+            f"ERR unknown subcommand '{args[1].decode(errors='replace')}'. Try CLIENT HELP."
+        )
+
+    def client_line(self) -> bytes:
+        peer = self.transport.getPeer()
+        addr = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', 0)}"
+        age = int(self.clock.seconds() - self.created)
+        name = (self.client_name or b"").decode(errors="replace")
+        return (
+            f"id={self.client_id} addr={addr} name={name} "
+            f"age={age} db=0 lib-name={self.lib_name.decode(errors='replace')} "
+            f"lib-ver={self.lib_ver.decode(errors='replace')}"
+        ).encode()
+
+    def c_command(self, args: list[bytes]) -> Reply:
+        if len(args) == 1:
+            return array([c.info() for c in _UNIQUE_COMMANDS])
+        sub = args[1].lower()
+        if sub == b"count":
+            return integer(len(_UNIQUE_COMMANDS))
+        if sub == b"info":
+            names = args[2:] or [c.name.encode() for c in _UNIQUE_COMMANDS]
+            out = []
+            for n in names:
+                c = COMMANDS.get(n.lower())
+                out.append(c.info() if c else NULL_ARRAY)
+            return array(out)
+        if sub == b"docs":
+            names = args[2:] or [c.name.encode() for c in _UNIQUE_COMMANDS]
+            out = []
+            for n in names:
+                c = COMMANDS.get(n.lower())
+                if c is not None:
+                    out.append(bulk(c.name.encode()))
+                    out.append(
+                        array([bulk(b"summary"), bulk(b"kvha: see the Redis documentation")])
+                    )
+            return array(out)
+        if sub == b"list":
+            return bulk_array([c.name.encode() for c in _UNIQUE_COMMANDS])
+        return error(
+            f"ERR unknown subcommand '{args[1].decode(errors='replace')}'. Try COMMAND HELP."
+        )
+
+    def c_config(self, args: list[bytes]) -> Reply:
+        sub = args[1].lower()
+        if sub == b"get":
+            known = {b"save": b"", b"appendonly": b"no", b"databases": b"1"}
+            out: list[bytes] = []
+            for pattern in args[2:]:
+                for name, value in known.items():
+                    if fnmatch.fnmatchcase(name.decode(), pattern.decode(errors="replace").lower()):
+                        out += [bulk(name), bulk(value)]
+            return array(out)
+        if sub in (b"set", b"resetstat", b"rewrite"):
+            return b"-ERR CONFIG SET is not supported by kvha; edit the master's configuration\r\n"
+        return error(
+            f"ERR unknown subcommand '{args[1].decode(errors='replace')}'. Try CONFIG HELP."
+        )
+
+    def c_info(self, args: list[bytes]) -> Reply:
+        wanted = {a.lower() for a in args[1:]} or {b"default"}
+        every = bool(wanted & {b"all", b"everything", b"default"})
+        sections = (b"server", b"clients", b"stats", b"keyspace")
+        chosen = [s for s in sections if every or s in wanted]
+
+        def render(node_stats: dict[str, dict[str, str]]) -> bytes:
+            factory = self.factory
+            now = self.clock.seconds()
+            up = sum(1 for link in self.router.links.values() if link.state == "up")
+            lines: list[str] = []
+            if b"server" in chosen:
+                lines += [
+                    "# Server",
+                    "redis_version:7.0.0",
+                    f"kvha_version:{__version__}",
+                    "redis_mode:standalone",
+                    f"os:{os.uname().sysname} {os.uname().release}",
+                    f"process_id:{os.getpid()}",
+                    f"uptime_in_seconds:{int(now - factory.started)}",
+                    f"uptime_in_days:{int(now - factory.started) // 86400}",
+                    f"tcp_port:{factory.port}",
+                    "",
+                ]
+            if b"clients" in chosen:
+                lines += [
+                    "# Clients",
+                    f"connected_clients:{len(factory.clients)}",
+                    f"maxclients:{factory.max_connections}",
+                    "",
+                ]
+            if b"stats" in chosen:
+                lines += [
+                    "# Stats",
+                    f"total_connections_received:{factory.total_connections}",
+                    f"total_commands_processed:{sum(factory.calls.values())}",
+                    f"rejected_connections:{factory.rejected_connections}",
+                    f"keyspace_hits:{factory.hits}",
+                    f"keyspace_misses:{factory.misses}",
+                    f"errorstats_server:{factory.errors}",
+                    f"data_nodes_up:{up}",
+                    f"data_nodes:{len(self.router.links)}",
+                    "",
+                ]
+            if b"keyspace" in chosen:
+                lines.append("# Keyspace")
+                keys = self.router.count_from_stats(self.partition, node_stats)
+                if keys:
+                    lines.append(f"db0:keys={keys},expires=0,avg_ttl=0")
+                lines.append("")
+            return bulk("\r\n".join(lines).encode())
+
+        if b"keyspace" in chosen:
+            return self.router.node_stats().addCallback(render)
+        return render({})
+
+    # Strings ---------------------------------------------------------------------------
+
+    def count_hit(self, record: Optional[Record]) -> Optional[Record]:
+        if record is None:
+            self.factory.misses += 1
+        else:
+            self.factory.hits += 1
+        return record
+
+    def c_get(self, args: list[bytes]) -> Reply:
+        return self.get(args[1]).addCallback(
+            lambda r: bulk(None if self.count_hit(r) is None else r.value)
+        )
+
+    def c_mget(self, args: list[bytes]) -> Reply:
+        keys = args[1:]
+        d = self.keyed(keys, lambda: self.router.get_many(self.partition, keys))
+        return d.addCallback(
+            lambda records: bulk_array(
+                [None if self.count_hit(r) is None else r.value for r in records]
+            )
+        )
+
+    def c_set(self, args: list[bytes]) -> Reply:
+        key, value = args[1], args[2]
+        now = self.now_ms()
+        expires: Optional[int] = None
+        cond = None
+        keepttl = False
+        get = False
+        i = 3
+        while i < len(args):
+            opt = args[i].upper()
+            if opt in (b"NX", b"XX") and cond is None:
+                cond = opt
+            elif opt == b"GET" and not get:
+                get = True
+            elif opt == b"KEEPTTL" and expires is None and not keepttl:
+                keepttl = True
+            elif opt in (b"EX", b"PX", b"EXAT", b"PXAT") and expires is None and not keepttl:
+                if i + 1 >= len(args):
+                    return E_SYNTAX
+                n = _int(args[i + 1])
+                if n is None:
+                    return E_NOT_INT
+                if n <= 0:
+                    return b"-ERR invalid expire time in 'set' command\r\n"
+                expires = _expiry(opt, n, now)
+                if expires is None:
+                    return b"-ERR invalid expire time in 'set' command\r\n"
+                i += 1
+            else:
+                return E_SYNTAX
+            i += 1
+        return self._set(key, value, expires or 0, cond, keepttl, get)
+
+    def _set(
+        self,
+        key: bytes,
+        value: bytes,
+        expires: int,
+        cond: Optional[bytes],
+        keepttl: bool,
+        get: bool,
+        ok: bytes = OK,
+        refused: bytes = NULL,
+    ) -> Deferred:
+        partition = self.partition
+        router = self.router
+        if not keepttl and not get:
+            if cond is None:
+                start = lambda: router.set(partition, key, value, 0, expires)  # noqa: E731
+                return self.keyed([key], start).addCallback(lambda _: ok)
+            mode = StoreMode.CAS if cond == b"NX" else StoreMode.REPLACE
+
+            def store() -> Deferred:
+                return router.conditional(
+                    partition, key, lambda c: c.store(mode, partition, key, value, 0, expires, 0)
+                )
+
+            return self.keyed([key], store).addCallback(
+                lambda r: ok if r.status is Status.STORED else refused
+            )
+
+        def fn(record: Optional[Record]) -> tuple[Optional[Change], bytes]:
+            old = bulk(record.value if record is not None else None)
+            if (cond == b"NX" and record is not None) or (cond == b"XX" and record is None):
+                return None, old if get else refused
+            exp = record.expires_ms if (keepttl and record is not None) else expires
+            return Change.store(value, 0, exp), old if get else ok
+
+        return self.modify(key, fn)
+
+    def c_setnx(self, args: list[bytes]) -> Reply:
+        return self._set(args[1], args[2], 0, b"NX", False, False, integer(1), integer(0))
+
+    def c_setex(self, args: list[bytes]) -> Reply:
+        unit = b"PX" if args[0].lower() == b"psetex" else b"EX"
+        n = _int(args[2])
+        if n is None:
+            return E_NOT_INT
+        if n <= 0:
+            return error(f"ERR invalid expire time in '{args[0].decode().lower()}' command")
+        expires = _expiry(unit, n, self.now_ms())
+        if expires is None:
+            return error(f"ERR invalid expire time in '{args[0].decode().lower()}' command")
+        return self._set(args[1], args[3], expires, None, False, False)
+
+    def c_getset(self, args: list[bytes]) -> Reply:
+        return self._set(args[1], args[2], 0, None, False, True)
+
+    def c_getdel(self, args: list[bytes]) -> Reply:
+        def fn(record: Optional[Record]) -> tuple[Optional[Change], bytes]:
+            if record is None:
+                return None, NULL
+            return Change.remove(), bulk(record.value)
+
+        return self.modify(args[1], fn)
+
+    def c_getex(self, args: list[bytes]) -> Reply:
+        now = self.now_ms()
+        expires: Optional[int] = None
+        persist = False
+        if len(args) > 2:
+            opt = args[2].upper()
+            if opt == b"PERSIST" and len(args) == 3:
+                persist = True
+            elif opt in (b"EX", b"PX", b"EXAT", b"PXAT") and len(args) == 4:
+                n = _int(args[3])
+                if n is None:
+                    return E_NOT_INT
+                if n <= 0:
+                    return b"-ERR invalid expire time in 'getex' command\r\n"
+                expires = _expiry(opt, n, now)
+                if expires is None:
+                    return b"-ERR invalid expire time in 'getex' command\r\n"
+            else:
+                return E_SYNTAX
+        if expires is None and not persist:
+            return self.c_get(args[:2])
+
+        def fn(record: Optional[Record]) -> tuple[Optional[Change], bytes]:
+            if record is None:
+                return None, NULL
+            if persist:
+                if not record.expires_ms:
+                    return None, bulk(record.value)
+                return Change.store(record.value, record.flags, 0), bulk(record.value)
+            assert expires is not None
+            return Change.store(record.value, record.flags, expires), bulk(record.value)
+
+        return self.modify(args[1], fn)
+
+    def c_mset(self, args: list[bytes]) -> Reply:
+        if len(args) % 2 == 0:
+            return wrong_args(args[0])
+        pairs = [(args[i], args[i + 1]) for i in range(1, len(args), 2)]
+        keys = [k for k, _ in pairs]
+        partition = self.partition
+
+        def start() -> Deferred:
+            ds = [self.router.set(partition, k, v) for k, v in pairs]
+            return defer.gatherResults(ds, consumeErrors=True).addErrback(_unwrap)
+
+        return self.keyed(keys, start).addCallback(lambda _: OK)
+
+    def c_msetnx(self, args: list[bytes]) -> Reply:
+        if len(args) % 2 == 0:
+            return wrong_args(args[0])
+        pairs = [(args[i], args[i + 1]) for i in range(1, len(args), 2)]
+        keys = [k for k, _ in pairs]
+        return self.keyed(
+            keys, lambda: self.router.set_if_all_absent(self.partition, pairs)
+        ).addCallback(lambda done: integer(1 if done else 0))
+
+    def c_append(self, args: list[bytes]) -> Reply:
+        extra = args[2]
+        limit = self.factory.max_value_bytes
+
+        def fn(record: Optional[Record]) -> tuple[Optional[Change], bytes]:
+            if record is None:
+                return Change.store(extra, 0, 0), integer(len(extra))
+            value = record.value + extra
+            if len(value) > limit:
+                return None, b"-ERR string exceeds maximum allowed size (proto-max-bulk-len)\r\n"
+            return Change.store(value, record.flags, record.expires_ms), integer(len(value))
+
+        return self.modify(args[1], fn)
+
+    def c_strlen(self, args: list[bytes]) -> Reply:
+        return self.get(args[1]).addCallback(lambda r: integer(0 if r is None else len(r.value)))
+
+    def c_getrange(self, args: list[bytes]) -> Reply:
+        start, end = _int(args[2]), _int(args[3])
+        if start is None or end is None:
+            return E_NOT_INT
+
+        def render(record: Optional[Record]) -> bytes:
+            value = b"" if record is None else record.value
+            n = len(value)
+            s, e = start, end
+            if s < 0 and e < 0 and s > e:
+                return bulk(b"")
+            s = max(0, s + n if s < 0 else s)
+            e = e + n if e < 0 else e
+            e = min(e, n - 1)
+            if s > e or n == 0:
+                return bulk(b"")
+            return bulk(value[s : e + 1])
+
+        return self.get(args[1]).addCallback(render)
+
+    def c_setrange(self, args: list[bytes]) -> Reply:
+        offset = _int(args[2])
+        if offset is None:
+            return E_NOT_INT
+        if offset < 0:
+            return E_OFFSET
+        patch = args[3]
+        limit = self.factory.max_value_bytes
+        if offset + len(patch) > limit:
+            return b"-ERR string exceeds maximum allowed size (proto-max-bulk-len)\r\n"
+
+        def fn(record: Optional[Record]) -> tuple[Optional[Change], bytes]:
+            value = b"" if record is None else record.value
+            if not patch:
+                return None, integer(len(value))
+            if len(value) < offset:
+                value = value + b"\x00" * (offset - len(value))
+            value = value[:offset] + patch + value[offset + len(patch) :]
+            flags = 0 if record is None else record.flags
+            expires = 0 if record is None else record.expires_ms
+            return Change.store(value, flags, expires), integer(len(value))
+
+        return self.modify(args[1], fn)
+
+    # Counters ------------------------------------------------------------------------------
+
+    def _incr(self, key: bytes, mode: IncrMode, delta: bytes) -> Deferred:
+        partition = self.partition
+
+        def render(result: Result) -> bytes:
+            status = result.status
+            if status is Status.NON_NUMERIC:
+                return E_NOT_FLOAT if mode is IncrMode.REDIS_FLOAT else E_NOT_INT
+            if status is Status.OVERFLOW:
+                return E_NAN if mode is IncrMode.REDIS_FLOAT else E_OVERFLOW
+            record = result.record
+            assert record is not None
+            return (
+                bulk(record.value) if mode is IncrMode.REDIS_FLOAT else integer(int(record.value))
+            )
+
+        start = lambda: self.router.conditional(  # noqa: E731
+            partition, key, lambda c: c.incr(partition, key, mode, delta)
+        )
+        return self.keyed([key], start).addCallback(render)
+
+    def c_incr(self, args: list[bytes]) -> Reply:
+        return self._incr(args[1], IncrMode.REDIS_INT, b"1")
+
+    def c_decr(self, args: list[bytes]) -> Reply:
+        return self._incr(args[1], IncrMode.REDIS_INT, b"-1")
+
+    def c_incrby(self, args: list[bytes]) -> Reply:
+        n = _int(args[2])
+        if n is None:
+            return E_NOT_INT
+        if args[0].lower() == b"decrby":
+            if n == I64_MIN:
+                return b"-ERR decrement would overflow\r\n"
+            n = -n
+        return self._incr(args[1], IncrMode.REDIS_INT, str(n).encode())
+
+    def c_incrbyfloat(self, args: list[bytes]) -> Reply:
+        x = _float(args[2])
+        if x is None:
+            return E_NOT_FLOAT
+        if x in (float("inf"), float("-inf")):
+            return E_NAN
+        return self._incr(args[1], IncrMode.REDIS_FLOAT, args[2])
+
+    # Keys ----------------------------------------------------------------------------------
+
+    def c_del(self, args: list[bytes]) -> Reply:
+        keys = args[1:]
+        partition = self.partition
+
+        def start() -> Deferred:
+            ds = [self.router.delete(partition, k) for k in keys]
+            return defer.gatherResults(ds, consumeErrors=True).addErrback(_unwrap)
+
+        return self.keyed(keys, start).addCallback(
+            lambda results: integer(sum(1 for r in results if r.status is Status.DELETED))
+        )
+
+    def c_exists(self, args: list[bytes]) -> Reply:
+        keys = args[1:]
+        d = self.keyed(keys, lambda: self.router.get_many(self.partition, keys))
+        return d.addCallback(lambda records: integer(sum(1 for r in records if r is not None)))
+
+    def c_type(self, args: list[bytes]) -> Reply:
+        return self.get(args[1]).addCallback(
+            lambda r: b"+none\r\n" if r is None else b"+string\r\n"
+        )
+
+    def _expire(self, args: list[bytes], unit: bytes) -> Reply:
+        n = _int(args[2])
+        if n is None:
+            return E_NOT_INT
+        flags = {a.upper() for a in args[3:]}
+        for flag in flags:
+            if flag not in (b"NX", b"XX", b"GT", b"LT"):
+                return error(f"ERR Unsupported option {flag.decode(errors='replace')}")
+        if b"NX" in flags and flags & {b"XX", b"GT", b"LT"}:
+            return b"-ERR NX and XX, GT or LT options at the same time are not compatible\r\n"
+        if b"GT" in flags and b"LT" in flags:
+            return b"-ERR GT and LT options at the same time are not compatible\r\n"
+        now = self.now_ms()
+        if unit in (b"EX", b"PX"):
+            scale = 1000 if unit == b"EX" else 1
+            if abs(n) > I64_MAX // 1000:
+                return error(f"ERR invalid expire time in '{args[0].decode().lower()}' command")
+            when = now + n * scale
+        else:
+            if unit == b"EXAT" and abs(n) > I64_MAX // 1000:
+                return error(f"ERR invalid expire time in '{args[0].decode().lower()}' command")
+            when = n * 1000 if unit == b"EXAT" else n
+
+        def fn(record: Optional[Record]) -> tuple[Optional[Change], bytes]:
+            if record is None:
+                return None, integer(0)
+            current = record.expires_ms  # 0 = no expiry, which is an infinite TTL
+            if b"NX" in flags and current:
+                return None, integer(0)
+            if b"XX" in flags and not current:
+                return None, integer(0)
+            if b"GT" in flags and (not current or when <= current):
+                return None, integer(0)
+            if b"LT" in flags and current and when >= current:
+                return None, integer(0)
+            if when <= now:
+                return Change.remove(), integer(1)
+            return Change.store(record.value, record.flags, max(1, when)), integer(1)
+
+        return self.modify(args[1], fn)
+
+    def c_expire(self, args: list[bytes]) -> Reply:
+        return self._expire(args, b"EX")
+
+    def c_pexpire(self, args: list[bytes]) -> Reply:
+        return self._expire(args, b"PX")
+
+    def c_expireat(self, args: list[bytes]) -> Reply:
+        return self._expire(args, b"EXAT")
+
+    def c_pexpireat(self, args: list[bytes]) -> Reply:
+        return self._expire(args, b"PXAT")
+
+    def _ttl(self, args: list[bytes], millis: bool) -> Reply:
+        def render(record: Optional[Record]) -> bytes:
+            if record is None:
+                return integer(-2)
+            if not record.expires_ms:
+                return integer(-1)
+            left = max(0, record.expires_ms - self.now_ms())
+            return integer(left if millis else (left + 500) // 1000)
+
+        return self.get(args[1]).addCallback(render)
+
+    def c_ttl(self, args: list[bytes]) -> Reply:
+        return self._ttl(args, False)
+
+    def c_pttl(self, args: list[bytes]) -> Reply:
+        return self._ttl(args, True)
+
+    def c_persist(self, args: list[bytes]) -> Reply:
+        def fn(record: Optional[Record]) -> tuple[Optional[Change], bytes]:
+            if record is None or not record.expires_ms:
+                return None, integer(0)
+            return Change.store(record.value, record.flags, 0), integer(1)
+
+        return self.modify(args[1], fn)
+
+    # Whole keyspace ------------------------------------------------------------------------
+
+    def c_dbsize(self, args: list[bytes]) -> Reply:
+        return self.after_all(lambda: self.router.node_stats()).addCallback(
+            lambda stats: integer(self.router.count_from_stats(self.partition, stats))
+        )
+
+    def c_flushdb(self, args: list[bytes]) -> Reply:
+        for opt in args[1:]:
+            if opt.upper() not in (b"ASYNC", b"SYNC"):
+                return E_SYNTAX
+        return self.after_all(lambda: self.router.flush(self.partition)).addCallback(lambda _: OK)
+
+    def c_keys(self, args: list[bytes]) -> Reply:
+        pattern = args[1]
+        return self.after_all(lambda: self.router.scan_all(self.partition, pattern)).addCallback(
+            bulk_array
+        )
+
+    def c_scan(self, args: list[bytes]) -> Reply:
+        cursor = _scan_cursor(args[1])
+        if cursor is None:
+            return E_INVALID_CURSOR
+        pattern = None
+        count = 10
+        i = 2
+        while i < len(args):
+            opt = args[i].upper()
+            if opt == b"MATCH" and i + 1 < len(args):
+                pattern = args[i + 1]
+            elif opt == b"COUNT" and i + 1 < len(args):
+                n = _int(args[i + 1])
+                if n is None:
+                    return E_NOT_INT
+                if n < 1:
+                    return E_SYNTAX
+                count = n
+            elif opt == b"TYPE" and i + 1 < len(args):
+                if args[i + 1].lower() != b"string":
+                    return array([bulk(b"0"), EMPTY_ARRAY])
+            else:
+                return E_SYNTAX
+            i += 2
+
+        def render(page: tuple[int, list[bytes]]) -> bytes:
+            next_cursor, keys = page
+            if pattern is not None:
+                keys = [k for k in keys if glob_match(pattern, k)]
+            return array([bulk(str(next_cursor).encode()), bulk_array(keys)])
+
+        return self.after_all(
+            lambda: self.router.scan(self.partition, cursor, min(count, 100_000))
+        ).addCallback(render)
+
+
+def _scan_cursor(token: bytes) -> Optional[int]:
+    if not token.isdigit() or len(token) > 20:
+        return None
+    n = int(token)
+    return n if n < (1 << 64) else None
+
+
+def _expiry(unit: bytes, n: int, now_ms: int) -> Optional[int]:
+    """Absolute expiry in ms for SET-style options, or None if out of range."""
+    if unit == b"EX":
+        if n > I64_MAX // 1000 - now_ms // 1000:
+            return None
+        return now_ms + n * 1000
+    if unit == b"PX":
+        if n > I64_MAX - now_ms:
+            return None
+        return now_ms + n
+    if unit == b"EXAT":
+        if n > I64_MAX // 1000:
+            return None
+        return n * 1000
+    return n  # PXAT
+
+
+def glob_match(pattern: bytes, key: bytes) -> bool:
+    """Redis's stringmatch: * ? [abc] [^a] [a-z] and backslash escapes."""
+    return _glob(pattern, 0, key, 0)
+
+
+def _glob(p: bytes, pi: int, s: bytes, si: int) -> bool:
+    while pi < len(p):
+        c = p[pi]
+        if c == 42:  # *
+            while pi + 1 < len(p) and p[pi + 1] == 42:
+                pi += 1
+            if pi + 1 == len(p):
+                return True
+            return any(_glob(p, pi + 1, s, k) for k in range(si, len(s) + 1))
+        if si >= len(s):
+            return False
+        if c == 63:  # ?
+            pi += 1
+            si += 1
+            continue
+        if c == 91:  # [
+            pi += 1
+            negate = pi < len(p) and p[pi] == 94
+            if negate:
+                pi += 1
+            matched = False
+            while pi < len(p) and p[pi] != 93:
+                if p[pi] == 92 and pi + 1 < len(p):
+                    pi += 1
+                    if p[pi] == s[si]:
+                        matched = True
+                elif pi + 2 < len(p) and p[pi + 1] == 45 and p[pi + 2] != 93:
+                    lo, hi = sorted((p[pi], p[pi + 2]))
+                    if lo <= s[si] <= hi:
+                        matched = True
+                    pi += 2
+                elif p[pi] == s[si]:
+                    matched = True
+                pi += 1
+            pi += 1  # past ]
+            if matched == negate:
+                return False
+            si += 1
+            continue
+        if c == 92 and pi + 1 < len(p):  # backslash
+            pi += 1
+            c = p[pi]
+        if c != s[si]:
+            return False
+        pi += 1
+        si += 1
+    return si == len(s)
+
+
+def _unwrap(failure: Any) -> Any:
+    if failure.check(defer.FirstError):
+        return failure.value.subFailure
+    return failure
+
+
+_W = ("write", "denyoom")
+_R = ("readonly", "fast")
+_TABLE = [
+    ("ping", RespProtocol.c_ping, -1, ("fast",), 0, 0, 0),
+    ("echo", RespProtocol.c_echo, 2, ("fast",), 0, 0, 0),
+    ("quit", RespProtocol.c_quit, -1, ("fast",), 0, 0, 0),
+    ("select", RespProtocol.c_select, 2, ("fast",), 0, 0, 0),
+    ("auth", RespProtocol.c_auth, -2, ("noscript", "fast"), 0, 0, 0),
+    ("hello", RespProtocol.c_hello, -1, ("noscript", "fast"), 0, 0, 0),
+    ("client", RespProtocol.c_client, -2, ("admin",), 0, 0, 0),
+    ("command", RespProtocol.c_command, -1, ("loading", "stale"), 0, 0, 0),
+    ("config", RespProtocol.c_config, -2, ("admin",), 0, 0, 0),
+    ("info", RespProtocol.c_info, -1, ("loading", "stale"), 0, 0, 0),
+    ("dbsize", RespProtocol.c_dbsize, 1, ("readonly", "fast"), 0, 0, 0),
+    ("flushdb", RespProtocol.c_flushdb, -1, ("write",), 0, 0, 0),
+    ("flushall", RespProtocol.c_flushdb, -1, ("write",), 0, 0, 0),
+    ("get", RespProtocol.c_get, 2, _R, 1, 1, 1),
+    ("set", RespProtocol.c_set, -3, _W, 1, 1, 1),
+    ("setnx", RespProtocol.c_setnx, 3, _W + ("fast",), 1, 1, 1),
+    ("setex", RespProtocol.c_setex, 4, _W, 1, 1, 1),
+    ("psetex", RespProtocol.c_setex, 4, _W, 1, 1, 1),
+    ("getset", RespProtocol.c_getset, 3, _W + ("fast",), 1, 1, 1),
+    ("getdel", RespProtocol.c_getdel, 2, ("write", "fast"), 1, 1, 1),
+    ("getex", RespProtocol.c_getex, -2, ("write", "fast"), 1, 1, 1),
+    ("mget", RespProtocol.c_mget, -2, _R, 1, -1, 1),
+    ("mset", RespProtocol.c_mset, -3, _W, 1, -1, 2),
+    ("msetnx", RespProtocol.c_msetnx, -3, _W, 1, -1, 2),
+    ("del", RespProtocol.c_del, -2, ("write",), 1, -1, 1),
+    ("unlink", RespProtocol.c_del, -2, ("write", "fast"), 1, -1, 1),
+    ("exists", RespProtocol.c_exists, -2, _R, 1, -1, 1),
+    ("type", RespProtocol.c_type, 2, _R, 1, 1, 1),
+    ("expire", RespProtocol.c_expire, -3, ("write", "fast"), 1, 1, 1),
+    ("pexpire", RespProtocol.c_pexpire, -3, ("write", "fast"), 1, 1, 1),
+    ("expireat", RespProtocol.c_expireat, -3, ("write", "fast"), 1, 1, 1),
+    ("pexpireat", RespProtocol.c_pexpireat, -3, ("write", "fast"), 1, 1, 1),
+    ("ttl", RespProtocol.c_ttl, 2, _R, 1, 1, 1),
+    ("pttl", RespProtocol.c_pttl, 2, _R, 1, 1, 1),
+    ("persist", RespProtocol.c_persist, 2, ("write", "fast"), 1, 1, 1),
+    ("incr", RespProtocol.c_incr, 2, _W + ("fast",), 1, 1, 1),
+    ("decr", RespProtocol.c_decr, 2, _W + ("fast",), 1, 1, 1),
+    ("incrby", RespProtocol.c_incrby, 3, _W + ("fast",), 1, 1, 1),
+    ("decrby", RespProtocol.c_incrby, 3, _W + ("fast",), 1, 1, 1),
+    ("incrbyfloat", RespProtocol.c_incrbyfloat, 3, _W + ("fast",), 1, 1, 1),
+    ("append", RespProtocol.c_append, 3, _W, 1, 1, 1),
+    ("strlen", RespProtocol.c_strlen, 2, _R, 1, 1, 1),
+    ("getrange", RespProtocol.c_getrange, 4, ("readonly",), 1, 1, 1),
+    ("substr", RespProtocol.c_getrange, 4, ("readonly",), 1, 1, 1),
+    ("setrange", RespProtocol.c_setrange, 4, _W, 1, 1, 1),
+    ("keys", RespProtocol.c_keys, 2, ("readonly",), 0, 0, 0),
+    ("scan", RespProtocol.c_scan, -2, ("readonly",), 0, 0, 0),
+]
+_UNIQUE_COMMANDS = [Command(*row) for row in _TABLE]
+COMMANDS: dict[bytes, Command] = {c.name.encode(): c for c in _UNIQUE_COMMANDS}
+
+
+class RespFactory(Factory):
+    def __init__(
+        self,
+        router: Router,
+        partition: bytes,
+        clock: IReactorTime,
+        *,
+        port: int = 0,
+        max_connections: int = 4096,
+        max_in_flight: int = 256,
+        max_value_bytes: int = 1 << 20,
+    ) -> None:
+        self.router = router
+        self.partition = partition
+        self.clock = clock
+        self.port = port
+        self.max_connections = max_connections
+        self.max_in_flight = max_in_flight
+        self.max_value_bytes = max_value_bytes
+        self.clients: dict[int, RespProtocol] = {}
+        self.next_id = 0
+        self.total_connections = 0
+        self.rejected_connections = 0
+        self.calls: dict[str, int] = {}
+        self.hits = 0
+        self.misses = 0
+        self.errors = 0
+        self.started = clock.seconds()
+        self.wall_started = time.time()
+
+    def buildProtocol(self, addr: Any) -> RespProtocol:
+        return RespProtocol(self)
