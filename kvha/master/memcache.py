@@ -153,6 +153,8 @@ class MemcacheProtocol(Protocol):
         self._slots: deque[list[Optional[bytes]]] = deque()
         self._key_tail: dict[bytes, Deferred] = {}
         self._pending_data: Optional[tuple[Any, ...]] = None  # a storage command awaiting data
+        self._swallow = 0  # bytes of a refused data block still to discard
+        self._processing = False
         self._paused = False
         self._quitting = False
         self._closed = False
@@ -229,11 +231,11 @@ class MemcacheProtocol(Protocol):
         if self._closed:
             return
         self.transport.write(b"".join(out))  # type: ignore[arg-type]
-        if self._paused and len(slots) < self.max_in_flight // 2:
+        if self._paused and len(slots) < max(1, self.max_in_flight // 2):
             self._paused = False
             self.transport.resumeProducing()
             if self._buffer:
-                self._process()
+                self._process()  # no-op when called from within _process: its loop goes on
         if self._quitting and not slots:
             self.transport.loseConnection()
 
@@ -289,7 +291,21 @@ class MemcacheProtocol(Protocol):
             self._process()
 
     def _process(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self._process_buffer()
+        finally:
+            self._processing = False
+
+    def _process_buffer(self) -> None:
         while self._buffer and not self._paused and not self._quitting:
+            if self._swallow:
+                n = min(self._swallow, len(self._buffer))
+                self._buffer = self._buffer[n:]
+                self._swallow -= n
+                continue
             if self._pending_data is not None:
                 if not self._take_data():
                     return
@@ -424,6 +440,12 @@ class MemcacheProtocol(Protocol):
         ):
             self._reply(BAD_FORMAT)
             return
+        if length > self.max_value:
+            # As memcached: refuse at once and discard the data block as it arrives.
+            self.stats.cmd_set += 1
+            self._reply(TOO_LARGE)
+            self._swallow = length + 2
+            return
         self._pending_data = (cmd, key, flags, exptime, length, cas, noreply)
         self._take_data()
 
@@ -439,9 +461,6 @@ class MemcacheProtocol(Protocol):
         terminator = buf[length : length + 2]
         self._buffer = buf[length + 2 :]
         self.stats.cmd_set += 1
-        if length > self.max_value:
-            self._reply(TOO_LARGE)
-            return True
         if terminator != b"\r\n":
             self._reply(BAD_CHUNK)
             return True

@@ -11,7 +11,9 @@ from twisted.internet import defer
 from kvha.config import MasterConfig
 from kvha.data.client import DataNodeClient
 from kvha.master.health import NodeLink
+from kvha.master.http import Api, ApiSite
 from kvha.master.memcache import MemcacheFactory, MemcacheStats
+from kvha.master.metrics import registry_for, render
 from kvha.master.resp import RespFactory
 from kvha.master.router import PartitionPolicy, Router
 from kvha.ring import Ring
@@ -55,6 +57,8 @@ class MasterNode(service.MultiService):
             rng,
         )
         self.memcache_stats = MemcacheStats(reactor)
+        self.resp_factory: Optional[RespFactory] = None
+        self.api: Optional[Api] = None
         limits = config.limits
         if config.memcached.listen:
             factory = MemcacheFactory(
@@ -80,6 +84,18 @@ class MasterNode(service.MultiService):
                 max_value_bytes=limits.max_value_bytes,
             )
             strports.service(config.redis.listen, resp).setServiceParent(self)
+            self.resp_factory = resp
+        if config.http.listen:
+            registry = registry_for(self)
+            self.api = Api(
+                self.router,
+                reactor,
+                cors_origins=config.http.cors_origins,
+                max_value_bytes=limits.max_value_bytes,
+                max_list=config.http.max_list,
+                metrics=lambda: render(registry),
+            )
+            strports.service(config.http.listen, ApiSite(self.api)).setServiceParent(self)
 
     def startService(self) -> None:
         for link in self.links.values():
