@@ -178,7 +178,7 @@ class ClusterConfig:
     """The cluster map, static in the master's file for now."""
 
     nodes: tuple[DataNodeRef, ...] = _opt()
-    replicas: int = _opt(1, min=0)
+    replicas: int = _opt(1, min=0, max=7)
     vnodes: int = _opt(128, min=1, max=4096)
     partitions: tuple[PartitionConfig, ...] = _opt((PartitionConfig(name="default"),))
 

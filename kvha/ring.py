@@ -32,6 +32,9 @@ MAX_TOKEN = TOKEN_SPACE - 1
 
 TokenRange = tuple[int, int]
 
+#: Most copies of one key (replicas + 1) the ring keeps preference lists for.
+MAX_COPIES = 8
+
 
 def token(partition: bytes, key: bytes) -> int:
     """The ring position of ``(partition, key)``: an unsigned 64-bit int."""
@@ -171,7 +174,9 @@ class Ring:
     def _rebuild(self) -> None:
         owners = self._owners
         n = len(owners)
-        distinct = len(self.weights)
+        # Preference lists stop at MAX_COPIES nodes: no key has more copies, and
+        # walking the ring for every node would cost O(tokens x nodes).
+        distinct = min(len(self.weights), MAX_COPIES)
         interned: dict[tuple[str, ...], tuple[str, ...]] = {}
         prefs = []
         for i in range(n):
@@ -189,7 +194,7 @@ class Ring:
     # Look-ups -------------------------------------------------------------------
 
     def preference(self, tok: int) -> tuple[str, ...]:
-        """Every node, in the order a key at ``tok`` would use them: main node first."""
+        """Nodes in the order a key at ``tok`` uses them (main node first), up to MAX_COPIES."""
         i = bisect.bisect_left(self._tokens, tok)
         return self._prefs[i if i < len(self._prefs) else 0]
 

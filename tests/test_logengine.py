@@ -117,9 +117,7 @@ def test_invalid_fsync_policy_raises(tmp_path: Path, clock: Clock) -> None:
 def test_first_open_creates_directory_and_segment(tmp_path: Path, clock: Clock) -> None:
     """Opening on a missing directory creates it and a first, empty log segment."""
     engine = open_engine(tmp_path / "new" / "log", clock)
-    assert [f.name for f in segment_files(tmp_path / "new" / "log")] == [
-        "segment-000000000001.log"
-    ]
+    assert [f.name for f in segment_files(tmp_path / "new" / "log")] == ["segment-000000000001.log"]
     assert engine.disk_bytes() == 0
     engine.close()
     engine.close()  # closing twice is harmless
@@ -131,7 +129,7 @@ def test_first_open_creates_directory_and_segment(tmp_path: Path, clock: Clock) 
 def test_snapshot_while_writing(
     tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A snapshot taken in steps while writes go on, plus the log after it, rebuilds the live state."""
+    """A snapshot taken in steps while writes go on, plus the log after it, rebuilds the state."""
     monkeypatch.setattr(logengine, "SNAPSHOT_STEP", 7)
     engine = open_engine(tmp_path, clock, fsync="os")
     for i in range(200):
@@ -173,7 +171,7 @@ def test_snapshot_while_writing(
 
 
 def test_snapshot_now_replaces_older_files(tmp_path: Path, clock: Clock) -> None:
-    """After a snapshot only it and the segments it does not cover remain, and they reload exactly."""
+    """After a snapshot only it and the segments it does not cover remain; they reload exactly."""
     engine = open_engine(tmp_path, clock, segment_bytes=512)
     for i in range(100):
         engine.put(b"p", b"k%d" % (i % 30), pack(b"x" * 20, i + 1))
@@ -194,7 +192,7 @@ def test_snapshot_now_replaces_older_files(tmp_path: Path, clock: Clock) -> None
 
 
 def test_maintenance_starts_snapshots_by_time_and_by_size(tmp_path: Path, clock: Clock) -> None:
-    """maintenance() snapshots when snapshot_interval has passed or snapshot_log_bytes were logged."""
+    """maintenance() snapshots once snapshot_interval passed or snapshot_log_bytes were logged."""
     engine = open_engine(tmp_path, clock, snapshot_interval=60.0, snapshot_log_bytes=4096)
     engine.maintenance(clock.seconds() + 3600)  # nothing logged: nothing to snapshot
     clock.advance(0)
@@ -248,7 +246,7 @@ def test_log_does_not_grow_without_bound(tmp_path: Path, clock: Clock) -> None:
 
 
 def test_log_does_not_grow_without_bound_across_restarts(tmp_path: Path, clock: Clock) -> None:
-    """A node restarted often still snapshots: bytes logged before a restart count toward the next one."""
+    """A node restarted often still snapshots: bytes logged before a restart count too."""
     version = 0
     most_bytes = 0
     for _cycle in range(40):
@@ -284,7 +282,7 @@ def test_crash_keeps_committed_writes_only(tmp_path: Path, clock: Clock) -> None
 def test_torn_tail_is_dropped_and_logged(
     tmp_path: Path, clock: Clock, log_events: list[dict]
 ) -> None:
-    """A last entry cut short is dropped, truncated away and logged; every complete entry survives."""
+    """A last entry cut short is dropped, truncated away and logged; complete entries survive."""
     written = write_records(tmp_path, clock, 20)
     (segment,) = segment_files(tmp_path)
     size = segment.stat().st_size
@@ -319,9 +317,7 @@ def test_torn_tail_is_dropped_and_logged(
         bytes(range(256)),
     ],
 )
-def test_garbage_after_last_entry_is_dropped(
-    tmp_path: Path, clock: Clock, garbage: bytes
-) -> None:
+def test_garbage_after_last_entry_is_dropped(tmp_path: Path, clock: Clock, garbage: bytes) -> None:
     """Bytes after the last complete entry are dropped and every entry is kept."""
     written = write_records(tmp_path, clock, 10)
     (segment,) = segment_files(tmp_path)
@@ -354,7 +350,7 @@ def test_corrupt_entry_in_the_middle_drops_from_there_on(
 def test_every_cut_point_recovers_exactly_the_complete_prefix(
     tmp_path: Path, clock: Clock, no_fsync: None
 ) -> None:
-    """Whatever byte a crash cuts the log at, recovery yields exactly the entries wholly before it."""
+    """Wherever a crash cuts the log, recovery yields exactly the entries wholly before the cut."""
     written = write_records(tmp_path / "orig", clock, 6)
     (segment,) = segment_files(tmp_path / "orig")
     data = segment.read_bytes()
@@ -375,7 +371,7 @@ def test_every_cut_point_recovers_exactly_the_complete_prefix(
 
 
 def test_leftover_snapshot_tmp_is_ignored(tmp_path: Path, clock: Clock) -> None:
-    """A .tmp left by a snapshot interrupted by a crash is deleted and the state comes from the log."""
+    """A .tmp left by a snapshot cut short by a crash is deleted; the state comes from the log."""
     engine = open_engine(tmp_path, clock)
     for i in range(10):
         engine.put(b"p", b"k%d" % i, pack(b"v%d" % i, i + 1))
@@ -409,7 +405,7 @@ def test_unusable_snapshot_is_ignored(
     earlier_snapshot: bool,
     damage: str,
 ) -> None:
-    """A newest snapshot that is incomplete or damaged is skipped; the older state plus the log is used."""
+    """An incomplete or damaged newest snapshot is skipped: the older state plus the log is used."""
     engine = open_engine(tmp_path, clock)
     for i in range(10):
         engine.put(b"p", b"k%d" % i, pack(b"v%d" % i, i + 1))
@@ -440,8 +436,22 @@ def test_unusable_snapshot_is_ignored(
     engine.close()
 
 
+def test_high_water_survives_snapshot_without_its_record(tmp_path: Path, clock: Clock) -> None:
+    """A version whose record was removed before a snapshot still bounds high_water after reopen."""
+    engine = open_engine(tmp_path, clock)
+    engine.put(b"p", b"a", pack(b"v", 10))
+    engine.put(b"p", b"top", pack(b"v", 5000))
+    engine.remove(b"p", b"top")
+    engine.snapshot_now()  # the segments that logged version 5000 are deleted
+    engine.close()
+    reopened = open_engine(tmp_path, clock)
+    assert reopened.get(b"p", b"top") is None
+    assert reopened.high_water == 5000
+    reopened.close()
+
+
 def test_snapshot_file_format(tmp_path: Path, clock: Clock) -> None:
-    """A snapshot is the magic, one put per record and an end marker with the count and high water."""
+    """A snapshot is the magic, one put per record, and an end marker with count and high water."""
     engine = open_engine(tmp_path, clock)
     engine.put(b"p", b"a", pack(b"1", 10))
     engine.put(b"q", b"b", pack(b"", 30, tombstone=True))
@@ -479,8 +489,10 @@ def syncs(monkeypatch: pytest.MonkeyPatch, clock: Clock) -> list[float]:
     return times
 
 
-def test_fsync_always_syncs_once_per_commit(tmp_path: Path, clock: Clock, syncs: list[float]) -> None:
-    """With fsync always, commit() syncs exactly once however many writes it carries (group commit)."""
+def test_fsync_always_syncs_once_per_commit(
+    tmp_path: Path, clock: Clock, syncs: list[float]
+) -> None:
+    """With fsync always, commit() syncs once however many writes it carries (group commit)."""
     engine = open_engine(tmp_path, clock, fsync="always")
     for i in range(100):
         engine.put(b"p", b"k%d" % i, pack(b"v", i + 1))
@@ -502,7 +514,7 @@ def test_fsync_always_syncs_once_per_commit(tmp_path: Path, clock: Clock, syncs:
 def test_fsync_everysec_syncs_at_most_once_per_second(
     tmp_path: Path, clock: Clock, syncs: list[float]
 ) -> None:
-    """With fsync everysec, commits never sync and maintenance syncs pending data at most once a second."""
+    """With fsync everysec, commit never syncs; maintenance syncs at most once a second."""
     # Steps are binary fractions of a second, so the fake time adds up exactly.
     engine = open_engine(tmp_path, clock, fsync="everysec")
     version = 0
@@ -548,3 +560,19 @@ def test_fsync_os_never_syncs_data(tmp_path: Path, clock: Clock, syncs: list[flo
         engine.maintenance(clock.seconds())
     assert syncs == []
     engine.close()
+
+
+def test_refuses_to_start_when_history_is_lost(tmp_path: Path, clock: Clock) -> None:
+    """With its only snapshot unreadable and older segments gone, the engine refuses to open."""
+    engine = open_engine(tmp_path, clock)
+    for i in range(10):
+        engine.put(b"p", b"k%d" % i, pack(b"v%d" % i, i + 1))
+    engine.commit()
+    engine.snapshot_now()  # deletes the segments the snapshot covers
+    engine.put(b"p", b"k0", pack(b"newer", 50))
+    engine.commit()
+    engine.close()
+    (snapshot,) = list(tmp_path.glob("snapshot-*.snap"))
+    snapshot.write_bytes(snapshot.read_bytes()[:-7])  # damage the only snapshot
+    with pytest.raises(logengine.CorruptLog, match="cannot be rebuilt"):
+        open_engine(tmp_path, clock)

@@ -11,7 +11,7 @@ from collections import Counter
 
 import mmh3
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from kvha.ring import MAX_TOKEN, TOKEN_SPACE, Ring, in_range, in_ranges, token
@@ -19,14 +19,19 @@ from kvha.ring import MAX_TOKEN, TOKEN_SPACE, Ring, in_range, in_ranges, token
 P = b"default"
 SAMPLE = [b"key:%d" % i for i in range(20_000)]
 SMALL_SAMPLE = SAMPLE[:3_000]
+TINY_SAMPLE = SAMPLE[:600]
 
 node_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True)
 tokens = st.integers(min_value=0, max_value=MAX_TOKEN)
 
-# Building a 10-node ring with 128 vnodes takes a good fraction of a second, so
-# the ring-building properties run fewer examples and have no deadline.
+# Building a 10-node ring with 128 vnodes takes a good fraction of a second (and
+# seconds with weight 4 each), so the ring-building properties run fewer examples
+# and have no deadline.
 ring_settings = settings(
-    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+heavy_ring_settings = settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 
 
@@ -36,11 +41,12 @@ def main_counts(ring: Ring, keys: list[bytes] = SAMPLE) -> Counter[str]:
 
 def arc_contains(tok: int, lo: int, hi: int) -> bool:
     """An independent model of ``(lo, hi]``: distance from lo, modulo the ring."""
-    length = (hi - lo) % TOKEN_SPACE or TOKEN_SPACE
-    return 0 < (tok - lo) % TOKEN_SPACE <= length
+    if lo == hi:
+        return True
+    return 0 < (tok - lo) % TOKEN_SPACE <= (hi - lo) % TOKEN_SPACE
 
 
-# Hashing -------------------------------------------------------------------------
+# Hashing --------------------------------------------------------------------------------------
 
 
 @given(st.binary(max_size=40), st.binary(max_size=300))
@@ -60,7 +66,7 @@ def test_token_separates_partition_from_key() -> None:
     assert token(b"p", b"k") != token(b"q", b"k")
 
 
-# Arcs ------------------------------------------------------------------------------
+# Arcs -----------------------------------------------------------------------------------------
 
 
 @given(tokens, tokens, tokens)
@@ -102,7 +108,7 @@ def test_in_ranges_empty_means_everything() -> None:
     assert not in_ranges(50, [(100, 200), (0, 10)])
 
 
-# Balance ---------------------------------------------------------------------------
+# Balance --------------------------------------------------------------------------------------
 
 
 @ring_settings
@@ -121,15 +127,16 @@ def test_equal_weights_share_the_ring_within_ten_percent(ids: list[str]) -> None
         assert abs(counts[n] - expected) <= 0.1 * expected, (n, counts[n], expected)
 
 
-@ring_settings
+@heavy_ring_settings
 @given(
     st.lists(
         st.tuples(node_ids, st.floats(min_value=0.5, max_value=4.0)),
         min_size=2,
-        max_size=10,
+        max_size=6,
         unique_by=lambda t: t[0],
     )
 )
+@example([(f"w{i}", w) for i, w in enumerate([0.5, 1, 1.5, 2, 0.5, 1, 1.5, 2, 0.75, 4])])
 def test_weighted_shares_within_ten_percent(nodes: list[tuple[str, float]]) -> None:
     """A node's share of the ring is weight / total weight, ±10%."""
     ring = Ring.build(nodes, vnodes=128)
@@ -140,7 +147,7 @@ def test_weighted_shares_within_ten_percent(nodes: list[tuple[str, float]]) -> N
         assert abs(own[n] - fair) <= 0.1 * fair, (n, w, own[n], fair)
 
 
-# Joins and leaves ------------------------------------------------------------------------
+# Joins and leaves -----------------------------------------------------------------------------
 
 
 @ring_settings
@@ -179,7 +186,7 @@ def test_remove_node_moves_only_its_keys(ids: list[str], data: st.DataObject) ->
             assert new[0] == old[0]
 
 
-# Copies and ranges ---------------------------------------------------------------------
+# Copies and ranges ----------------------------------------------------------------------------
 
 
 @ring_settings
@@ -206,8 +213,8 @@ def test_copies_are_distinct_main_first(ids: list[str], keys: list[bytes]) -> No
 def test_ranges_for_covers_exactly_the_keys_a_node_holds(ids: list[str], copies: int) -> None:
     """A key's token is in ranges_for(node, copies) iff node is among the key's copies."""
     ring = Ring.build([(n, 1.0) for n in ids], vnodes=128)
-    holders = [ring.nodes_for(P, k, copies) for k in SMALL_SAMPLE]
-    toks = [token(P, k) for k in SMALL_SAMPLE]
+    holders = [ring.nodes_for(P, k, copies) for k in TINY_SAMPLE]
+    toks = [token(P, k) for k in TINY_SAMPLE]
     for n in ids:
         ranges = ring.ranges_for(n, copies)
         assert ranges, "a node on the ring always holds something"
@@ -220,15 +227,15 @@ def test_ranges_for_covers_exactly_the_keys_a_node_holds(ids: list[str], copies:
             assert length == TOKEN_SPACE
 
 
-# Determinism and validation ---------------------------------------------------------------
+# Determinism and validation -------------------------------------------------------------------
 
 
-@ring_settings
+@heavy_ring_settings
 @given(
     st.lists(
-        st.tuples(node_ids, st.sampled_from([0.5, 1.0, 1.5, 2.0, 4.0])),
+        st.tuples(node_ids, st.sampled_from([0.5, 1.0, 1.5, 2.0])),
         min_size=1,
-        max_size=8,
+        max_size=6,
         unique_by=lambda t: t[0],
     )
 )

@@ -176,6 +176,16 @@ class LogEngine(MemoryEngine):
             start_seq = seq
             break
         segments = [(s, p) for s, p in self._files(SEGMENT_RE) if s >= start_seq]
+        if start_seq == 0 and segments and segments[0][0] > 1:
+            # No usable snapshot, and the segments before the first one left
+            # were deleted after a snapshot that is now unreadable: replaying
+            # what is left would serve a partial, older state as if complete.
+            raise CorruptLog(
+                f"{self.directory}: no usable snapshot and log segments before "
+                f"{segments[0][0]} were removed, so the stored state cannot be "
+                "rebuilt; move the directory away to start this node empty "
+                "(its replicas hold the data)"
+            )
         for i, (_seq, path) in enumerate(segments):
             self._replay_segment(path, last=i == len(segments) - 1)
         # What the log holds beyond the snapshot counts toward the next one, or

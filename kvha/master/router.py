@@ -327,8 +327,13 @@ class Router:
 
     def _write_failed(self, failure: Any, fan: _Fanout, link: NodeLink) -> None:
         if failure.check(NodeUnavailable):
+            # The copy went down with the write in flight: it is skipped like a
+            # copy that was already down (merge repairs it), so `all` means all
+            # copies still live, not all that were live when the write began.
             link.skipped_writes += 1
             link.mark_failed(failure.getErrorMessage())
+            if fan.wait_all:
+                fan.required = max(1, fan.required - 1)
         fan.answer(failure, False)
 
     def set(
