@@ -85,14 +85,13 @@ class NodeProcess:
             "--config",
             self.config_path,
         ]
-        self.proc = subprocess.Popen(
-            cmd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            # twistd prints usage and config errors on stdout: keep both, in one pipe.
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        # twistd prints usage and config errors on stdout; both streams go to a
+        # file beside the log (a pipe nobody drains could fill and stall the node).
+        self.output_path = self.log_path + ".out"
+        with open(self.output_path, "wb") as output:
+            self.proc = subprocess.Popen(
+                cmd, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
+            )
         if wait and self.port is not None:
             try:
                 self._wait_listening(timeout)
@@ -105,7 +104,7 @@ class NodeProcess:
         assert self.proc is not None and self.port is not None
         while True:
             if self.proc.poll() is not None:
-                err = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
+                err = self.output()
                 raise RuntimeError(
                     f"kvha-{self.role} exited with {self.proc.returncode}: {err}\n{self.log()}"
                 )
@@ -141,6 +140,12 @@ class NodeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        if self.proc.stdout:
-            self.proc.stdout.close()
         return int(self.proc.returncode)
+
+    def output(self) -> str:
+        """What the process wrote on stdout and stderr."""
+        try:
+            with open(self.output_path, errors="replace") as f:
+                return f.read()
+        except (OSError, AttributeError):
+            return ""

@@ -24,8 +24,9 @@ def _client(node) -> DataNodeClient:  # type: ignore[no-untyped-def]
 @pytest_twisted.inlineCallbacks
 def test_log_engine_keeps_every_acknowledged_write_across_kill_9(nodes):  # type: ignore[no-untyped-def]
     """kill -9 in the middle of a write stream loses no acknowledged record (fsync always)."""
-    node = nodes.data("d1", engine="log", fsync="always", segment_bytes="256KiB",
-                      snapshot_log_bytes="1MiB")
+    node = nodes.data(
+        "d1", engine="log", fsync="always", segment_bytes="256KiB", snapshot_log_bytes="1MiB"
+    )
     node.start()
     client = _client(node)
     yield client.when_ready()

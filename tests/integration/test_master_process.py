@@ -27,12 +27,10 @@ CLIENT_TIMEOUT = 5.0
 
 
 def _client(master: Any, **kwargs: Any) -> Client:
-    return Client(
-        ("127.0.0.1", master.port),
-        connect_timeout=CLIENT_TIMEOUT,
-        timeout=CLIENT_TIMEOUT,
-        **kwargs,
-    )
+    kwargs.setdefault("default_noreply", False)  # pymemcache's default is noreply
+    kwargs.setdefault("connect_timeout", CLIENT_TIMEOUT)
+    kwargs.setdefault("timeout", CLIENT_TIMEOUT)
+    return Client(("127.0.0.1", master.port), **kwargs)
 
 
 def _gat(client: Client, key: str, expire: int) -> Any:
@@ -447,6 +445,6 @@ def test_bad_master_config_exits_non_zero_naming_the_key(nodes, extra, expected)
         code = master.proc.wait(20)
     except subprocess.TimeoutExpired:
         pytest.fail("a master with a bad config kept running")
-    err = master.proc.stderr.read().decode(errors="replace")
+    err = master.output()  # stdout and stderr
     assert code != 0
     assert expected in err + master.log(), err

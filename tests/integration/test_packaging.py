@@ -16,8 +16,18 @@ def test_plain_install_lists_the_twistd_plugin(tmp_path):  # type: ignore[no-unt
     """After `pip install .` (not editable), `twistd --help` lists kvha-data."""
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--target", str(target), SOURCE_ROOT],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            SOURCE_ROOT,
+        ],
         check=True,
         capture_output=True,
     )
