@@ -281,17 +281,99 @@ class MasterConfig:
 
 
 @dataclass(frozen=True)
+class LbMaster:
+    """A master behind the VIP: its address and a port per protocol."""
+
+    id: str = _opt(kind="id")
+    host: str = _opt()
+    redis: Optional[int] = _opt(None, min=1, max=65535)
+    memcached: Optional[int] = _opt(None, min=1, max=65535)
+    http: Optional[int] = _opt(None, min=1, max=65535)
+    weight: float = _opt(1.0, min=0, min_exclusive=True)
+
+
+@dataclass(frozen=True)
+class HeartbeatConfig:
+    """UDP heartbeats between the two load balancers."""
+
+    #: host:port this load balancer receives heartbeats on.
+    bind: str = _opt()
+    #: host:port of the peer's heartbeat socket.
+    peer: str = _opt()
+    interval: float = _opt(0.1, kind="duration", min=0.01, max=5.0)
+
+
+@dataclass(frozen=True)
+class VipConfig:
+    """The virtual IP and how it is held."""
+
+    address: str = _opt()
+    mode: str = _opt("bind", kind="enum", choices=("bind", "ip"))
+    #: ip mode: the interface the address is added to.
+    interface: str = _opt("")
+    #: ip mode: prefix length of the address.
+    prefix: int = _opt(24, min=1, max=32)
+    redis: Optional[int] = _opt(6379, min=1, max=65535)
+    memcached: Optional[int] = _opt(11211, min=1, max=65535)
+    http: Optional[int] = _opt(8080, min=1, max=65535)
+
+    def _validate(self) -> None:
+        if self.mode == "ip" and not self.interface:
+            raise ConfigError(("interface",), "required when mode is ip")
+
+
+@dataclass(frozen=True)
+class LbHealth:
+    """Health checks of the masters: RESP PING, memcached version, HTTP /health."""
+
+    interval: float = _opt(0.5, kind="duration", min=0.01)
+    timeout: float = _opt(0.5, kind="duration", min=0, min_exclusive=True)
+    rise: int = _opt(2, min=1)
+    fall: int = _opt(2, min=1)
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The run-time admin API (HTTP JSON, bearer token)."""
+
+    listen: str = _opt(kind="endpoint")
+    token: str = _opt(kind="secret")
+    #: The peer load balancer's admin API, e.g. http://127.0.0.1:7302, for syncing.
+    peer: str = _opt("")
+
+
+@dataclass(frozen=True)
+class LbConfig:
+    """A load balancer of the active/standby pair."""
+
+    id: str = _opt(kind="id")
+    secret: str = _opt(kind="secret")
+    state_dir: str = _opt()
+    heartbeat: HeartbeatConfig = _opt()
+    vip: VipConfig = _opt()
+    admin: AdminConfig = _opt()
+    priority: int = _opt(100, min=1, max=254)
+    preempt: bool = _opt(True)
+    scheduler: str = _opt("leastconn", kind="enum", choices=("leastconn", "rr", "wrr"))
+    connect_timeout: float = _opt(1.0, kind="duration", min=0, min_exclusive=True)
+    drain_timeout: float = _opt(30.0, kind="duration", min=0)
+    health: LbHealth = _section(LbHealth)
+    masters: tuple[LbMaster, ...] = _opt(())
+
+
+@dataclass(frozen=True)
 class Config:
     """A loaded file: its role and that role's section (the others are None)."""
 
     role: str
     data: Optional[DataConfig] = None
     master: Optional[MasterConfig] = None
+    lb: Optional[LbConfig] = None
     source: str = "<string>"
 
 
 #: Top-level role key -> the dataclass of its section.
-ROLES: dict[str, type] = {"data": DataConfig, "master": MasterConfig}
+ROLES: dict[str, type] = {"data": DataConfig, "master": MasterConfig, "lb": LbConfig}
 
 
 def load_config(path: str) -> Config:

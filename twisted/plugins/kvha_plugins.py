@@ -15,3 +15,10 @@ kvha_master = ServiceMaker(
     "kvha master node: memcached protocol, ring, replication and fail-over",
     "kvha-master",
 )
+
+kvha_lb = ServiceMaker(
+    "kvha-lb",
+    "kvha.lb.tap",
+    "kvha load balancer: heartbeats, virtual IP and forwarding to masters",
+    "kvha-lb",
+)

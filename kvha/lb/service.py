@@ -1,0 +1,346 @@
+"""A load balancer of the pair: election, VIP, forwarding, health checks, admin API.
+
+The admin API (HTTP JSON, ``Authorization: Bearer <token>``)::
+
+    GET    /v1/status                 this node, its peer, the VIP, every master
+    GET    /v1/masters                the master list and its epoch
+    POST   /v1/masters                add {id, host, redis, memcached, http, weight}
+    POST   /v1/masters/{id}/drain     no new connections; old ones finish or are
+                                      closed after drain_timeout
+    DELETE /v1/masters/{id}           remove
+    PUT    /v1/masters                {epoch, masters}: the peer's newer list
+
+Every change bumps the list's epoch, is saved under ``state_dir`` (so it
+survives a restart) and is pushed to the peer.  Heartbeats carry the epoch
+too, so a peer that missed a push (it was down) fetches the newer list as
+soon as it hears a heartbeat.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import random
+from typing import Any, Optional
+
+from twisted.application import service, strports
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from kvha.config import LbConfig
+from kvha.lb.forward import ForwardFactory, HealthChecker
+from kvha.lb.heartbeat import Election, HeartbeatProtocol
+from kvha.lb.pool import PROTOCOLS, Pool
+from kvha.lb.vip import VipHolder, run_command
+
+log = Logger()
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+def master_dict(m: Any) -> dict[str, Any]:
+    ports = {p: getattr(m, p) for p in PROTOCOLS if getattr(m, p)}
+    return {"id": m.id, "host": m.host, "ports": ports, "weight": m.weight}
+
+
+class LoadBalancer(service.MultiService):
+    def __init__(self, config: LbConfig, reactor: Any, rng: Optional[random.Random] = None):
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        os.makedirs(config.state_dir, exist_ok=True)
+        self.pool = Pool(
+            config.scheduler,
+            config.health.rise,
+            config.health.fall,
+            rng,
+            state_path=os.path.join(config.state_dir, "masters.json"),
+        )
+        self.pool.load(master_dict(m) for m in config.masters)
+        vip = config.vip
+        self.factories = {
+            proto: ForwardFactory(reactor, self.pool, proto, config.connect_timeout)
+            for proto in PROTOCOLS
+            if getattr(vip, proto)
+        }
+        self.vip = VipHolder(
+            reactor,
+            vip.address,
+            [(getattr(vip, proto), f) for proto, f in self.factories.items()],
+            mode=vip.mode,
+            interface=vip.interface,
+            prefix=vip.prefix,
+            run=run_command,
+        )
+        self.heartbeat = HeartbeatProtocol(
+            config.secret.encode("utf-8"), _host_port(config.heartbeat.peer)
+        )
+        self.election = Election(
+            config.id,
+            config.priority,
+            reactor,
+            send=self.heartbeat.send,
+            on_active=self.vip.acquire,
+            on_backup=lambda: self.vip.release(),
+            interval=config.heartbeat.interval,
+            preempt=config.preempt,
+            epoch=lambda: self.pool.epoch,
+            on_peer_epoch=self._peer_epoch,
+        )
+        self.heartbeat.election = self.election
+        self.health = HealthChecker(
+            reactor, self.pool, reactor, config.health.interval, config.health.timeout
+        )
+        self.agent = Agent(reactor, connectTimeout=2)
+        self._fetching = False
+        self._udp: Any = None
+        self._drain_loop = LoopingCall(self._drain_tick)
+        self._drain_loop.clock = reactor
+        self.admin = AdminApi(self)
+        strports.service(config.admin.listen, AdminSite(self.admin)).setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        host, port = _host_port(self.config.heartbeat.bind)
+        self._udp = self.reactor.listenUDP(port, self.heartbeat, interface=host)
+        self.health.start()
+        self.election.start()
+        self._drain_loop.start(0.5, now=False)
+
+    def stopService(self) -> Any:
+        self.election.stop()  # resigns: the peer takes the VIP at once
+        self.health.stop()
+        if self._drain_loop.running:
+            self._drain_loop.stop()
+        d = self.vip.release()
+        if self._udp is not None:
+            d.addCallback(lambda _: self._udp.stopListening())
+        return d.addCallback(lambda _: super(LoadBalancer, self).stopService())
+
+    # Drain ---------------------------------------------------------------------------
+
+    def _drain_tick(self) -> None:
+        now = self.reactor.seconds()
+        for backend in self.pool.backends.values():
+            started = backend.drain_started
+            if not (backend.draining and started is not None and backend.pairs):
+                continue
+            if now - started >= self.config.drain_timeout:
+                log.info(
+                    "drain of {m} timed out: closing {n} connections",
+                    m=backend.id,
+                    n=len(backend.pairs),
+                )
+                for pair in list(backend.pairs):
+                    pair.close()
+
+    # Status --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        peer = self.election.peer
+        return {
+            "id": self.config.id,
+            "role": "lb",
+            "pid": os.getpid(),
+            "state": self.election.state,
+            "priority": self.config.priority,
+            "vip": self.config.vip.address,
+            "holds_vip": self.vip.held,
+            "peer": None
+            if peer is None
+            else {
+                "id": peer.node_id,
+                "state": peer.state,
+                "priority": peer.priority,
+                "seconds_since_heard": round(self.reactor.seconds() - self.election.peer_seen, 3),
+            },
+            "epoch": self.pool.epoch,
+            "masters": [b.status() for b in self.pool.backends.values()],
+        }
+
+    # Peer sync -------------------------------------------------------------------------
+
+    def changed(self) -> None:
+        """After a local change: push the list to the peer (best effort)."""
+        peer = self.config.admin.peer
+        if not peer:
+            return
+        body = json.dumps({"epoch": self.pool.epoch, "masters": self.pool.export()}).encode()
+        d = self.agent.request(
+            b"PUT",
+            (peer.rstrip("/") + "/v1/masters").encode(),
+            self._headers(),
+            _Body(body),
+        )
+        d.addCallback(readBody)
+        d.addErrback(
+            lambda f: log.info(
+                "peer not told of epoch {e}: {why}", e=self.pool.epoch, why=f.getErrorMessage()
+            )
+        )
+
+    def _headers(self) -> Headers:
+        return Headers(
+            {
+                b"Authorization": [b"Bearer " + self.config.admin.token.encode()],
+                b"Content-Type": [b"application/json"],
+            }
+        )
+
+    def _peer_epoch(self, epoch: int) -> None:
+        if epoch <= self.pool.epoch or self._fetching or not self.config.admin.peer:
+            return
+        self._fetching = True
+        url = (self.config.admin.peer.rstrip("/") + "/v1/masters").encode()
+        d = self.agent.request(b"GET", url, self._headers())
+        d.addCallback(readBody)
+
+        def adopt(body: bytes) -> None:
+            doc = json.loads(body)
+            if int(doc["epoch"]) > self.pool.epoch:
+                self.pool.replace(doc["masters"], int(doc["epoch"]))
+                log.info("adopted the peer's master list, epoch {e}", e=self.pool.epoch)
+
+        d.addCallback(adopt)
+        d.addErrback(
+            lambda f: log.info("could not fetch peer list: {why}", why=f.getErrorMessage())
+        )
+        d.addBoth(lambda _: setattr(self, "_fetching", False))
+
+
+@implementer(IBodyProducer)
+class _Body:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: Any) -> Any:
+        consumer.write(self.data)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class AdminError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class AdminApi(Resource):
+    isLeaf = True
+
+    def __init__(self, lb: LoadBalancer) -> None:
+        super().__init__()
+        self.lb = lb
+
+    def render(self, request: Any) -> bytes:
+        request.setHeader("Content-Type", b"application/json")
+        try:
+            self._auth(request)
+            doc = self._route(request)
+        except AdminError as e:
+            request.setResponseCode(e.code)
+            doc = {"error": {"code": e.code, "message": e.message}}
+        return json.dumps(doc).encode() + b"\n"
+
+    def _auth(self, request: Any) -> None:
+        header = request.getHeader(b"authorization") or b""
+        expected = b"Bearer " + self.lb.config.admin.token.encode()
+        if not hmac.compare_digest(header, expected):
+            request.setHeader("WWW-Authenticate", b'Bearer realm="kvha-lb"')
+            raise AdminError(401, "a valid bearer token is required")
+
+    def _json(self, request: Any) -> Any:
+        try:
+            return json.loads(request.content.read() or b"{}")
+        except ValueError as e:
+            raise AdminError(400, f"the body is not valid JSON: {e}") from None
+
+    def _route(self, request: Any) -> Any:
+        parts = [p for p in request.path.split(b"?")[0].split(b"/") if p]
+        method = request.method
+        lb = self.lb
+        pool = lb.pool
+        if parts == [b"v1", b"status"] and method == b"GET":
+            return lb.status()
+        if parts == [b"v1", b"masters"]:
+            if method == b"GET":
+                return {"epoch": pool.epoch, "masters": pool.export()}
+            if method == b"POST":
+                doc = self._json(request)
+                master_id, host = doc.get("id"), doc.get("host")
+                ports = {p: doc[p] for p in PROTOCOLS if isinstance(doc.get(p), int)}
+                if not isinstance(master_id, str) or not isinstance(host, str) or not ports:
+                    raise AdminError(
+                        400, "need id, host and at least one of redis, memcached, http"
+                    )
+                try:
+                    pool.add(master_id, host, ports, float(doc.get("weight", 1.0)))
+                except KeyError as e:
+                    raise AdminError(409, str(e.args[0])) from None
+                log.info(
+                    "master {m} added at {host}, epoch {e}", m=master_id, host=host, e=pool.epoch
+                )
+                lb.changed()
+                request.setResponseCode(201)
+                return {"epoch": pool.epoch, "masters": pool.export()}
+            if method == b"PUT":
+                doc = self._json(request)
+                epoch = int(doc.get("epoch", 0))
+                if epoch > pool.epoch:
+                    pool.replace(doc["masters"], epoch)
+                    log.info("took the peer's master list, epoch {e}", e=epoch)
+                return {"epoch": pool.epoch}
+        if len(parts) == 3 and parts[:2] == [b"v1", b"masters"]:
+            master_id = parts[2].decode(errors="replace")
+            if master_id not in pool.backends:
+                raise AdminError(404, f"no master {master_id!r}")
+            if method == b"DELETE":
+                backend = pool.remove(master_id)
+                for pair in list(backend.pairs):
+                    pair.close()
+                log.info("master {m} removed, epoch {e}", m=master_id, e=pool.epoch)
+                lb.changed()
+                return {"epoch": pool.epoch, "masters": pool.export()}
+        if len(parts) == 4 and parts[:2] == [b"v1", b"masters"] and parts[3] == b"drain":
+            master_id = parts[2].decode(errors="replace")
+            if method != b"POST":
+                raise AdminError(405, "use POST")
+            if master_id not in pool.backends:
+                raise AdminError(404, f"no master {master_id!r}")
+            backend = pool.drain(master_id, lb.reactor.seconds())
+            log.info(
+                "draining master {m} ({n} open connections), epoch {e}",
+                m=master_id,
+                n=len(backend.pairs),
+                e=pool.epoch,
+            )
+            lb.changed()
+            return {"epoch": pool.epoch, "masters": pool.export()}
+        raise AdminError(404, "no such admin resource")
+
+
+class AdminSite(server.Site):
+    def __init__(self, api: AdminApi) -> None:
+        super().__init__(api)
+        self.displayTracebacks = False
+
+    def log(self, request: Any) -> None:
+        pass
