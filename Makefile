@@ -22,20 +22,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Until the load-balancer pair and `kvha up` land, the local cluster is the
-# three example data nodes and one master from etc/, in the foreground, with
-# their logs interleaved.  Ctrl-C stops them all.
+# The local cluster of etc/local.yaml: two load balancers holding the VIP
+# 127.0.0.100 (redis 6379, memcached 11211, http 8080), two masters and three
+# data nodes, in the foreground.  Ctrl-C stops them all.
 run: $(STAMP)
-	mkdir -p var
-	@echo "data nodes on 127.0.0.1:7101-7103; master memcached port 127.0.0.1:11311"
-	@pids=""; \
-	for f in etc/data-memory.yaml etc/data-log.yaml etc/data-log-always.yaml; do \
-	  $(BIN)/twistd --nodaemon --pidfile= --logfile - kvha-data --config $$f & pids="$$pids $$!"; \
-	done; \
-	$(BIN)/twistd --nodaemon --pidfile= --logfile - kvha-master --config etc/master.yaml & \
-	pids="$$pids $$!"; \
-	trap 'kill $$pids 2>/dev/null; wait; exit 0' INT TERM; \
-	wait
+	$(BIN)/kvha up etc/local.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check kvha tests bench twisted

@@ -11,8 +11,9 @@ the exit status, so ``main`` is callable from tests without spawning a process.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from kvha import __version__
 from kvha.config import ConfigError, load_config
@@ -40,7 +41,164 @@ def _add_config(commands: argparse._SubParsersAction) -> None:
     check.set_defaults(func=_config_check)
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_config]
+DEFAULT_LOCAL = "etc/local.yaml"
+
+
+def _local(path: str) -> Any:
+    config = load_config(path)
+    if config.local is None:
+        raise ConfigError((), f"{path} is a {config.role} configuration; expected `local:`")
+    return config.local
+
+
+def _up(args: argparse.Namespace) -> int:
+    from kvha.local import up
+
+    try:
+        local = _local(args.file)
+    except ConfigError as exc:
+        print(f"{args.file}: {exc}", file=sys.stderr)
+        return 1
+    return up(local, args.file, timeout=args.timeout)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from kvha.local import node_status, plan, status_table
+
+    try:
+        local = _local(args.file)
+    except ConfigError as exc:
+        print(f"{args.file}: {exc}", file=sys.stderr)
+        return 1
+    rows = [node_status(local, node) for node in plan(local)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(status_table(rows))
+    return 0 if all(r["state"] in ("up", "ACTIVE", "BACKUP") for r in rows) else 3
+
+
+def _admin_targets(args: argparse.Namespace) -> tuple[list[str], str]:
+    """Admin URLs (active first when known) and the token."""
+    if args.admin:
+        return [args.admin], args.token or ""
+    from kvha.local import plan
+
+    local = _local(args.file)
+    urls = [f"http://{n.host}:{n.port}" for n in plan(local) if n.role == "lb"]
+    return urls, args.token or local.admin_token
+
+
+def _admin(args: argparse.Namespace, method: str, path: str, body: Optional[dict] = None) -> Any:
+    from kvha.local import admin_call
+
+    urls, token = _admin_targets(args)
+    last: Optional[Exception] = None
+    for url in urls:
+        try:
+            return admin_call(url, token, method, path, body)
+        except OSError as e:  # that load balancer is down: try the other
+            last = e
+    raise RuntimeError(f"no load balancer answered: {last}")
+
+
+def _lb_status(args: argparse.Namespace) -> int:
+    from kvha.local import admin_call
+
+    try:
+        urls, token = _admin_targets(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    out = []
+    for url in urls:
+        try:
+            out.append(admin_call(url, token, "GET", "/v1/status"))
+        except (OSError, RuntimeError) as e:
+            out.append({"admin": url, "state": "unreachable", "error": str(e)})
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for st in out:
+        if st.get("state") == "unreachable":
+            print(f"{st['admin']}: unreachable ({st['error']})")
+            continue
+        vip = "holds the VIP " + st["vip"] if st["holds_vip"] else "standby"
+        print(f"{st['id']}: {st['state']} (priority {st['priority']}), {vip}, epoch {st['epoch']}")
+        for m in st["masters"]:
+            health = ", ".join(f"{p} {'up' if ok else 'DOWN'}" for p, ok in m["up"].items())
+            drain = " draining" if m["draining"] else ""
+            conns = sum(m["connections"].values())
+            print(f"  {m['id']:<10} {m['host']:<15} {health}; {conns} connections{drain}")
+    return 0
+
+
+def _master(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "list":
+            doc = _admin(args, "GET", "/v1/masters")
+        elif args.action == "add":
+            body: dict[str, Any] = {"id": args.id, "host": args.host, "weight": args.weight}
+            for proto in ("redis", "memcached", "http"):
+                if getattr(args, proto):
+                    body[proto] = getattr(args, proto)
+            doc = _admin(args, "POST", "/v1/masters", body)
+        elif args.action == "drain":
+            doc = _admin(args, "POST", f"/v1/masters/{args.id}/drain")
+        else:
+            doc = _admin(args, "DELETE", f"/v1/masters/{args.id}")
+    except (RuntimeError, ConfigError) as e:
+        print(f"kvha master {args.action}: {e}", file=sys.stderr)
+        return 1
+    print(f"epoch {doc['epoch']}")
+    for m in doc.get("masters", []):
+        ports = " ".join(f"{p}={n}" for p, n in m["ports"].items())
+        print(f"  {m['id']:<10} {m['host']:<15} {ports}{' draining' if m['draining'] else ''}")
+    return 0
+
+
+def _add_cluster(commands: argparse._SubParsersAction) -> None:
+    up = commands.add_parser("up", help="run a whole cluster on this machine")
+    up.add_argument("file", nargs="?", default=DEFAULT_LOCAL, help="local cluster file")
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds to become healthy")
+    up.set_defaults(func=_up)
+    status = commands.add_parser("status", help="show every node of the local cluster")
+    status.add_argument("file", nargs="?", default=DEFAULT_LOCAL)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
+
+    def admin_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--file", default=DEFAULT_LOCAL, help="local cluster file")
+        p.add_argument("--admin", help="a load balancer's admin URL (default: from --file)")
+        p.add_argument("--token", help="admin bearer token (default: from --file)")
+
+    lb = commands.add_parser("lb", help="load balancers")
+    lb_actions = lb.add_subparsers(dest="action", metavar="ACTION", required=True)
+    lb_status = lb_actions.add_parser("status", help="state of both load balancers")
+    admin_options(lb_status)
+    lb_status.add_argument("--json", action="store_true")
+    lb_status.set_defaults(func=_lb_status)
+
+    master = commands.add_parser("master", help="masters behind the VIP")
+    actions = master.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = actions.add_parser("list", help="the master list")
+    admin_options(p)
+    p = actions.add_parser("add", help="add a master at run time")
+    admin_options(p)
+    p.add_argument("id")
+    p.add_argument("host")
+    p.add_argument("--redis", type=int)
+    p.add_argument("--memcached", type=int)
+    p.add_argument("--http", type=int)
+    p.add_argument("--weight", type=float, default=1.0)
+    for name in ("drain", "remove"):
+        p = actions.add_parser(name, help=f"{name} a master")
+        admin_options(p)
+        p.add_argument("id")
+    master.set_defaults(func=_master)
+
+
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_config, _add_cluster]
 
 
 def build_parser() -> argparse.ArgumentParser:

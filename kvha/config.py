@@ -362,6 +362,50 @@ class LbConfig:
 
 
 @dataclass(frozen=True)
+class LocalDataNode:
+    """One data node of the local cluster."""
+
+    id: str = _opt(kind="id")
+    engine: str = _opt("memory", kind="enum", choices=ENGINES)
+    fsync: str = _opt("everysec", kind="enum", choices=FSYNC_MODES)
+    weight: float = _opt(1.0, min=0, min_exclusive=True)
+    read_weight: float = _opt(1.0, min=0)
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """A whole cluster on one machine, for ``kvha up``: every node's config is derived."""
+
+    secret: str = _opt(kind="secret")
+    admin_token: str = _opt("change-me-local-admin-token")
+    state_dir: str = _opt("./var")
+    vip: str = _opt("127.0.0.100")
+    host: str = _opt("127.0.0.1")
+    redis_port: int = _opt(6379, min=1, max=65535)
+    memcached_port: int = _opt(11211, min=1, max=65535)
+    http_port: int = _opt(8080, min=1, max=65535)
+    #: Internal ports (data nodes, master client ports, heartbeats, admin) start here.
+    base_port: int = _opt(17100, min=1024, max=65000)
+    masters: int = _opt(2, min=1, max=16)
+    replicas: int = _opt(1, min=0, max=7)
+    data: tuple[LocalDataNode, ...] = _opt(
+        (
+            LocalDataNode(id="data1", engine="memory", read_weight=7.0),
+            LocalDataNode(id="data2", engine="log", read_weight=3.0),
+            LocalDataNode(id="data3", engine="log", fsync="always", read_weight=3.0),
+        )
+    )
+    cors_origins: tuple[str, ...] = _opt(("*",))
+
+    def _validate(self) -> None:
+        if self.replicas >= len(self.data):
+            raise ConfigError(
+                ("replicas",),
+                f"{self.replicas} replicas need at least {self.replicas + 1} data nodes",
+            )
+
+
+@dataclass(frozen=True)
 class Config:
     """A loaded file: its role and that role's section (the others are None)."""
 
@@ -369,11 +413,17 @@ class Config:
     data: Optional[DataConfig] = None
     master: Optional[MasterConfig] = None
     lb: Optional[LbConfig] = None
+    local: Optional[LocalConfig] = None
     source: str = "<string>"
 
 
 #: Top-level role key -> the dataclass of its section.
-ROLES: dict[str, type] = {"data": DataConfig, "master": MasterConfig, "lb": LbConfig}
+ROLES: dict[str, type] = {
+    "data": DataConfig,
+    "master": MasterConfig,
+    "lb": LbConfig,
+    "local": LocalConfig,
+}
 
 
 def load_config(path: str) -> Config:

@@ -420,11 +420,11 @@ def test_secret_file_missing(tmp_path: Path) -> None:
 def test_unknown_top_level_key() -> None:
     err = config_error(BASE + "datta: {}\n")
     assert err.path == ()
-    assert str(err) == "unknown key 'datta'; expected one of data, lb, master"
+    assert str(err) == "unknown key 'datta'; expected one of data, lb, local, master"
 
 
 def test_empty_mapping_document() -> None:
-    assert str(config_error("{}")) == "expected exactly one role key, one of data, master, lb; got none"
+    assert str(config_error("{}")) == "expected exactly one role key, one of data, master, lb, local; got none"
 
 
 @pytest.mark.parametrize(
@@ -439,7 +439,7 @@ def test_non_mapping_document(text: str, shown: str) -> None:
 def test_empty_document(text: str) -> None:
     err = config_error(text)
     assert err.path == ()
-    assert str(err) == "empty document; expected a mapping with one role key (data, master, lb)"
+    assert str(err) == "empty document; expected a mapping with one role key (data, master, lb, local)"
 
 
 def test_yaml_syntax_error_names_source_and_line() -> None:

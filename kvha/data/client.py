@@ -288,6 +288,7 @@ class DataClientProtocol(Protocol):
 
 
 class DataClientFactory(Factory):
+    noisy = False
     protocol = DataClientProtocol
 
     def __init__(

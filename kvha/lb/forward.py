@@ -141,6 +141,8 @@ class BackendSide(Protocol):
 
 
 class _BackendFactory(Factory):
+    noisy = False
+
     def __init__(self, client: ClientSide) -> None:
         self.client = client
 
@@ -150,6 +152,8 @@ class _BackendFactory(Factory):
 
 class ForwardFactory(Factory):
     """Accepts clients on one VIP port and forwards them for one protocol."""
+
+    noisy = False
 
     def __init__(self, reactor: Any, pool: Pool, proto: str, connect_timeout: float = 1.0) -> None:
         self.reactor = reactor
@@ -263,6 +267,8 @@ class HealthChecker:
 
 
 class _ProbeFactory(Factory):
+    noisy = False
+
     def __init__(self, probe: HealthProbe) -> None:
         self.probe = probe
 
