@@ -143,6 +143,9 @@ class DataConfig:
     tombstone_ttl: float = _opt(7 * 86400.0, kind="duration", min=0, min_exclusive=True)
     expiry_sweep_interval: float = _opt(0.1, kind="duration", min=0, min_exclusive=True)
     expiry_sweep_batch: int = _opt(2000, min=1)
+    #: Start "merging" (written, not read) until a master has merged this node's
+    #: ranges from the other copies.  Turn off only for a node used on its own.
+    merge_on_start: bool = _opt(True)
     limits: DataLimits = _section(DataLimits)
     stream: StreamConfig = _section(StreamConfig)
 
@@ -243,6 +246,23 @@ class HttpListener:
 
 
 @dataclass(frozen=True)
+class MergeConfig:
+    """Automatic Merge of data nodes that (re)start."""
+
+    #: Versions this far below a node's high-water mark are merged again, to
+    #: cover clock skew between the masters that issued them.
+    skew_window: float = _opt(1.0, kind="duration", min=0)
+    #: How long a master's claim on a merge lasts unless renewed.
+    lease: float = _opt(5.0, kind="duration", min=0.1)
+    #: Wait after claiming, so every master has seen the node back and writes to it.
+    grace: float = _opt(1.0, kind="duration", min=0)
+    #: Stream batches in flight (flow-control window).
+    window: int = _opt(8, min=1)
+    #: Merge bandwidth cap; 0 means none.
+    max_bytes_per_second: int = _opt(0, kind="size")
+
+
+@dataclass(frozen=True)
 class MasterLimits:
     """Bounds on what one client can make a master hold."""
 
@@ -267,6 +287,7 @@ class MasterConfig:
     redis: RedisListener = _section(RedisListener)
     http: HttpListener = _section(HttpListener)
     health: HealthConfig = _section(HealthConfig)
+    merge: MergeConfig = _section(MergeConfig)
     limits: MasterLimits = _section(MasterLimits)
 
     def _validate(self) -> None:

@@ -271,6 +271,13 @@ def node_status(config: LocalConfig, node: Node) -> dict[str, Any]:
             row["state"] = stats.get("state", "?")
             row["records"] = int(stats.get("records", 0)) - int(stats.get("tombstones", 0))
             row["engine"] = stats.get("engine")
+            if row["state"] == "merging":
+                row["merge"] = {
+                    "by": stats.get("merge_holder") or None,
+                    "keys": int(stats.get("merge_done_keys", 0)),
+                    "bytes": int(stats.get("merge_done_bytes", 0)),
+                    "total_keys": int(stats.get("merge_total_keys", 0)),
+                }
         elif node.role == "master":
             stats = memcached_stats(node.host, node.port)
             up, total = stats.get("data_nodes_up", "?"), stats.get("data_nodes", "?")
@@ -287,12 +294,29 @@ def node_status(config: LocalConfig, node: Node) -> dict[str, Any]:
     return row
 
 
+def progress_bar(merge: dict[str, Any], width: int = 20) -> str:
+    """``[#######.............]  35%  7000/20000 keys  1.2 MB`` for a merging node."""
+    total = merge["total_keys"]
+    done = merge["keys"]
+    if not merge["by"]:
+        return "[waiting for a master to start the merge]"
+    share = min(1.0, done / total) if total else 0.0
+    filled = int(share * width)
+    mb = merge["bytes"] / 1e6
+    return (
+        f"[{'#' * filled}{'.' * (width - filled)}] {share * 100:3.0f}%  "
+        f"{done}/{total or '?'} keys  {mb:.1f} MB  (by {merge['by']})"
+    )
+
+
 def status_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [f"{'ROLE':<7} {'ID':<9} {'ADDRESS':<17} {'PID':>7}  STATE"]
     for r in rows:
         extra = ""
         if r["role"] == "lb" and r.get("holds_vip"):
             extra = f"  holds VIP {r['vip']}"
+        elif r["role"] == "data" and "merge" in r:
+            extra = "  " + progress_bar(r["merge"])
         elif r["role"] == "data" and "records" in r:
             extra = f"  {r['engine']}, {r['records']} keys"
         pid = r["pid"] if r["pid"] is not None else "-"

@@ -333,6 +333,31 @@ class Scan(Message):
     __slots__ = ("partition", "after", "count")
 
 
+@message(
+    16,
+    ("action", "u8"),
+    ("holder", "str"),
+    ("lease_ms", "u64"),
+    ("done_keys", "u64"),
+    ("done_bytes", "u64"),
+    ("total_keys", "u64"),
+)
+class Control(Message):
+    """Merge coordination: claim or renew the merge lease, finish, or release it.
+
+    Only one master at a time drives a node's merge; it holds a lease that it
+    renews with its progress, and ends the merge with FINISH (the node turns
+    ``up``) or gives it up with RELEASE.
+    """
+
+    __slots__ = ("action", "holder", "lease_ms", "done_keys", "done_bytes", "total_keys")
+
+
+CONTROL_CLAIM = 1
+CONTROL_FINISH = 2
+CONTROL_RELEASE = 3
+
+
 # Replies: data node -> master.
 
 
@@ -390,6 +415,11 @@ class Pong(Message):
 @message(73, ("tokens", "u64s"), ("keys", "list"))
 class ScanReply(Message):
     __slots__ = ("tokens", "keys")
+
+
+@message(74, ("granted", "u8"), ("state", "str"), ("high_water", "u64"))
+class ControlReply(Message):
+    __slots__ = ("granted", "state", "high_water")
 
 
 # Error codes carried by Error.

@@ -175,7 +175,7 @@ def test_secret_is_not_in_repr() -> None:
 # --- errors ------------------------------------------------------------------
 
 ALL_DATA_KEYS = (
-    "expiry_sweep_batch, expiry_sweep_interval, id, limits, listen, secret, secret_file, "
+    "expiry_sweep_batch, expiry_sweep_interval, id, limits, listen, merge_on_start, secret, secret_file, "
     "state_dir, storage, stream, tombstone_ttl"
 )
 
@@ -424,7 +424,10 @@ def test_unknown_top_level_key() -> None:
 
 
 def test_empty_mapping_document() -> None:
-    assert str(config_error("{}")) == "expected exactly one role key, one of data, master, lb, local; got none"
+    assert (
+        str(config_error("{}"))
+        == "expected exactly one role key, one of data, master, lb, local; got none"
+    )
 
 
 @pytest.mark.parametrize(
@@ -439,7 +442,9 @@ def test_non_mapping_document(text: str, shown: str) -> None:
 def test_empty_document(text: str) -> None:
     err = config_error(text)
     assert err.path == ()
-    assert str(err) == "empty document; expected a mapping with one role key (data, master, lb, local)"
+    assert (
+        str(err) == "empty document; expected a mapping with one role key (data, master, lb, local)"
+    )
 
 
 def test_yaml_syntax_error_names_source_and_line() -> None:

@@ -462,6 +462,19 @@ class DataNodeClient:
         d = self._call(wire.Scan(partition, after, count))
         return d.addCallback(lambda m: list(zip(m.tokens, m.keys)))
 
+    def control(
+        self,
+        action: int,
+        holder: str,
+        lease_ms: int = 0,
+        done_keys: int = 0,
+        done_bytes: int = 0,
+        total_keys: int = 0,
+    ) -> Deferred:
+        """Merge coordination (see wire.Control).  Fires with (granted, state, high_water)."""
+        msg = wire.Control(action, holder, lease_ms, done_keys, done_bytes, total_keys)
+        return self._call(msg).addCallback(lambda m: (bool(m.granted), m.state, m.high_water))
+
     def ping(self) -> Deferred:
         """Fires with ``(state, high_water)``."""
         return self._call(wire.Ping()).addCallback(lambda m: (m.state, m.high_water))

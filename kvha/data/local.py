@@ -178,6 +178,25 @@ class LocalDataClient:
     def scan(self, partition: bytes, after: int, count: int) -> Deferred:
         return self._call("scan", lambda: self.node.store.scan(partition, after, count))
 
+    def control(
+        self,
+        action: int,
+        holder: str,
+        lease_ms: int = 0,
+        done_keys: int = 0,
+        done_bytes: int = 0,
+        total_keys: int = 0,
+    ) -> Deferred:
+        from kvha import wire
+
+        def work() -> Any:
+            reply = self.node.control(
+                wire.Control(action, holder, lease_ms, done_keys, done_bytes, total_keys)
+            )
+            return (bool(reply.granted), reply.state, reply.high_water)
+
+        return self._call("control", work)
+
     def ping(self) -> Deferred:
         return self._call("ping", lambda: (self.node.state, self.node.store.engine.high_water))
 

@@ -58,6 +58,8 @@ class DataNode(service.Service):
         stream_batch_records: int = 512,
         stream_max_bytes_per_second: int = 0,
         urandom: Callable[[int], bytes] = os.urandom,
+        merge_on_start: bool = False,
+        state_dir: Optional[str] = None,
     ) -> None:
         self.node_id = node_id
         self.clock = clock
@@ -71,7 +73,16 @@ class DataNode(service.Service):
         self.stream_batch_records = stream_batch_records
         self.stream_max_bytes_per_second = stream_max_bytes_per_second
         self.urandom = urandom
-        self.state = "up"
+        # A node that starts (or restarts) may have missed writes: it is
+        # "merging", written but never read, until a master has merged its
+        # ranges from the other copies and tells it it is up.
+        self.state = "merging" if merge_on_start else "up"
+        self.state_dir = state_dir
+        self.merge_holder: Optional[str] = None
+        self.merge_expires = 0.0
+        self.merge_progress = (0, 0, 0)  # keys, bytes, estimated total keys
+        self.merges_completed = 0
+        self._last_alive_write = 0.0
         self.started = clock.seconds()
         self.connections: set[DataServerProtocol] = set()
         self.total_connections = 0
@@ -101,6 +112,7 @@ class DataNode(service.Service):
             seconds=time.monotonic() - began,
         )
         self.started = self.clock.seconds()
+        self._check_absence()
         loop = LoopingCall(self._tick)
         loop.clock = self.clock
         loop.start(TICK_SECONDS, now=False)
@@ -119,8 +131,92 @@ class DataNode(service.Service):
         log.info("data node {node} stopped", node=self.node_id)
         return service.Service.stopService(self)
 
+    # Absence: a durable node away longer than tombstone_ttl must not rejoin.
+
+    def _alive_path(self) -> Optional[str]:
+        if not self.state_dir or not self.store.engine.durable:
+            return None
+        return os.path.join(self.state_dir, "alive")
+
+    def _check_absence(self) -> None:
+        """Refuse to rejoin after an absence longer than tombstone_ttl.
+
+        Tombstones of deletes made meanwhile may already be collected on the
+        other copies, so merging this node back would resurrect deleted keys.
+        """
+        path = self._alive_path()
+        if path is None or not os.path.exists(path):
+            return
+        try:
+            with open(path) as f:
+                last = float(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return
+        away = self.clock.seconds() - last
+        if away > self.store.tombstone_ttl and self.store.engine.count() > 0:
+            self.state = "stale"
+            log.error(
+                "data node {node} was away for {away:.0f}s, longer than tombstone_ttl "
+                "({ttl:.0f}s): deletes made meanwhile may be forgotten by the other copies, "
+                "so it will not merge back.  Wipe {dir} and restart it to rejoin empty.",
+                node=self.node_id,
+                away=away,
+                ttl=self.store.tombstone_ttl,
+                dir=self.state_dir,
+            )
+
+    def _mark_alive(self, now: float) -> None:
+        path = self._alive_path()
+        if path is None or now - self._last_alive_write < 1.0 or self.state == "stale":
+            return
+        self._last_alive_write = now
+        tmp = path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                f.write(repr(now))
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warn("could not record liveness in {path}: {why}", path=path, why=str(e))
+
+    # Merge coordination ---------------------------------------------------------
+
+    def control(self, msg: wire.Control) -> wire.ControlReply:
+        now = self.clock.seconds()
+        granted = 0
+        if msg.action == wire.CONTROL_CLAIM:
+            free = self.merge_holder in (None, msg.holder) or now > self.merge_expires
+            if self.state == "merging" and free:
+                if self.merge_holder != msg.holder:
+                    log.info(
+                        "merge of {node} claimed by {holder}", node=self.node_id, holder=msg.holder
+                    )
+                self.merge_holder = msg.holder
+                self.merge_expires = now + msg.lease_ms / 1000.0
+                self.merge_progress = (msg.done_keys, msg.done_bytes, msg.total_keys)
+                granted = 1
+        elif msg.action == wire.CONTROL_FINISH:
+            if self.state == "merging" and self.merge_holder == msg.holder:
+                self.merge_progress = (msg.done_keys, msg.done_bytes, msg.total_keys)
+                self.state = "up"
+                self.merge_holder = None
+                self.merges_completed += 1
+                log.info(
+                    "data node {node} is up: merge by {holder} done ({keys} records, "
+                    "{bytes} bytes)",
+                    node=self.node_id,
+                    holder=msg.holder,
+                    keys=msg.done_keys,
+                    bytes=msg.done_bytes,
+                )
+                granted = 1
+        elif msg.action == wire.CONTROL_RELEASE and self.merge_holder == msg.holder:
+            self.merge_holder = None
+            granted = 1
+        return wire.ControlReply(granted, self.state, self.store.engine.high_water)
+
     def _tick(self) -> None:
         now = self.clock.seconds()
+        self._mark_alive(now)
         if now - self._last_sweep >= self.sweep_interval:
             self._last_sweep = now
             self.store.sweep(self.sweep_batch)
@@ -168,6 +264,11 @@ class DataNode(service.Service):
             "bad_frames": self.bad_frames,
             "get_hits": self.get_hits,
             "get_misses": self.get_misses,
+            "merge_holder": self.merge_holder or "",
+            "merge_done_keys": self.merge_progress[0],
+            "merge_done_bytes": self.merge_progress[1],
+            "merge_total_keys": self.merge_progress[2],
+            "merges_completed": self.merges_completed,
         }
         for name, count in sorted(self.ops.items()):
             out[f"cmd_{name}"] = count
@@ -482,6 +583,9 @@ class DataServerProtocol(Protocol):
         found = self.node.store.scan(msg.partition, msg.after, min(msg.count, 100_000))
         return wire.ScanReply([t for t, _ in found], [k for _, k in found])
 
+    def _control(self, msg: wire.Control, request_id: int) -> wire.Message:
+        return self.node.control(msg)
+
     def _ping(self, msg: wire.Ping, request_id: int) -> wire.Message:
         return wire.Pong(self.node.state, self.node.store.engine.high_water)
 
@@ -542,6 +646,7 @@ _HANDLERS: dict[int, tuple[str, type[wire.Message], Callable[..., Any]]] = {
         ("delete", wire.Delete, DataServerProtocol._delete),
         ("flush", wire.Flush, DataServerProtocol._flush),
         ("scan", wire.Scan, DataServerProtocol._scan),
+        ("control", wire.Control, DataServerProtocol._control),
         ("ping", wire.Ping, DataServerProtocol._ping),
         ("stats", wire.Stats, DataServerProtocol._stats),
         ("stream", wire.Stream, DataServerProtocol._stream),

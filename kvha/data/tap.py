@@ -50,6 +50,8 @@ def build_node(config: DataConfig, reactor: Optional[Any] = None) -> DataNode:
         sweep_batch=config.expiry_sweep_batch,
         stream_batch_records=config.stream.batch_records,
         stream_max_bytes_per_second=config.stream.max_bytes_per_second,
+        merge_on_start=config.merge_on_start,
+        state_dir=config.state_dir,
     )
 
 

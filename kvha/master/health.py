@@ -104,7 +104,7 @@ class NodeLink:
     def _connection_ready(self, proto: DataClientProtocol) -> None:
         self.last_answer = self.clock.seconds()
         self.reported_state = proto.node_state
-        self._set(MERGING if proto.node_state == MERGING else UP, "connected")
+        self._set(_state_for(proto.node_state), f"connected ({proto.node_state})")
 
     def _ping(self) -> None:
         now = self.clock.seconds()
@@ -121,7 +121,7 @@ class NodeLink:
         self.last_answer = self.clock.seconds()
         self.reported_state = state
         self.high_water = high_water
-        self._set(MERGING if state == MERGING else UP, f"ping answered ({state})")
+        self._set(_state_for(state), f"ping answered ({state})")
 
     def _ping_failed(self, failure: Any) -> None:
         self._ping_outstanding = False
@@ -130,3 +130,12 @@ class NodeLink:
         """A request saw the connection reset: do not wait for the pings."""
         if not self.client.connected:
             self._set(DOWN, why)
+
+
+def _state_for(reported: str) -> str:
+    """How a master treats a node from the state it reports."""
+    if reported == MERGING:
+        return MERGING  # written, never read
+    if reported == "up":
+        return UP
+    return DOWN  # "stale" (away too long) and anything unknown: neither read nor written

@@ -13,6 +13,7 @@ from kvha.data.client import DataNodeClient
 from kvha.master.health import NodeLink
 from kvha.master.http import Api, ApiSite
 from kvha.master.memcache import MemcacheFactory, MemcacheStats
+from kvha.master.merge import Merger
 from kvha.master.metrics import registry_for, render
 from kvha.master.resp import RespFactory
 from kvha.master.router import PartitionPolicy, Router
@@ -55,6 +56,19 @@ class MasterNode(service.MultiService):
             [PartitionPolicy(p.name, p.write_acks, p.read) for p in cluster.partitions],
             reactor,
             rng,
+        )
+        merge = config.merge
+        self.merger = Merger(
+            config.id,
+            self.ring,
+            self.links,
+            cluster.replicas + 1,
+            reactor,
+            skew_window=merge.skew_window,
+            lease=merge.lease,
+            grace=merge.grace,
+            window=merge.window,
+            max_bytes_per_second=merge.max_bytes_per_second,
         )
         self.memcache_stats = MemcacheStats(reactor)
         self.resp_factory: Optional[RespFactory] = None
@@ -100,9 +114,11 @@ class MasterNode(service.MultiService):
     def startService(self) -> None:
         for link in self.links.values():
             link.start()
+        self.merger.start()
         super().startService()
 
     def stopService(self) -> Any:
+        self.merger.stop()
         d = defer.maybeDeferred(super().stopService)
         stops = [defer.maybeDeferred(link.stop) for link in self.links.values()]
         return defer.gatherResults([d, *stops], consumeErrors=True)
