@@ -157,6 +157,51 @@ def _master(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node(args: argparse.Namespace) -> int:
+    from kvha.local import admin_call, plan
+
+    try:
+        if args.master:
+            urls, token = [args.master], args.token or ""
+        else:
+            local = _local(args.file)
+            urls = [
+                f"http://{n.extra_ports[1][1]}:{n.extra_ports[1][2]}"
+                for n in plan(local)
+                if n.role == "master"
+            ]
+            token = args.token or local.admin_token
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if args.action == "add":
+        body = {
+            "id": args.id,
+            "address": args.address,
+            "weight": args.weight,
+            "read_weight": args.read_weight,
+        }
+        method, path = "POST", "/v1/admin/nodes"
+    else:
+        body, method, path = None, "DELETE", f"/v1/admin/nodes/{args.id}"
+    last: Optional[Exception] = None
+    for url in urls:
+        try:
+            doc = admin_call(url, token, method, path, body)
+        except OSError as e:
+            last = e
+            continue
+        except RuntimeError as e:
+            print(f"kvha node {args.action}: {e}", file=sys.stderr)
+            return 1
+        pending = doc.get("pending")
+        what = f"; {pending['kind']} of {pending['node']} in progress" if pending else ""
+        print(f"cluster map epoch {doc['epoch']}{what} (watch it with `kvha status`)")
+        return 0
+    print(f"kvha node {args.action}: no master answered: {last}", file=sys.stderr)
+    return 1
+
+
 def _add_cluster(commands: argparse._SubParsersAction) -> None:
     up = commands.add_parser("up", help="run a whole cluster on this machine")
     up.add_argument("file", nargs="?", default=DEFAULT_LOCAL, help="local cluster file")
@@ -196,6 +241,25 @@ def _add_cluster(commands: argparse._SubParsersAction) -> None:
         admin_options(p)
         p.add_argument("id")
     master.set_defaults(func=_master)
+
+    node = commands.add_parser("node", help="add or remove data nodes (Automatic Scaling)")
+    node_actions = node.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def master_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--file", default=DEFAULT_LOCAL, help="local cluster file")
+        p.add_argument("--master", help="a master's HTTP base URL (default: from --file)")
+        p.add_argument("--token", help="cluster admin token (default: from --file)")
+
+    p = node_actions.add_parser("add", help="add a data node: it joins and its ranges move")
+    master_options(p)
+    p.add_argument("id")
+    p.add_argument("address", help="client endpoint, e.g. tcp:127.0.0.1:7104")
+    p.add_argument("--weight", type=float, default=1.0)
+    p.add_argument("--read-weight", type=float, default=1.0)
+    p = node_actions.add_parser("remove", help="remove a data node: its ranges move away")
+    master_options(p)
+    p.add_argument("id")
+    node.set_defaults(func=_node)
 
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_config, _add_cluster]

@@ -289,6 +289,13 @@ class MasterConfig:
     health: HealthConfig = _section(HealthConfig)
     merge: MergeConfig = _section(MergeConfig)
     limits: MasterLimits = _section(MasterLimits)
+    #: Where the shared cluster map is kept (cluster.json).  Needed to share it.
+    state_dir: Optional[str] = _opt(None)
+    #: Bearer token of the cluster admin API (/v1/admin on the HTTP port).
+    #: Without it the map is the static one of this file.
+    admin_token: Optional[str] = _opt(None)
+    #: Base URLs of the other masters' HTTP ports, e.g. http://10.0.0.2:8081.
+    peers: tuple[str, ...] = _opt(())
 
     def _validate(self) -> None:
         names = {p.name for p in self.cluster.partitions}

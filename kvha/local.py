@@ -81,8 +81,13 @@ def plan(config: LocalConfig) -> list[Node]:
     for j in range(1, config.masters + 1):
         mid = f"master{j}"
         mc, rd, ht = b + 20 + j, b + 40 + j, b + 60 + j
+        peers = json.dumps(
+            [f"http://{host}:{b + 60 + k}" for k in range(1, config.masters + 1) if k != j]
+        )
         text = (
             f"master:\n  id: {mid}\n  secret: {secret}\n"
+            f"  state_dir: {json.dumps(os.path.join(state, mid))}\n"
+            f"  admin_token: {json.dumps(config.admin_token)}\n  peers: {peers}\n"
             f"  cluster:\n    replicas: {config.replicas}\n    nodes:\n{data_list}"
             f"  memcached: {{listen: 'tcp:{mc}:interface={host}'}}\n"
             f"  redis: {{listen: 'tcp:{rd}:interface={host}'}}\n"
@@ -283,6 +288,11 @@ def node_status(config: LocalConfig, node: Node) -> dict[str, Any]:
             up, total = stats.get("data_nodes_up", "?"), stats.get("data_nodes", "?")
             row["state"] = "up" if up == total else f"degraded ({up}/{total} data nodes up)"
             row["data_nodes_up"] = f"{up}/{total}"
+            http = node.extra_ports[1]
+            cluster = admin_get(http[1], http[2], config.admin_token, "/v1/admin/status")
+            row["epoch"] = cluster["epoch"]
+            row["pending"] = cluster["pending"]
+            row["progress"] = cluster["progress"]
         else:
             status = admin_get(node.host, node.port, config.admin_token, "/v1/status")
             row["state"] = status["state"]
@@ -315,6 +325,14 @@ def status_table(rows: Sequence[dict[str, Any]]) -> str:
         extra = ""
         if r["role"] == "lb" and r.get("holds_vip"):
             extra = f"  holds VIP {r['vip']}"
+        elif r["role"] == "master" and "epoch" in r:
+            extra = f"  map epoch {r['epoch']}"
+            if r.get("pending"):
+                p, prog = r["pending"], r.get("progress") or {}
+                extra += (
+                    f", {p['kind']} of {p['node']} by {p['driver']}: "
+                    f"{prog.get('keys', 0)} records streamed"
+                )
         elif r["role"] == "data" and "merge" in r:
             extra = "  " + progress_bar(r["merge"])
         elif r["role"] == "data" and "records" in r:

@@ -92,6 +92,28 @@ class Ring:
             ring.add_node(node_id, weight)
         return ring
 
+    @classmethod
+    def from_tokens(
+        cls, weights: dict[str, float], tokens: dict[str, list[int]], vnodes: int = 128
+    ) -> Ring:
+        """A ring with exactly these tokens (as recorded in a cluster map)."""
+        ring = cls(vnodes)
+        ring.weights = dict(weights)
+        pairs = sorted((t, n) for n, ts in tokens.items() for t in ts)
+        ring._tokens = [t for t, _ in pairs]
+        ring._owners = [n for _, n in pairs]
+        ring._rebuild()
+        return ring
+
+    def tokens_by_node(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {n: [] for n in self.weights}
+        for t, n in zip(self._tokens, self._owners):
+            out[n].append(t)
+        return out
+
+    def copy(self) -> Ring:
+        return Ring.from_tokens(self.weights, self.tokens_by_node(), self.vnodes)
+
     def __len__(self) -> int:
         return len(self.weights)
 

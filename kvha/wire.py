@@ -353,6 +353,17 @@ class Control(Message):
     __slots__ = ("action", "holder", "lease_ms", "done_keys", "done_bytes", "total_keys")
 
 
+@message(17, ("ranges", "ranges"))
+class Retain(Message):
+    """Drop, in the background, every record whose token is outside ``ranges``.
+
+    Sent after a join or leave is cut over, so that a node keeps only the
+    ranges it owns under the new ring.
+    """
+
+    __slots__ = ("ranges",)
+
+
 CONTROL_CLAIM = 1
 CONTROL_FINISH = 2
 CONTROL_RELEASE = 3

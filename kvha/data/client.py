@@ -462,6 +462,10 @@ class DataNodeClient:
         d = self._call(wire.Scan(partition, after, count))
         return d.addCallback(lambda m: list(zip(m.tokens, m.keys)))
 
+    def retain(self, ranges: Sequence[TokenRange]) -> Deferred:
+        """Ask the node to drop every record outside ``ranges`` (in the background)."""
+        return self._call(wire.Retain(list(ranges))).addCallback(lambda _: None)
+
     def control(
         self,
         action: int,

@@ -178,6 +178,9 @@ class LocalDataClient:
     def scan(self, partition: bytes, after: int, count: int) -> Deferred:
         return self._call("scan", lambda: self.node.store.scan(partition, after, count))
 
+    def retain(self, ranges: Sequence[TokenRange]) -> Deferred:
+        return self._call("retain", lambda: self.node.retain(list(ranges)))
+
     def control(
         self,
         action: int,

@@ -82,6 +82,8 @@ class DataNode(service.Service):
         self.merge_expires = 0.0
         self.merge_progress = (0, 0, 0)  # keys, bytes, estimated total keys
         self.merges_completed = 0
+        self.retain_running = 0
+        self.retain_removed = 0
         self._last_alive_write = 0.0
         self.started = clock.seconds()
         self.connections: set[DataServerProtocol] = set()
@@ -178,6 +180,34 @@ class DataNode(service.Service):
         except OSError as e:
             log.warn("could not record liveness in {path}: {why}", path=path, why=str(e))
 
+    # Dropping moved ranges ----------------------------------------------------------
+
+    def retain(self, ranges: list[tuple[int, int]]) -> None:
+        """Keep only ``ranges``; the rest is removed in small steps between requests."""
+        if not ranges:
+            return  # an empty list would mean "everything" to in_ranges: never drop all
+        steps = self.store.retain_steps(ranges)
+        self.retain_running += 1
+        log.info(
+            "data node {node}: dropping records outside {n} ranges",
+            node=self.node_id,
+            n=len(ranges),
+        )
+
+        def step() -> None:
+            try:
+                removed = next(steps)
+            except StopIteration:
+                self.retain_running -= 1
+                self.store.engine.commit()
+                log.info("data node {node}: moved ranges dropped", node=self.node_id)
+                return
+            self.retain_removed = removed
+            self.store.engine.commit()
+            self.clock.callLater(0, step)
+
+        self.clock.callLater(0, step)
+
     # Merge coordination ---------------------------------------------------------
 
     def control(self, msg: wire.Control) -> wire.ControlReply:
@@ -269,6 +299,8 @@ class DataNode(service.Service):
             "merge_done_bytes": self.merge_progress[1],
             "merge_total_keys": self.merge_progress[2],
             "merges_completed": self.merges_completed,
+            "retain_running": self.retain_running,
+            "retain_removed": self.retain_removed,
         }
         for name, count in sorted(self.ops.items()):
             out[f"cmd_{name}"] = count
@@ -583,6 +615,10 @@ class DataServerProtocol(Protocol):
         found = self.node.store.scan(msg.partition, msg.after, min(msg.count, 100_000))
         return wire.ScanReply([t for t, _ in found], [k for _, k in found])
 
+    def _retain(self, msg: wire.Retain, request_id: int) -> wire.Message:
+        self.node.retain(msg.ranges)
+        return wire.Result(Status.OK, b"")
+
     def _control(self, msg: wire.Control, request_id: int) -> wire.Message:
         return self.node.control(msg)
 
@@ -647,6 +683,7 @@ _HANDLERS: dict[int, tuple[str, type[wire.Message], Callable[..., Any]]] = {
         ("flush", wire.Flush, DataServerProtocol._flush),
         ("scan", wire.Scan, DataServerProtocol._scan),
         ("control", wire.Control, DataServerProtocol._control),
+        ("retain", wire.Retain, DataServerProtocol._retain),
         ("ping", wire.Ping, DataServerProtocol._ping),
         ("stats", wire.Stats, DataServerProtocol._stats),
         ("stream", wire.Stream, DataServerProtocol._stream),

@@ -411,6 +411,24 @@ class Store:
 
         return heapq.nsmallest(count, candidates())
 
+    def retain_steps(self, ranges: Sequence[TokenRange], step: int = 2000) -> Iterator[int]:
+        """Remove every record outside ``ranges``, yielding after each ``step`` keys.
+
+        Yields the number removed so far.  Keys written meanwhile are left alone
+        if they are in the ranges, and removed if they are not.
+        """
+        removed = 0
+        examined = 0
+        for partition in self.engine.partitions():
+            for key in self.engine.keys(partition):
+                examined += 1
+                if not in_ranges(token(partition, key), ranges):
+                    self.engine.remove(partition, key)
+                    removed += 1
+                if examined % step == 0:
+                    yield removed
+        yield removed
+
     # Background sweep ---------------------------------------------------------
 
     def sweep(self, budget: int) -> int:

@@ -122,6 +122,9 @@ class Router:
         rng: Optional[random.Random] = None,
     ) -> None:
         self.ring = ring
+        #: During a join or leave: the ring after it.  Writes go to the copies
+        #: under both rings; reads use ``ring`` until the change is cut over.
+        self.write_ring: Optional[Ring] = None
         self.links = links
         self.copies = replicas + 1
         self.policies = {p.name.encode(): p for p in partitions}
@@ -130,12 +133,32 @@ class Router:
         self.hlc = HybridLogicalClock(clock.seconds)
         self.repairs = 0
         self._copies_cache: dict[tuple[str, ...], list[NodeLink]] = {}
+        self._write_cache: dict[tuple[str, ...], list[NodeLink]] = {}
 
     def policy(self, partition: bytes) -> PartitionPolicy:
         policy = self.policies.get(partition)
         if policy is None:
             raise KeyError(f"unknown partition {partition.decode(errors='replace')!r}")
         return policy
+
+    def set_rings(self, ring: Ring, write_ring: Optional[Ring] = None) -> None:
+        """Switch to a new cluster map's rings (links must already exist)."""
+        self.ring = ring
+        self.write_ring = write_ring
+        self._copies_cache.clear()
+        self._write_cache.clear()
+
+    def write_copies_of(self, partition: bytes, key: bytes) -> list[NodeLink]:
+        """Where a write goes: the copies under the current ring, plus the new ring's."""
+        if self.write_ring is None:
+            return self.copies_of(partition, key)
+        ids = self.ring.nodes_for(partition, key, self.copies)
+        extra = [n for n in self.write_ring.nodes_for(partition, key, self.copies) if n not in ids]
+        both = ids + tuple(extra)
+        links = self._write_cache.get(both)
+        if links is None:
+            links = self._write_cache[both] = [self.links[i] for i in both]
+        return links
 
     def copies_of(self, partition: bytes, key: bytes) -> list[NodeLink]:
         """The key's copies in ring order: main node first."""
@@ -351,7 +374,7 @@ class Router:
         skip: Optional[NodeLink] = None,
         done_already: Optional[Result] = None,
     ) -> Deferred:
-        targets = [c for c in self.copies_of(partition, key) if c is not skip]
+        targets = [c for c in self.write_copies_of(partition, key) if c is not skip]
         return self._fanout(
             partition, targets, lambda c: c.apply(partition, key, packed), done_already
         )
@@ -359,7 +382,7 @@ class Router:
     def delete(self, partition: bytes, key: bytes) -> Deferred:
         """Tombstone every live copy.  Fires with DELETED if any copy held the key."""
         version = self.hlc.next()
-        targets = self.copies_of(partition, key)
+        targets = self.write_copies_of(partition, key)
         seen_live: list[bool] = []
 
         def send(client: DataNodeClient) -> Deferred:

@@ -7,9 +7,11 @@ from typing import Any, Optional
 
 from twisted.application import service, strports
 from twisted.internet import defer
+from twisted.web.resource import Resource
 
 from kvha.config import MasterConfig
 from kvha.data.client import DataNodeClient
+from kvha.master.cluster import AdminResource, ClusterManager, initial_map, ring_of
 from kvha.master.health import NodeLink
 from kvha.master.http import Api, ApiSite
 from kvha.master.memcache import MemcacheFactory, MemcacheStats
@@ -31,23 +33,7 @@ class MasterNode(service.MultiService):
         health = config.health
         self.links: dict[str, NodeLink] = {}
         for node in cluster.nodes:
-            client = DataNodeClient(
-                reactor,
-                node.address,
-                config.secret.encode("utf-8"),
-                client_id=config.id,
-                request_timeout=health.request_timeout,
-                retry_max_delay=max(health.ping_interval * 4, 0.5),
-            )
-            self.links[node.id] = NodeLink(
-                node.id,
-                client,
-                reactor,
-                ping_interval=health.ping_interval,
-                ping_timeout=health.ping_timeout,
-                weight=node.weight,
-                read_weight=node.read_weight,
-            )
+            self._link(node.id, node.address, node.read_weight)
         self.ring = Ring.build([(n.id, n.weight) for n in cluster.nodes], cluster.vnodes)
         self.router = Router(
             self.ring,
@@ -70,6 +56,29 @@ class MasterNode(service.MultiService):
             window=merge.window,
             max_bytes_per_second=merge.max_bytes_per_second,
         )
+        self.cluster_manager: Optional[ClusterManager] = None
+        if config.admin_token:
+            self.cluster_manager = ClusterManager(
+                self,
+                initial_map(
+                    [
+                        {
+                            "id": n.id,
+                            "address": n.address,
+                            "weight": n.weight,
+                            "read_weight": n.read_weight,
+                        }
+                        for n in cluster.nodes
+                    ],
+                    cluster.replicas,
+                    cluster.vnodes,
+                ),
+                config.state_dir,
+                list(config.peers),
+                config.admin_token,
+                poll_interval=health.ping_interval,
+                grace=merge.grace,
+            )
         self.memcache_stats = MemcacheStats(reactor)
         self.resp_factory: Optional[RespFactory] = None
         self.api: Optional[Api] = None
@@ -109,16 +118,66 @@ class MasterNode(service.MultiService):
                 max_list=config.http.max_list,
                 metrics=lambda: render(registry),
             )
-            strports.service(config.http.listen, ApiSite(self.api)).setServiceParent(self)
+            root: Any = self.api
+            if self.cluster_manager is not None:
+                root = _Root(self.api, AdminResource(self.cluster_manager))
+            strports.service(config.http.listen, ApiSite(root)).setServiceParent(self)
+
+    def _link(self, node_id: str, address: str, read_weight: float) -> NodeLink:
+        config = self.config
+        health = config.health
+        client = DataNodeClient(
+            self.reactor,
+            address,
+            config.secret.encode("utf-8"),
+            client_id=config.id,
+            request_timeout=health.request_timeout,
+            retry_max_delay=max(health.ping_interval * 4, 0.5),
+        )
+        link = self.links[node_id] = NodeLink(
+            node_id,
+            client,
+            self.reactor,
+            ping_interval=health.ping_interval,
+            ping_timeout=health.ping_timeout,
+            read_weight=read_weight,
+        )
+        return link
+
+    def adopt_map(self, m: dict[str, Any]) -> None:
+        """Route by a (new) cluster map: links for new nodes, rings for the router."""
+        wanted: dict[str, dict[str, Any]] = {n["id"]: n for n in m["nodes"]}
+        if m.get("pending"):
+            for n in m["pending"]["nodes_after"]:
+                wanted.setdefault(n["id"], n)
+        for node_id, node in wanted.items():
+            if node_id not in self.links:
+                link = self._link(node_id, node["address"], float(node.get("read_weight", 1.0)))
+                if self.running:
+                    link.start()
+            else:
+                self.links[node_id].read_weight = float(node.get("read_weight", 1.0))
+        ring = ring_of(m)
+        after = ring_of(m, after=True) if m.get("pending") else None
+        self.ring = ring
+        self.router.set_rings(ring, after)
+        self.merger.ring = ring
+        for node_id in [n for n in self.links if n not in wanted]:
+            link = self.links.pop(node_id)
+            link.stop()
 
     def startService(self) -> None:
         for link in self.links.values():
             link.start()
         self.merger.start()
+        if self.cluster_manager is not None:
+            self.cluster_manager.start()
         super().startService()
 
     def stopService(self) -> Any:
         self.merger.stop()
+        if self.cluster_manager is not None:
+            self.cluster_manager.stop()
         d = defer.maybeDeferred(super().stopService)
         stops = [defer.maybeDeferred(link.stop) for link in self.links.values()]
         return defer.gatherResults([d, *stops], consumeErrors=True)
@@ -133,3 +192,19 @@ def _port_of(endpoint: str) -> int:
         if part.startswith("port="):
             return int(part[5:]) if part[5:].isdigit() else 0
     return 0
+
+
+class _Root(Resource):
+    """``/v1/admin/...`` to the cluster admin API, everything else to the REST API."""
+
+    isLeaf = True
+
+    def __init__(self, api: Resource, admin: Resource) -> None:
+        super().__init__()
+        self.api = api
+        self.admin = admin
+
+    def render(self, request: Any) -> Any:
+        if request.path.startswith(b"/v1/admin/"):
+            return self.admin.render(request)
+        return self.api.render(request)

@@ -1,0 +1,497 @@
+"""The shared cluster map, and Automatic Scaling (joining and leaving data nodes).
+
+One map for all masters: the data nodes with their ring tokens, replicas,
+and at most one change in progress, under an ``epoch``.  Every master keeps
+it in ``state_dir/cluster.json``; the map in a master's configuration only
+seeds a master that has none.
+
+Spreading: a change made at any master bumps the epoch and is pushed to every
+peer master at once; every master also polls its peers each ping interval, so
+a master that missed a push catches up within one heartbeat.  Two changes made
+at the same time on two masters carry the same epoch; everywhere the one from
+the master with the smaller id wins, and the other master answers its admin
+with 409 naming the winner.
+
+Scaling: ``node add`` records the new node and the ring after it joins (its
+tokens allocated as in :mod:`kvha.ring`) as the pending change; ``node
+remove`` records the ring without the node.  While a change is pending,
+writes go to the copies under both rings and reads use the current ring.
+The master that made the change streams every range a node gains from its
+current copies (newest wins, tombstones included), then cuts over: the new
+ring becomes current and every node drops the ranges it no longer holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import hmac
+import json
+import os
+from typing import Any, Callable, Optional
+
+from twisted.internet import defer, task
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from kvha.ring import TOKEN_SPACE, Ring, TokenRange
+
+log = Logger()
+
+
+class Conflict(Exception):
+    """Another change won; the message names it."""
+
+
+def _key(m: dict[str, Any]) -> tuple[int, str]:
+    return int(m["epoch"]), str(m.get("proposer", ""))
+
+
+def beats(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether map ``a`` replaces map ``b``: a higher epoch, or at the same epoch
+    the smaller proposer id (so concurrent changes resolve the same everywhere)."""
+    ea, pa = _key(a)
+    eb, pb = _key(b)
+    if ea != eb:
+        return ea > eb
+    return pa != pb and (pb == "" or (pa != "" and pa < pb))
+
+
+def ring_of(m: dict[str, Any], after: bool = False) -> Ring:
+    if after and m.get("pending"):
+        nodes, tokens = m["pending"]["nodes_after"], m["pending"]["tokens_after"]
+    else:
+        nodes, tokens = m["nodes"], m["tokens"]
+    weights = {n["id"]: float(n.get("weight", 1.0)) for n in nodes}
+    return Ring.from_tokens(weights, {k: list(v) for k, v in tokens.items()}, int(m["vnodes"]))
+
+
+def initial_map(nodes: list[dict[str, Any]], replicas: int, vnodes: int) -> dict[str, Any]:
+    ring = Ring.build([(n["id"], float(n.get("weight", 1.0))) for n in nodes], vnodes)
+    return {
+        "epoch": 0,
+        "proposer": "",
+        "replicas": replicas,
+        "vnodes": vnodes,
+        "nodes": nodes,
+        "tokens": ring.tokens_by_node(),
+        "pending": None,
+    }
+
+
+def gained_ranges(before: Ring, after: Ring, copies: int) -> dict[str, dict[str, list[TokenRange]]]:
+    """For each node, the arcs it holds after but not before, by a current copy to pull from.
+
+    Returns ``{gainer: {source: [arcs]}}``.  Arcs are cut at every token of both
+    rings, so each piece has one set of copies before and one after.
+    """
+    tokens = sorted(set(before._tokens) | set(after._tokens))
+    out: dict[str, dict[str, list[TokenRange]]] = {}
+    for i, hi in enumerate(tokens):
+        lo = tokens[i - 1]
+        old = before.preference(hi)[:copies]
+        new = after.preference(hi)[:copies]
+        for node in new:
+            if node in old:
+                continue
+            for source in old:
+                out.setdefault(node, {}).setdefault(source, []).append((lo, hi))
+    return out
+
+
+@implementer(IBodyProducer)
+class _Body:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: Any) -> Any:
+        consumer.write(self.data)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class ClusterManager:
+    """Keeps this master's copy of the map, spreads changes, and drives scaling."""
+
+    def __init__(
+        self,
+        master: Any,
+        initial: dict[str, Any],
+        state_dir: Optional[str],
+        peers: list[str],
+        token: str,
+        poll_interval: float = 0.25,
+        grace: float = 1.0,
+    ) -> None:
+        self.master = master
+        self.reactor = master.reactor
+        self.id = master.config.id
+        self.state_path = os.path.join(state_dir, "cluster.json") if state_dir else None
+        self.peers = [p.rstrip("/") for p in peers]
+        self.token = token
+        self.poll_interval = poll_interval
+        self.grace = grace
+        self.map = initial
+        if self.state_path and os.path.exists(self.state_path):
+            with open(self.state_path) as f:
+                self.map = json.load(f)
+            log.info(
+                "cluster map epoch {e} loaded from {path}",
+                e=self.map["epoch"],
+                path=self.state_path,
+            )
+        self.agent = Agent(self.reactor, connectTimeout=2)
+        self.peer_epochs: dict[str, Optional[int]] = {p: None for p in self.peers}
+        self.driving: Optional[Deferred] = None
+        self.progress: dict[str, Any] = {}
+        self._loop: Optional[task.LoopingCall] = None
+
+    # Life cycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.master.adopt_map(self.map)
+        self._maybe_drive()
+        loop = task.LoopingCall(self._poll)
+        loop.clock = self.reactor
+        loop.start(self.poll_interval, now=False)
+        self._loop = loop
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def save(self) -> None:
+        if not self.state_path:
+            return
+        os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.map, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_path)
+
+    def adopt(self, new: dict[str, Any], why: str) -> bool:
+        if not beats(new, self.map):
+            return False
+        self.map = new
+        self.save()
+        log.info(
+            "cluster map epoch {e} by {p} adopted ({why}); pending: {pending}",
+            e=new["epoch"],
+            p=new.get("proposer") or "config",
+            why=why,
+            pending=(new.get("pending") or {}).get("kind", "none"),
+        )
+        self.master.adopt_map(new)
+        self._maybe_drive()
+        return True
+
+    # Peers --------------------------------------------------------------------------
+
+    def _headers(self) -> Headers:
+        return Headers(
+            {
+                b"Authorization": [b"Bearer " + self.token.encode()],
+                b"Content-Type": [b"application/json"],
+            }
+        )
+
+    def _poll(self) -> None:
+        for peer in self.peers:
+            d = self.agent.request(b"GET", (peer + "/v1/admin/cluster").encode(), self._headers())
+            d.addCallback(readBody)
+
+            def got(body: bytes, peer: str = peer) -> None:
+                doc = json.loads(body)
+                self.peer_epochs[peer] = int(doc["epoch"])
+                self.adopt(doc, f"polled from {peer}")
+
+            def failed(f: Any, peer: str = peer) -> None:
+                self.peer_epochs[peer] = None
+
+            d.addCallbacks(got, failed)
+
+    def propose(self, change: Callable[[dict[str, Any]], dict[str, Any]]) -> Deferred:
+        """Apply ``change`` to a copy of the map at the next epoch and spread it.
+
+        Fires with the new map, or fails with Conflict if a concurrent change won.
+        """
+        new = change(copy.deepcopy(self.map))
+        new["epoch"] = int(self.map["epoch"]) + 1
+        new["proposer"] = self.id
+        self.map = new
+        self.save()
+        self.master.adopt_map(new)
+        log.info("cluster map epoch {e} proposed by this master", e=new["epoch"])
+        body = json.dumps(new).encode()
+        ds = []
+        for peer in self.peers:
+            d = self.agent.request(
+                b"POST", (peer + "/v1/admin/cluster").encode(), self._headers(), _Body(body)
+            )
+            d.addCallback(readBody)
+            d.addCallback(json.loads)
+            d.addErrback(lambda f: None)  # an unreachable peer catches up by polling
+            ds.append(d)
+
+        def settle(answers: list[Any]) -> dict[str, Any]:
+            for answer in answers:
+                if answer and beats(answer, new):
+                    self.adopt(answer, "a concurrent change won")
+                    raise Conflict(
+                        f"a concurrent change by {answer.get('proposer')} won epoch "
+                        f"{answer['epoch']}; this change was not applied, retry it"
+                    )
+            if self.map is not new and beats(self.map, new):
+                raise Conflict(
+                    f"a concurrent change by {self.map.get('proposer')} won epoch "
+                    f"{self.map['epoch']}; this change was not applied, retry it"
+                )
+            self._maybe_drive()
+            return new
+
+        return defer.gatherResults(ds).addCallback(settle)
+
+    # Scaling ------------------------------------------------------------------------
+
+    def add_node(self, node: dict[str, Any]) -> Deferred:
+        if self.map.get("pending"):
+            return defer.fail(Conflict(f"a {self.map['pending']['kind']} is already in progress"))
+        if any(n["id"] == node["id"] for n in self.map["nodes"]):
+            return defer.fail(Conflict(f"data node {node['id']} is already in the cluster"))
+
+        def change(m: dict[str, Any]) -> dict[str, Any]:
+            after = ring_of(m)
+            after.add_node(node["id"], float(node.get("weight", 1.0)))
+            m["pending"] = {
+                "kind": "join",
+                "node": node["id"],
+                "driver": self.id,
+                "nodes_after": m["nodes"] + [node],
+                "tokens_after": after.tokens_by_node(),
+            }
+            return m
+
+        return self.propose(change)
+
+    def remove_node(self, node_id: str) -> Deferred:
+        if self.map.get("pending"):
+            return defer.fail(Conflict(f"a {self.map['pending']['kind']} is already in progress"))
+        if not any(n["id"] == node_id for n in self.map["nodes"]):
+            return defer.fail(Conflict(f"no data node {node_id} in the cluster"))
+        if len(self.map["nodes"]) - 1 <= int(self.map["replicas"]):
+            return defer.fail(Conflict("too few data nodes would remain for the replicas"))
+
+        def change(m: dict[str, Any]) -> dict[str, Any]:
+            after = ring_of(m)
+            after.remove_node(node_id)
+            m["pending"] = {
+                "kind": "leave",
+                "node": node_id,
+                "driver": self.id,
+                "nodes_after": [n for n in m["nodes"] if n["id"] != node_id],
+                "tokens_after": after.tokens_by_node(),
+            }
+            return m
+
+        return self.propose(change)
+
+    def _maybe_drive(self) -> None:
+        pending = self.map.get("pending")
+        if not pending or pending.get("driver") != self.id or self.driving is not None:
+            return
+        self.driving = self._drive(self.map)
+        self.driving.addErrback(self._drive_failed)
+        self.driving.addBoth(self._drive_over)
+
+    def _drive_over(self, result: Any) -> Any:
+        self.driving = None
+        return result
+
+    def _drive_failed(self, failure: Any) -> None:
+        log.failure("scaling step failed; retrying in 2 s", failure)
+        self.reactor.callLater(2.0, self._maybe_drive)
+
+    @defer.inlineCallbacks
+    def _drive(self, m: dict[str, Any]) -> Any:
+        pending = m["pending"]
+        copies = int(m["replicas"]) + 1
+        before, after = ring_of(m), ring_of(m, after=True)
+        # Every master must be writing to both rings before anything is copied.
+        yield task.deferLater(self.reactor, self.grace, lambda: None)
+        gains = gained_ranges(before, after, copies)
+        links = self.master.links
+        self.progress = {
+            "kind": pending["kind"],
+            "node": pending["node"],
+            "keys": 0,
+            "bytes": 0,
+            "done": False,
+        }
+        log.info(
+            "{kind} of {node}: streaming ranges to {gainers}",
+            kind=pending["kind"],
+            node=pending["node"],
+            gainers=",".join(sorted(gains)) or "nobody",
+        )
+        merge = self.master.config.merge
+        for gainer, by_source in sorted(gains.items()):
+            target = links[gainer]
+            if not target.client.connected:
+                raise RuntimeError(f"data node {gainer} is not connected")
+            for source_id, ranges in sorted(by_source.items()):
+                source = links[source_id]
+                if not source.client.connected or source.state == "down":
+                    continue  # another current copy of these arcs is a source too
+
+                def apply(batch: list[tuple[bytes, bytes, bytes]], target: Any = target) -> Any:
+                    ds = []
+                    for partition, key, packed in batch:
+                        self.progress["keys"] += 1
+                        self.progress["bytes"] += len(partition) + len(key) + len(packed)
+                        ds.append(target.client.apply(partition, key, packed))
+                    d = defer.gatherResults(ds, consumeErrors=True)
+                    if merge.max_bytes_per_second:
+                        size = sum(len(p) + len(k) + len(v) for p, k, v in batch)
+                        d.addCallback(
+                            lambda _: task.deferLater(
+                                self.reactor, size / merge.max_bytes_per_second, lambda: None
+                            )
+                        )
+                    return d
+
+                yield source.client.stream(ranges, 0, apply, window=merge.window)
+        log.info(
+            "{kind} of {node}: {keys} records ({bytes} bytes) streamed; cutting over",
+            kind=pending["kind"],
+            node=pending["node"],
+            keys=self.progress["keys"],
+            bytes=self.progress["bytes"],
+        )
+
+        def cut_over(cur: dict[str, Any]) -> dict[str, Any]:
+            cur["nodes"] = cur["pending"]["nodes_after"]
+            cur["tokens"] = cur["pending"]["tokens_after"]
+            cur["pending"] = None
+            return cur
+
+        yield self.propose(cut_over)
+        yield task.deferLater(self.reactor, self.grace, lambda: None)
+        # Each node keeps only what it holds under the new ring.
+        for node_id in after.nodes:
+            ranges = after.ranges_for(node_id, copies)
+            if ranges and links[node_id].client.connected:
+                yield links[node_id].client.retain(ranges)
+        self.progress["done"] = True
+        log.info("{kind} of {node} complete", kind=pending["kind"], node=pending["node"])
+
+    def status(self) -> dict[str, Any]:
+        m = self.map
+        pending = m.get("pending")
+        share = None
+        if pending and pending["kind"] == "join":
+            ring = ring_of(m, after=True)
+            share = ring.ownership().get(pending["node"])
+        return {
+            "id": self.id,
+            "epoch": m["epoch"],
+            "proposer": m.get("proposer"),
+            "nodes": [n["id"] for n in m["nodes"]],
+            "pending": None
+            if not pending
+            else {
+                "kind": pending["kind"],
+                "node": pending["node"],
+                "driver": pending["driver"],
+                "new_node_share": share,
+            },
+            "progress": self.progress,
+            "peers": self.peer_epochs,
+        }
+
+
+class AdminResource(Resource):
+    """``/v1/admin/...`` on the master's HTTP port, with a bearer token."""
+
+    isLeaf = True
+
+    def __init__(self, manager: ClusterManager) -> None:
+        super().__init__()
+        self.manager = manager
+
+    def render(self, request: Any) -> Any:
+        request.setHeader("Content-Type", b"application/json")
+        header = request.getHeader(b"authorization") or b""
+        if not self.manager.token or not hmac.compare_digest(
+            header, b"Bearer " + self.manager.token.encode()
+        ):
+            request.setResponseCode(401)
+            return b'{"error": {"code": 401, "message": "a valid bearer token is required"}}\n'
+        parts = [p for p in request.path.split(b"?")[0].split(b"/") if p][2:]
+        method = request.method
+        manager = self.manager
+        try:
+            if parts == [b"cluster"] and method == b"GET":
+                return json.dumps(manager.map).encode()
+            if parts == [b"cluster"] and method == b"POST":
+                doc = json.loads(request.content.read())
+                manager.adopt(doc, "pushed by a peer")
+                return json.dumps(manager.map).encode()
+            if parts == [b"status"] and method == b"GET":
+                return json.dumps(manager.status()).encode()
+            if parts == [b"nodes"] and method == b"POST":
+                doc = json.loads(request.content.read())
+                node = {
+                    "id": str(doc["id"]),
+                    "address": str(doc["address"]),
+                    "weight": float(doc.get("weight", 1.0)),
+                    "read_weight": float(doc.get("read_weight", 1.0)),
+                }
+                return self._deferred(request, manager.add_node(node))
+            if len(parts) == 2 and parts[0] == b"nodes" and method == b"DELETE":
+                return self._deferred(request, manager.remove_node(parts[1].decode()))
+        except (ValueError, KeyError, TypeError) as e:
+            request.setResponseCode(400)
+            return json.dumps({"error": {"code": 400, "message": str(e)}}).encode()
+        request.setResponseCode(404)
+        return b'{"error": {"code": 404, "message": "no such admin resource"}}\n'
+
+    def _deferred(self, request: Any, d: Deferred) -> Any:
+        from twisted.web import server
+
+        def ok(m: dict[str, Any]) -> None:
+            request.write(
+                json.dumps(
+                    {
+                        "epoch": m["epoch"],
+                        "pending": m.get("pending")
+                        and {"kind": m["pending"]["kind"], "node": m["pending"]["node"]},
+                    }
+                ).encode()
+            )
+            request.finish()
+
+        def failed(f: Any) -> None:
+            code = 409 if f.check(Conflict) else 500
+            request.setResponseCode(code)
+            request.write(
+                json.dumps({"error": {"code": code, "message": f.getErrorMessage()}}).encode()
+            )
+            request.finish()
+
+        d.addCallbacks(ok, failed)
+        return server.NOT_DONE_YET
+
+
+__all__ = ["ClusterManager", "AdminResource", "Conflict", "TOKEN_SPACE"]
