@@ -26,7 +26,7 @@ import binascii
 import json
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
-from urllib.parse import unquote_to_bytes
+from urllib.parse import parse_qs, unquote_to_bytes
 from xml.sax.saxutils import escape, quoteattr
 
 from twisted.internet import defer
@@ -38,7 +38,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from kvha.data.store import Status, StoreMode
-from kvha.master.router import Router, Unavailable
+from kvha.master.router import RETRYABLE, Router, Unavailable
 from kvha.record import Record
 
 log = Logger()
@@ -50,7 +50,8 @@ METHODS = b"GET, PUT, POST, DELETE, OPTIONS"
 ALLOWED_HEADERS = b"Content-Type, Accept, If-Match, If-None-Match, Authorization"
 MAX_TTL = 10 * 365 * 86400
 
-_XML_BAD = set(range(0, 32)) - {9, 10, 13}
+# Characters XML 1.0 cannot carry at all, even as character references.
+_XML_BAD = (set(range(0, 32)) - {9, 10, 13}) | {0xFFFE, 0xFFFF}
 _REASONS = {
     400: "bad_request",
     401: "unauthorized",
@@ -82,6 +83,11 @@ def _text(data: bytes) -> Optional[str]:
     if any(ord(c) in _XML_BAD for c in text):
         return None
     return text
+
+
+def _xml_text(text: str) -> str:
+    """Escape element content; a literal CR would be read back as LF."""
+    return escape(text, {"\r": "&#13;"})
 
 
 def _encoded(data: bytes) -> tuple[str, str]:
@@ -150,7 +156,7 @@ def record_xml(doc: dict[str, Any]) -> str:
         for name in ("partition", "key", "key_encoding", "version", "flags", "expires", "encoding")
         if doc.get(name) is not None
     )
-    return f"<record {attrs}>{escape(doc['value'])}</record>"
+    return f"<record {attrs}>{_xml_text(doc['value'])}</record>"
 
 
 class Api(Resource):
@@ -184,7 +190,9 @@ class Api(Resource):
         self._cors(request)
         fmt = JSON
         try:
-            fmt = negotiate(request.getHeader(b"accept"), allow_raw=True)
+            # /health, /metrics and preflights have fixed media types: no 406 there.
+            if request.method != b"OPTIONS" and request.path not in (b"/health", b"/metrics"):
+                fmt = negotiate(request.getHeader(b"accept"), allow_raw=True)
             result = self._route(request, fmt)
         except HttpError as e:
             return self._error(request, e, fmt)
@@ -203,7 +211,7 @@ class Api(Resource):
     def _failed(self, failure: Any, request: Request, fmt: bytes) -> bytes:
         if failure.check(HttpError):
             return self._error(request, failure.value, fmt)
-        if failure.check(Unavailable):
+        if failure.check(Unavailable, *RETRYABLE):  # a copy failed or timed out: no traceback
             return self._error(request, HttpError(503, failure.getErrorMessage()), fmt)
         if failure.check(ValueError):
             return self._error(request, HttpError(413, failure.getErrorMessage()), fmt)
@@ -225,7 +233,7 @@ class Api(Resource):
             request.setHeader("Vary", b"Origin")
         else:
             return
-        request.setHeader("Access-Control-Expose-Headers", b"ETag, Location")
+        request.setHeader("Access-Control-Expose-Headers", b"ETag, Location, X-Kvha-Flags")
 
     def _error(self, request: Request, e: HttpError, fmt: bytes) -> bytes:
         self.errors[e.code] = self.errors.get(e.code, 0) + 1
@@ -237,7 +245,7 @@ class Api(Resource):
             request.setHeader("Content-Type", b"application/xml; charset=utf-8")
             return (
                 f'<?xml version="1.0" encoding="UTF-8"?>\n<error code="{e.code}" '
-                f"status={quoteattr(reason)}>{escape(e.message)}</error>\n"
+                f"status={quoteattr(reason)}>{_xml_text(e.message)}</error>\n"
             ).encode()
         request.setHeader("Content-Type", b"application/json")
         return json.dumps(
@@ -274,7 +282,7 @@ class Api(Resource):
             if rest == [b"mget"]:
                 self._only(method, b"POST, OPTIONS")
                 return self._mget(request, fmt, partition)
-            if rest in ([b"k"], [b"k", b""]):
+            if rest == [b"k"] or (rest == [b"k", b""] and method in (b"GET", b"HEAD")):
                 self._only(method, b"GET, OPTIONS")
                 return self._list(request, fmt, partition)
             if len(rest) == 2 and rest[0] == b"k":
@@ -394,7 +402,10 @@ class Api(Resource):
         return value, flags, ttl
 
     def _ttl_arg(self, request: Request) -> Optional[int]:
-        raw = request.args.get(b"ttl")
+        # From the query string only: for a form-encoded POST (``curl -d``),
+        # twisted.web merges the body into request.args, and the body is the value.
+        query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
+        raw = parse_qs(query, keep_blank_values=True).get(b"ttl")
         if not raw:
             return None
         token = raw[0]
@@ -517,7 +528,11 @@ class Api(Resource):
             docs = []
             for key, record in zip(raw_keys, records):
                 if record is None:
-                    docs.append({"key": key.decode("utf-8"), "found": False})
+                    key_encoding, key_text = _encoded(key)
+                    d = {"key": key_text, "found": False}
+                    if key_encoding != "utf-8":
+                        d["key_encoding"] = key_encoding
+                    docs.append(d)
                 else:
                     d = record_doc(partition, key, record)
                     d["found"] = True
@@ -531,7 +546,7 @@ class Api(Resource):
     def _list(self, request: Request, fmt: bytes, partition: bytes) -> Deferred:
         args = request.args
         prefix = args.get(b"prefix", [b""])[0]
-        limit_raw = args.get(b"limit", [b"100"])[0]
+        limit_raw = args.get(b"limit", [b"%d" % min(100, self.max_list)])[0]
         cursor_raw = args.get(b"cursor", [b"0"])[0]
         if not limit_raw.isdigit() or not 1 <= int(limit_raw) <= self.max_list:
             raise HttpError(400, f"limit must be an integer from 1 to {self.max_list}")
@@ -586,13 +601,15 @@ def _records_xml(doc: dict[str, Any]) -> str:
         if d["found"]:
             items.append(record_xml(d))
         else:
-            items.append(f'<record key={quoteattr(d["key"])} found="false"/>')
+            enc = d.get("key_encoding")
+            enc_attr = f" key_encoding={quoteattr(enc)}" if enc else ""
+            items.append(f'<record key={quoteattr(d["key"])}{enc_attr} found="false"/>')
     return "<records>" + "".join(items) + "</records>"
 
 
 def _keys_xml(doc: dict[str, Any]) -> str:
     cursor = f" cursor={quoteattr(doc['cursor'])}" if doc["cursor"] else ""
-    keys = "".join(f"<key>{escape(k)}</key>" for k in doc["keys"])
+    keys = "".join(f"<key>{_xml_text(k)}</key>" for k in doc["keys"])
     return f"<keys{cursor}>{keys}</keys>"
 
 
