@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from twisted.internet import defer, task  # noqa: E402
 
+from bench import protocols  # noqa: E402
 from kvha.data.client import DataNodeClient  # noqa: E402
 from kvha.procs import NodeProcess, free_port, rss_bytes, wait_for_port  # noqa: E402
 
@@ -71,94 +72,6 @@ def start_kvha(workdir: str, name: str, engine: str, fsync: str = "everysec") ->
     node = NodeProcess("data", config, os.path.join(workdir, f"{name}.log"), port=port)
     node.start()
     return node
-
-
-def start_cluster(workdir: str, replicas: int, engines: tuple[str, ...]) -> list[NodeProcess]:
-    """Data nodes with ``engines`` and one master; the master is last."""
-    procs = []
-    addresses = []
-    for i, engine in enumerate(engines, 1):
-        node = start_kvha(workdir, f"c{replicas}-data{i}", engine)
-        procs.append(node)
-        addresses.append((f"data{i}", node.port))
-    port = free_port()
-    config = os.path.join(workdir, f"c{replicas}-master.yaml")
-    nodes = "\n".join(
-        f"      - {{id: {nid}, address: 'tcp:127.0.0.1:{p}'}}" for nid, p in addresses
-    )
-    with open(config, "w") as f:
-        f.write(
-            f"master:\n  id: bench-master\n  secret: '{SECRET}'\n"
-            f"  memcached: {{listen: 'tcp:{port}:interface=127.0.0.1'}}\n"
-            f"  cluster:\n    replicas: {replicas}\n    nodes:\n{nodes}\n"
-        )
-    master = NodeProcess(
-        "master", config, os.path.join(workdir, f"c{replicas}-master.log"), port=port
-    )
-    master.start()
-    wait_until_up(port, len(engines))
-    procs.append(master)
-    return procs
-
-
-def wait_until_up(port: int, nodes: int, timeout: float = 20.0) -> None:
-    from pymemcache.client.base import Client
-
-    deadline = time.monotonic() + timeout
-    client = Client(("127.0.0.1", port), timeout=2)
-    while time.monotonic() < deadline:
-        try:
-            if int(client.stats().get(b"data_nodes_up", 0)) == nodes:
-                client.close()
-                return
-        except Exception:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("the master's data nodes did not come up")
-
-
-def memcslap(port: int, test: str, concurrency: int, execute: int) -> float:
-    """Operations per second that memcslap reports for one test."""
-    out = subprocess.run(
-        [
-            "memcslap",
-            f"--servers=127.0.0.1:{port}",
-            f"--test={test}",
-            f"--concurrency={concurrency}",
-            f"--execute-number={execute}",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=600,
-    ).stdout
-    for line in out.splitlines():
-        if line.startswith(f"Time to {test}"):
-            words = line.split()
-            keys = int(words[3])
-            seconds = float(words[-2])
-            return keys / seconds
-    raise RuntimeError(f"unexpected memcslap output:\n{out}")
-
-
-def bench_memcslap(workdir: str, execute: int) -> dict[str, Any]:
-    """memcslap get/set, 50 threads: real memcached, then a master over 3 data nodes."""
-    port = free_port()
-    argv = ["memcached", "-p", str(port), "-l", "127.0.0.1", "-m", "1024"]
-    if os.geteuid() == 0:
-        argv += ["-u", "root"]
-    server = Server(argv, port)
-    try:
-        direct = {t: memcslap(port, t, 50, execute * 10) for t in ("set", "get")}
-    finally:
-        server.stop()
-    procs = start_cluster(workdir, 1, ("memory", "log", "log"))
-    try:
-        master = {t: memcslap(procs[-1].port, t, 50, execute) for t in ("set", "get")}
-    finally:
-        for proc in procs:
-            proc.stop()
-    return {"memcached": direct, "kvha_master_replicas_1": master}
 
 
 @defer.inlineCallbacks
@@ -300,36 +213,26 @@ def render(results: dict[str, Any]) -> str:
         f"# kvha benchmark, {results['when']}",
         "",
         f"Machine: {results['machine']}; Python {results['python']}.",
-        "",
-        "## Data node throughput (one client, 256 requests in flight)",
-        "",
-        "| target | set ops/s | get ops/s | set vs redis -P16 | get vs redis -P16 |",
-        "|---|---:|---:|---:|---:|",
     ]
-    redis = results["redis"]
-    lines.append(
-        f"| redis-server (redis-benchmark -c 50 -P 16) | {redis['set_ops']:,.0f} | "
-        f"{redis['get_ops']:,.0f} | 1.00 | 1.00 |"
-    )
-    for row in results["data_node"]:
+    redis = results.get("redis")
+    if redis:
+        lines += [
+            "",
+            "## Data node throughput (one client, 256 requests in flight)",
+            "",
+            "| target | set ops/s | get ops/s | set vs redis -P16 | get vs redis -P16 |",
+            "|---|---:|---:|---:|---:|",
+            f"| redis-server (redis-benchmark -c 50 -P 16) | {redis['set_ops']:,.0f} | "
+            f"{redis['get_ops']:,.0f} | 1.00 | 1.00 |",
+        ]
+    for row in results.get("data_node", []):
         lines.append(
             f"| kvha data node, {row['engine']} (fsync {row['fsync']}) | {row['set_ops']:,.0f} | "
             f"{row['get_ops']:,.0f} | {row['set_ops'] / redis['set_ops']:.2f} | "
             f"{row['get_ops'] / redis['get_ops']:.2f} |"
         )
-    slap = results.get("memcslap")
-    if slap:
-        d, k = slap["memcached"], slap["kvha_master_replicas_1"]
-        lines += [
-            "",
-            "## memcslap, 50 threads (memcached text protocol)",
-            "",
-            "| target | set ops/s | get ops/s | set ratio | get ratio |",
-            "|---|---:|---:|---:|---:|",
-            f"| memcached | {d['set']:,.0f} | {d['get']:,.0f} | 1.00 | 1.00 |",
-            f"| kvha master, 3 data nodes, replicas 1 | {k['set']:,.0f} | {k['get']:,.0f} | "
-            f"{k['set'] / d['set']:.2f} | {k['get'] / d['get']:.2f} |",
-        ]
+    if results.get("protocols"):
+        lines += [""] + protocols.render(results["protocols"])
     mem = results.get("memory")
     if mem:
         k, m = mem["kvha"], mem["memcached"]
@@ -356,7 +259,18 @@ def main() -> None:
         "--memcslap-execute", type=int, default=400, help="memcslap --execute-number per thread"
     )
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument(
+        "--sections",
+        default="data,protocols,memory",
+        help="comma-separated: data (data node throughput), protocols (redis-benchmark and "
+        "memcslap against masters and the VIP), memory (1M records vs memcached)",
+    )
+    parser.add_argument(
+        "--requests", type=int, default=20_000, help="redis-benchmark -n against kvha"
+    )
+    parser.add_argument("--quick", action="store_true", help="protocols: replicas 1 only")
     args = parser.parse_args()
+    args.sections = set(args.sections.split(","))
     for tool in ("redis-server", "redis-benchmark", "memcached"):
         if shutil.which(tool) is None:
             sys.exit(
@@ -372,17 +286,24 @@ def main() -> None:
     @defer.inlineCallbacks
     def run(reactor: Any) -> Any:
         with tempfile.TemporaryDirectory(prefix="kvha-bench-") as workdir:
-            results["redis"] = redis_benchmark(args.ops * 4)
-            results["data_node"] = []
-            for engine, fsync in (("memory", "everysec"), ("log", "everysec"), ("log", "always")):
-                row = yield bench_data_node(reactor, workdir, engine, fsync, args.ops)
-                results["data_node"].append(row)
+            if "data" in args.sections:
+                results["redis"] = redis_benchmark(args.ops * 4)
+                results["data_node"] = []
+                for engine, fsync in (
+                    ("memory", "everysec"),
+                    ("log", "everysec"),
+                    ("log", "always"),
+                ):
+                    row = yield bench_data_node(reactor, workdir, engine, fsync, args.ops)
+                    results["data_node"].append(row)
                 print(
                     f"  {engine}/{fsync}: set {row['set_ops']:,.0f}/s get {row['get_ops']:,.0f}/s"
                 )
-            if shutil.which("memcslap"):
-                results["memcslap"] = bench_memcslap(workdir, args.memcslap_execute)
-            if args.records:
+            if "protocols" in args.sections:
+                results["protocols"] = protocols.run(
+                    workdir, args.requests, args.memcslap_execute, quick=args.quick
+                )
+            if args.records and "memory" in args.sections:
                 kvha_mem = yield load_kvha_memory(reactor, workdir, args.records)
                 results["memory"] = {
                     "records": args.records,

@@ -1,0 +1,268 @@
+"""Client-protocol benchmarks: kvha beside redis-server and memcached, same run.
+
+``redis-benchmark`` (SET, GET, INCR, MSET; 50 clients; unpipelined and
+``-P 16``) and ``memcslap`` (get, set; 50 threads) against:
+
+1. redis-server / memcached directly;
+2. one kvha master directly, in front of three ``memory`` data nodes, with
+   ``replicas: 0`` and with ``replicas: 1``;
+3. the full path through the VIP (load balancer -> master -> data nodes) with
+   ``replicas: 1``: the local cluster of ``kvha up`` on free ports.
+
+Every kvha node runs under the interpreter running this script, so
+``make bench PY=pypy3`` measures kvha on PyPy.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import random
+import subprocess
+import time
+from typing import Any, Optional
+
+from kvha.config import LocalConfig, LocalDataNode
+from kvha.local import plan, redis_ping, taken_ports, write_configs
+from kvha.procs import NodeProcess, free_port, wait_for_port
+
+SECRET = "bench-cluster-secret-0123456789"
+TOKEN = "bench-admin-token-0123456789"
+REDIS_TESTS = ("set", "get", "incr", "mset")
+
+
+class Server:
+    def __init__(self, argv: list[str], port: int) -> None:
+        self.port = port
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port("127.0.0.1", port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def redis_benchmark(
+    host: str, port: int, requests: int, pipeline: int, clients: int = 50
+) -> dict[str, dict[str, float]]:
+    """{test: {rps, p50, p99}} from redis-benchmark's CSV output."""
+    out = subprocess.run(
+        [
+            "redis-benchmark",
+            "-h",
+            host,
+            "-p",
+            str(port),
+            "-t",
+            ",".join(REDIS_TESTS),
+            "-c",
+            str(clients),
+            "-n",
+            str(requests),
+            "-P",
+            str(pipeline),
+            "--csv",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+    ).stdout
+    rows = list(csv.reader(io.StringIO(out)))
+    header = rows[0] if rows and rows[0][0] == "test" else None
+    result = {}
+    for row in rows:
+        if not row or row[0] == "test":
+            continue
+        name = row[0].split(" ")[0].lower()
+        if name not in REDIS_TESTS:
+            continue
+        if header:
+            cols = dict(zip(header, row))
+            result[name] = {
+                "rps": float(cols["rps"]),
+                "p50": float(cols.get("p50_latency_ms", "nan")),
+                "p99": float(cols.get("p99_latency_ms", "nan")),
+            }
+        else:
+            result[name] = {"rps": float(row[1]), "p50": float("nan"), "p99": float("nan")}
+    return result
+
+
+def memcslap(host: str, port: int, test: str, threads: int, execute: int) -> float:
+    out = subprocess.run(
+        [
+            "memcslap",
+            f"--servers={host}:{port}",
+            f"--test={test}",
+            f"--concurrency={threads}",
+            f"--execute-number={execute}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+    ).stdout
+    for line in out.splitlines():
+        if line.startswith(f"Time to {test}"):
+            words = line.split()
+            return int(words[3]) / float(words[-2])
+    raise RuntimeError(f"unexpected memcslap output:\n{out}")
+
+
+def _free_base(vip: str, attempts: int = 50) -> LocalConfig:
+    rng = random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(20000, 60000, 100)
+        ports = [free_port() for _ in range(3)]
+        config = LocalConfig(
+            secret=SECRET,
+            admin_token=TOKEN,
+            vip=vip,
+            redis_port=ports[0],
+            memcached_port=ports[1],
+            http_port=ports[2],
+            base_port=base,
+            masters=1,
+            replicas=1,
+            data=(
+                LocalDataNode(id="data1", engine="memory"),
+                LocalDataNode(id="data2", engine="memory"),
+                LocalDataNode(id="data3", engine="memory"),
+            ),
+        )
+        if not taken_ports(config, plan(config)):
+            return config
+    raise RuntimeError("no free port range found")
+
+
+class Cluster:
+    """Three memory data nodes, one master, and (with the VIP) two load balancers."""
+
+    def __init__(self, workdir: str, name: str, replicas: int, with_lbs: bool) -> None:
+        base = _free_base("127.0.0.101")
+        state = os.path.join(workdir, name)
+        self.config = dataclasses.replace(base, replicas=replicas, state_dir=state)
+        self.nodes = [n for n in plan(self.config) if with_lbs or n.role != "lb"]
+        write_configs(self.config, self.nodes)
+        self.procs: list[NodeProcess] = []
+        master = next(n for n in self.nodes if n.role == "master")
+        self.memcached = (master.host, master.port)
+        self.redis = (master.extra_ports[0][1], master.extra_ports[0][2])
+        if with_lbs:
+            self.memcached = (self.config.vip, self.config.memcached_port)
+            self.redis = (self.config.vip, self.config.redis_port)
+
+    def start(self, timeout: float = 60.0) -> None:
+        for node in self.nodes:
+            proc = NodeProcess(
+                node.role,
+                node.config_path(self.config.state_dir),
+                os.path.join(node.directory(self.config.state_dir), "log"),
+                host=node.host,
+                port=node.port,
+            )
+            proc.start(wait=False)
+            self.procs.append(proc)
+        deadline = time.monotonic() + timeout
+        from kvha.local import memcached_stats
+
+        host, port = self.memcached
+        while True:
+            try:
+                stats = memcached_stats(host, port)
+                if stats.get("data_nodes_up") == "3" and redis_ping(*self.redis):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the benchmark cluster did not come up")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+def run(workdir: str, requests: int, memcslap_execute: int, quick: bool = False) -> dict[str, Any]:
+    """Every target, one after another (two cores: never two loads at once)."""
+    results: dict[str, Any] = {"redis": {}, "memcached": {}}
+    direct_requests = requests * 10
+
+    port = free_port()
+    server = Server(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"], port)
+    try:
+        for p in (1, 16):
+            results["redis"][f"redis-server P{p}"] = redis_benchmark(
+                "127.0.0.1", port, direct_requests, p
+            )
+    finally:
+        server.stop()
+    port = free_port()
+    argv = ["memcached", "-p", str(port), "-l", "127.0.0.1", "-m", "1024"]
+    if os.geteuid() == 0:
+        argv += ["-u", "root"]
+    server = Server(argv, port)
+    try:
+        results["memcached"]["memcached"] = {
+            t: memcslap("127.0.0.1", port, t, 50, memcslap_execute * 10) for t in ("set", "get")
+        }
+    finally:
+        server.stop()
+
+    targets = [
+        ("master replicas 0", 0, False),
+        ("master replicas 1", 1, False),
+        ("VIP replicas 1", 1, True),
+    ]
+    if quick:
+        targets = targets[1:2]
+    for label, replicas, lbs in targets:
+        cluster = Cluster(workdir, label.replace(" ", "-"), replicas, lbs)
+        cluster.start()
+        try:
+            host, port = cluster.redis
+            for p in (1, 16):
+                results["redis"][f"{label} P{p}"] = redis_benchmark(host, port, requests, p)
+            host, port = cluster.memcached
+            results["memcached"][label] = {
+                t: memcslap(host, port, t, 50, memcslap_execute) for t in ("set", "get")
+            }
+        finally:
+            cluster.stop()
+    return results
+
+
+def render(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Redis protocol: redis-benchmark, 50 clients",
+        "",
+        "| target | pipeline | test | ops/s | p50 ms | p99 ms | ratio to redis-server |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    redis = results["redis"]
+    for label, tests in redis.items():
+        target, pipe = label.rsplit(" P", 1)
+        direct: Optional[dict[str, Any]] = redis.get(f"redis-server P{pipe}")
+        for test, row in tests.items():
+            ratio = row["rps"] / direct[test]["rps"] if direct and test in direct else float("nan")
+            lines.append(
+                f"| {target} | {pipe} | {test.upper()} | {row['rps']:,.0f} | {row['p50']:.2f} | "
+                f"{row['p99']:.2f} | {ratio:.2f} |"
+            )
+    lines += [
+        "",
+        "## memcached protocol: memcslap, 50 threads (memcslap reports no latency percentiles)",
+        "",
+        "| target | set ops/s | get ops/s | set ratio | get ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    mc = results["memcached"]
+    direct_mc = mc.get("memcached", {})
+    for label, row in mc.items():
+        sr = row["set"] / direct_mc["set"] if direct_mc else float("nan")
+        gr = row["get"] / direct_mc["get"] if direct_mc else float("nan")
+        lines.append(f"| {label} | {row['set']:,.0f} | {row['get']:,.0f} | {sr:.2f} | {gr:.2f} |")
+    return lines
