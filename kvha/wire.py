@@ -161,6 +161,72 @@ def _dec(kind: str, data: bytes, offset: int) -> tuple[Any, int]:
     raise AssertionError(kind)  # pragma: no cover
 
 
+def _bytes_enc(value: bytes, out: list[bytes]) -> None:
+    out.append(_U32.pack(len(value)))
+    out.append(value)
+
+
+def _bytes_dec(data: bytes, offset: int) -> tuple[bytes, int]:
+    end = offset + 4
+    if end > len(data):
+        raise WireError("message body is truncated")
+    (n,) = _U32.unpack_from(data, offset)
+    stop = end + n
+    if stop > len(data):
+        raise WireError("message body is truncated")
+    return data[end:stop], stop
+
+
+def _fixed_dec(codec: struct.Struct) -> Any:
+    size = codec.size
+    unpack = codec.unpack_from
+
+    def dec(data: bytes, offset: int) -> tuple[int, int]:
+        end = offset + size
+        if end > len(data):
+            raise WireError("message body is truncated")
+        return unpack(data, offset)[0], end
+
+    return dec
+
+
+def _fixed_enc(codec: struct.Struct) -> Any:
+    pack = codec.pack
+
+    def enc(value: int, out: list[bytes]) -> None:
+        out.append(pack(value))
+
+    return enc
+
+
+def _generic_enc(kind: str) -> Any:
+    return lambda value, out: _enc(kind, value, out)
+
+
+def _generic_dec(kind: str) -> Any:
+    return lambda data, offset: _dec(kind, data, offset)
+
+
+#: Per-kind codecs, looked up once per message class instead of once per field.
+_ENCODERS: dict[str, Any] = {
+    "bytes": _bytes_enc,
+    "u8": _fixed_enc(_U8),
+    "u16": _fixed_enc(_U16),
+    "u32": _fixed_enc(_U32),
+    "u64": _fixed_enc(_U64),
+}
+_DECODERS: dict[str, Any] = {
+    "bytes": _bytes_dec,
+    "u8": _fixed_dec(_U8),
+    "u16": _fixed_dec(_U16),
+    "u32": _fixed_dec(_U32),
+    "u64": _fixed_dec(_U64),
+}
+for _kind in ("str", "list", "u64s", "ranges", "records"):
+    _ENCODERS[_kind] = _generic_enc(_kind)
+    _DECODERS[_kind] = _generic_dec(_kind)
+
+
 # Messages ----------------------------------------------------------------
 
 
@@ -169,10 +235,16 @@ class Message:
 
     OPCODE: ClassVar[int] = 0
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = ()
+    _NAMES: ClassVar[tuple[str, ...]] = ()
+    _CODECS: ClassVar[tuple[tuple[str, Any, Any], ...]] = ()
     __slots__ = ()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        names = [name for name, _ in self.FIELDS]
+        names = self._NAMES
+        if not kwargs and len(args) == len(names):
+            for name, value in zip(names, args):
+                setattr(self, name, value)
+            return
         if len(args) > len(names):
             raise TypeError(f"{type(self).__name__} takes {len(names)} fields")
         values = dict(zip(names, args))
@@ -184,8 +256,8 @@ class Message:
 
     def body(self) -> bytes:
         out: list[bytes] = []
-        for name, kind in self.FIELDS:
-            _enc(kind, getattr(self, name), out)
+        for name, enc, _dec in self._CODECS:
+            enc(getattr(self, name), out)
         return b"".join(out)
 
     def frame(self, request_id: int) -> bytes:
@@ -196,8 +268,8 @@ class Message:
     def decode(cls, body: bytes) -> Message:
         offset = 0
         values = []
-        for _name, kind in cls.FIELDS:
-            value, offset = _dec(kind, body, offset)
+        for _name, _enc, dec in cls._CODECS:
+            value, offset = dec(body, offset)
             values.append(value)
         if offset != len(body):
             raise WireError(f"{len(body) - offset} stray bytes after {cls.__name__}")
@@ -224,6 +296,8 @@ def message(opcode: int, *fields: tuple[str, str]) -> Any:
             raise AssertionError(f"opcode {opcode} used twice")
         cls.OPCODE = opcode
         cls.FIELDS = fields
+        cls._NAMES = tuple(name for name, _ in fields)
+        cls._CODECS = tuple((name, _ENCODERS[kind], _DECODERS[kind]) for name, kind in fields)
         MESSAGES[opcode] = cls
         return cls
 
@@ -248,6 +322,21 @@ class Get(Message):
     __slots__ = ("partition", "key", "tombstones")
 
 
+_GET_HEAD = struct.Struct("<IBII")
+
+
+def get_frame(request_id: int, partition: bytes, key: bytes, tombstones: int) -> bytes:
+    """The frame of a Get without building a Message (the read hot path)."""
+    size = 4 + len(partition) + 4 + len(key) + 1
+    return (
+        _GET_HEAD.pack(size + _FRAME_BODY, 3, request_id, len(partition))
+        + partition
+        + _U32.pack(len(key))
+        + key
+        + (b"\x01" if tombstones else b"\x00")
+    )
+
+
 @message(4, ("partition", "bytes"), ("keys", "list"), ("tombstones", "u8"))
 class MultiGet(Message):
     __slots__ = ("partition", "keys", "tombstones")
@@ -258,6 +347,21 @@ class Apply(Message):
     """Store a versioned record or tombstone if newer (version 0: node issues one)."""
 
     __slots__ = ("partition", "key", "packed")
+
+
+def apply_frame(request_id: int, partition: bytes, key: bytes, packed: bytes) -> bytes:
+    """The frame of an Apply without building a Message (the write hot path)."""
+    size = 12 + len(partition) + len(key) + len(packed)
+    return b"".join(
+        (
+            _GET_HEAD.pack(size + _FRAME_BODY, 5, request_id, len(partition)),
+            partition,
+            _U32.pack(len(key)),
+            key,
+            _U32.pack(len(packed)),
+            packed,
+        )
+    )
 
 
 @message(
@@ -387,6 +491,14 @@ class Result(Message):
     """A status (kvha.data.store.Status) and a packed record, empty for none."""
 
     __slots__ = ("status", "packed")
+
+
+_RESULT_HEAD = struct.Struct("<IBIBI")
+
+
+def result_frame(request_id: int, status: int, packed: bytes) -> bytes:
+    """The frame of a Result without building a Message (the reply hot path)."""
+    return _RESULT_HEAD.pack(len(packed) + 10, 66, request_id, status, len(packed)) + packed
 
 
 @message(67, ("records", "records"))

@@ -17,6 +17,7 @@ cluster secret.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
@@ -152,7 +153,10 @@ class DataClientProtocol(Protocol):
             return
         for opcode, request_id, body in frames:
             try:
-                msg = wire.decode(opcode, body)
+                if opcode == _RESULT_OPCODE:  # the hot path: no generic decode
+                    msg = _decode_result(body)
+                else:
+                    msg = wire.decode(opcode, body)
             except wire.WireError as e:
                 log.error("bad reply from data node {node}: {why}", node=self.node_id, why=str(e))
                 self.transport.abortConnection()
@@ -203,6 +207,15 @@ class DataClientProtocol(Protocol):
 
     def _send(self, msg: wire.Message, request_id: int) -> None:
         self.transport.write(msg.frame(request_id))
+
+    def request_frame(self, build: Callable[..., bytes], *args: Any) -> Deferred:
+        """Like request(), with the frame built by ``build(request_id, *args)``."""
+        request_id = self._next_id
+        self._next_id = (request_id + 1) & 0xFFFFFFFF or 1
+        d: Deferred = Deferred()
+        self.pending[request_id] = (d, self.clock.seconds())
+        self.transport.write(build(request_id, *args))
+        return d
 
     def request(self, msg: wire.Message) -> Deferred:
         """Send ``msg``; the Deferred fires with the reply message."""
@@ -313,8 +326,22 @@ class DataClientFactory(Factory):
         return proto
 
 
+_RESULT_OPCODE = wire.Result.OPCODE
+_STATUSES = {int(s): s for s in Status}
+
+
+def _decode_result(body: bytes) -> wire.Message:
+    if len(body) < 5:
+        raise wire.WireError("message body is truncated")
+    status = body[0]
+    (n,) = struct.unpack_from("<I", body, 1)
+    if 5 + n != len(body):
+        raise wire.WireError("malformed Result")
+    return wire.Result(status, body[5:])
+
+
 def _result(msg: wire.Message) -> Result:
-    return Result(Status(msg.status), msg.packed or None)
+    return Result(_STATUSES[msg.status], msg.packed or None)
 
 
 def _record(msg: wire.Message) -> Optional[Record]:
@@ -404,7 +431,11 @@ class DataNodeClient:
 
     def get(self, partition: bytes, key: bytes, tombstones: bool = False) -> Deferred:
         """Fires with the Record, or None."""
-        return self._call(wire.Get(partition, key, int(tombstones))).addCallback(_record)
+        proto = self.protocol
+        if proto is None:
+            return defer.fail(NodeUnavailable(f"not connected to {self.endpoint}"))
+        d = proto.request_frame(wire.get_frame, partition, key, 1 if tombstones else 0)
+        return d.addCallback(_record)
 
     def mget(self, partition: bytes, keys: Sequence[bytes], tombstones: bool = False) -> Deferred:
         """Fires with a list of Record-or-None, in the order of ``keys``."""
@@ -415,7 +446,10 @@ class DataNodeClient:
 
     def apply(self, partition: bytes, key: bytes, packed: bytes) -> Deferred:
         """Store a versioned record if newer.  Fires with a Result."""
-        return self._call(wire.Apply(partition, key, packed)).addCallback(_result)
+        proto = self.protocol
+        if proto is None:
+            return defer.fail(NodeUnavailable(f"not connected to {self.endpoint}"))
+        return proto.request_frame(wire.apply_frame, partition, key, packed).addCallback(_result)
 
     def set(
         self,

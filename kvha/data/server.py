@@ -490,7 +490,7 @@ class DataServerProtocol(Protocol):
                 log.failure("internal error handling {op}", op=name)
                 reply = wire.Error(wire.E_INTERNAL, f"internal error: {e}")
             if reply is not None:
-                out.append(reply.frame(request_id))
+                out.append(reply if type(reply) is bytes else reply.frame(request_id))
         if out:
             if self.node.store.engine.needs_commit:
                 self.node.reply_ready(self)
@@ -551,13 +551,13 @@ class DataServerProtocol(Protocol):
 
     # Handlers: each returns the reply message, or None when it answers later.
 
-    def _get(self, msg: wire.Get, request_id: int) -> wire.Message:
+    def _get(self, msg: wire.Get, request_id: int) -> bytes:
         packed = self.node.store.get_packed(msg.partition, msg.key, bool(msg.tombstones))
         if packed is None:
             self.node.get_misses += 1
-            return wire.Result(Status.NOT_FOUND, b"")
+            return wire.result_frame(request_id, Status.NOT_FOUND, b"")
         self.node.get_hits += 1
-        return wire.Result(Status.OK, packed)
+        return wire.result_frame(request_id, Status.OK, packed)
 
     def _mget(self, msg: wire.MultiGet, request_id: int) -> wire.Message:
         get = self.node.store.get_packed
@@ -572,10 +572,13 @@ class DataServerProtocol(Protocol):
         self.node.get_misses += len(msg.keys) - hits
         return wire.Records(records)
 
-    def _apply(self, msg: wire.Apply, request_id: int) -> wire.Message:
+    def _apply(self, msg: wire.Apply, request_id: int) -> Any:
         if len(msg.packed) < HEADER_SIZE:
             return wire.Error(wire.E_BAD_REQUEST, "packed record is shorter than its header")
-        return _result(self.node.store.apply(msg.partition, msg.key, msg.packed))
+        result = self.node.store.apply(msg.partition, msg.key, msg.packed)
+        if result.status is Status.TOO_LARGE:
+            return wire.result_frame(request_id, Status.TOO_LARGE, b"")
+        return wire.result_frame(request_id, result.status, result.packed or b"")
 
     def _store(self, msg: wire.Store, request_id: int) -> wire.Message:
         try:

@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from kvha import __version__
 from kvha.data.store import IncrMode, Result, Status, StoreMode
+from kvha.master.pipeline import OrderedReplies
 from kvha.master.router import Router
 from kvha.record import Record, absolute_expiry_ms
 
@@ -137,10 +137,11 @@ class MemcacheStats:
                 setattr(self, name, 0)
 
 
-class MemcacheProtocol(Protocol):
+class MemcacheProtocol(OrderedReplies):
     """One memcached client connection."""
 
     def __init__(self, factory: MemcacheFactory) -> None:
+        super().__init__()
         self.factory = factory
         self.router: Router = factory.router
         self.partition: bytes = factory.partition
@@ -150,14 +151,9 @@ class MemcacheProtocol(Protocol):
         self.max_value = factory.max_value_bytes
         self.max_in_flight = factory.max_in_flight
         self._buffer = b""
-        self._slots: deque[list[Optional[bytes]]] = deque()
-        self._key_tail: dict[bytes, Deferred] = {}
         self._pending_data: Optional[tuple[Any, ...]] = None  # a storage command awaiting data
         self._swallow = 0  # bytes of a refused data block still to discard
         self._processing = False
-        self._paused = False
-        self._quitting = False
-        self._closed = False
         self._idle_call: Any = None
 
     # Connection -------------------------------------------------------------------
@@ -182,10 +178,9 @@ class MemcacheProtocol(Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         if not self._closed:
             self.stats.curr_connections -= 1
-        self._closed = True
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
-        self._slots.clear()
+        self.forget_replies()
 
     def _touch_idle(self) -> None:
         timeout = self.factory.idle_timeout
@@ -197,57 +192,20 @@ class MemcacheProtocol(Protocol):
             self._idle_call = self.clock.callLater(timeout, self._idle)
 
     def _idle(self) -> None:
-        if self._slots:
+        if self.pending_replies():
             self._touch_idle()
             return
         log.info("closing idle memcached client {peer}", peer=self.transport.getPeer())
         self.transport.loseConnection()
 
-    # Output ordering -----------------------------------------------------------------
+    # Output ordering (OrderedReplies) -------------------------------------------
 
-    def _reply(self, data: bytes) -> None:
-        """A reply that is ready now, in its place in the queue."""
-        if self._slots:
-            self._slots.append([data])
-        else:
-            self.transport.write(data)
+    def is_error(self, data: bytes) -> bool:
+        return data.startswith((b"SERVER_ERROR", b"CLIENT_ERROR"))
 
-    def _slot(self) -> list[Optional[bytes]]:
-        slot: list[Optional[bytes]] = [None]
-        self._slots.append(slot)
-        if len(self._slots) >= self.max_in_flight and not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()
-        return slot
-
-    def _fill(self, slot: list[Optional[bytes]], data: bytes) -> None:
-        slot[0] = data
-        slots = self._slots
-        if not slots or slots[0] is not slot:
-            return
-        out = []
-        while slots and slots[0][0] is not None:
-            out.append(slots.popleft()[0])
-        if self._closed:
-            return
-        self.transport.write(b"".join(out))  # type: ignore[arg-type]
-        if self._paused and len(slots) < max(1, self.max_in_flight // 2):
-            self._paused = False
-            self.transport.resumeProducing()
-            if self._buffer:
-                self._process()  # no-op when called from within _process: its loop goes on
-        if self._quitting and not slots:
-            self.transport.loseConnection()
-
-    def _async(self, d: Deferred, render: Callable[[Any], bytes], noreply: bool = False) -> None:
-        """Route ``d``'s outcome into a reply slot (none for noreply, bar errors)."""
-        slot = self._slot()
-        d.addCallbacks(render, self._server_error)
-        if noreply:
-            d.addCallback(
-                lambda data: data if data.startswith((b"SERVER_ERROR", b"CLIENT_ERROR")) else b""
-            )
-        d.addCallback(lambda data: self._fill(slot, data))
+    def resume_input(self) -> None:
+        if self._buffer:
+            self._process()  # no-op when called from within _process: its loop goes on
 
     def _server_error(self, failure: Any) -> bytes:
         self.stats.server_errors += 1
@@ -255,31 +213,6 @@ class MemcacheProtocol(Protocol):
         if not failure.check(Exception):
             log.failure("unexpected failure", failure)
         return f"SERVER_ERROR {message}\r\n".encode()
-
-    def _after(self, keys: list[bytes], start: Callable[[], Deferred]) -> Deferred:
-        """Run ``start`` once earlier operations on ``keys`` from this connection are done."""
-        tails = self._key_tail
-        waits = [tails[k] for k in keys if k in tails]
-        if not waits:
-            d = start()
-        else:
-            gate = waits[0] if len(waits) == 1 else defer.DeferredList(waits)
-            d = Deferred()
-            gate.addBoth(lambda _: start().chainDeferred(d))
-        if not d.called:
-            marker: Deferred = Deferred()
-            for k in keys:
-                tails[k] = marker
-
-            def release(result: Any) -> Any:
-                for k in keys:
-                    if tails.get(k) is marker:
-                        del tails[k]
-                marker.callback(None)
-                return result
-
-            d.addBoth(release)
-        return d
 
     # Input ---------------------------------------------------------------------------
 
@@ -314,11 +247,11 @@ class MemcacheProtocol(Protocol):
             end = buf.find(b"\n")
             if end < 0:
                 if len(buf) > self.max_line:
-                    self._reply(LINE_TOO_LONG)
+                    self.reply(LINE_TOO_LONG)
                     self._quit()
                 return
             if end > self.max_line:
-                self._reply(LINE_TOO_LONG)
+                self.reply(LINE_TOO_LONG)
                 self._quit()
                 return
             line = buf[: end - 1] if end and buf[end - 1] == 13 else buf[:end]
@@ -326,20 +259,18 @@ class MemcacheProtocol(Protocol):
             self._command(line)
 
     def _quit(self) -> None:
-        self._quitting = True
         self._buffer = b""
-        if not self._slots:
-            self.transport.loseConnection()
+        self.quit_after_replies()
 
     def _command(self, line: bytes) -> None:
         tokens = line.split()
         if not tokens:
-            self._reply(ERROR)
+            self.reply(ERROR)
             return
         cmd = tokens[0]
         handler = _COMMANDS.get(cmd)
         if handler is None:
-            self._reply(ERROR)
+            self.reply(ERROR)
             return
         handler(self, tokens)
 
@@ -350,21 +281,21 @@ class MemcacheProtocol(Protocol):
 
     def _gat(self, tokens: list[bytes]) -> None:
         if len(tokens) < 3:
-            self._reply(ERROR)
+            self.reply(ERROR)
             return
         exptime = _i32(tokens[1])
         if exptime is None:
-            self._reply(BAD_EXPTIME)
+            self.reply(BAD_EXPTIME)
             return
         self._retrieve(tokens[2:], with_cas=tokens[0] == b"gats", touch=exptime)
 
     def _retrieve(self, keys: list[bytes], with_cas: bool, touch: Optional[int] = None) -> None:
         if not keys:
-            self._reply(ERROR)
+            self.reply(ERROR)
             return
         for key in keys:
             if not valid_key(key):
-                self._reply(BAD_FORMAT)
+                self.reply(BAD_FORMAT)
                 return
         stats = self.stats
         stats.cmd_get += len(keys)
@@ -413,7 +344,7 @@ class MemcacheProtocol(Protocol):
             out.append(END)
             return b"".join(out)
 
-        self._async(self._after(keys, start), render)
+        self.deferred_reply(self.after(keys, start), render, self._server_error)
 
     # Storage --------------------------------------------------------------------------
 
@@ -422,7 +353,7 @@ class MemcacheProtocol(Protocol):
         is_cas = cmd == b"cas"
         base = 6 if is_cas else 5
         if len(tokens) not in (base, base + 1):
-            self._reply(ERROR)
+            self.reply(ERROR)
             return
         key = tokens[1]
         flags = _u32(tokens[2])
@@ -438,12 +369,12 @@ class MemcacheProtocol(Protocol):
             or length < 0
             or cas is None
         ):
-            self._reply(BAD_FORMAT)
+            self.reply(BAD_FORMAT)
             return
         if length > self.max_value:
             # As memcached: refuse at once and discard the data block as it arrives.
             self.stats.cmd_set += 1
-            self._reply(TOO_LARGE)
+            self.reply(TOO_LARGE)
             self._swallow = length + 2
             return
         self._pending_data = (cmd, key, flags, exptime, length, cas, noreply)
@@ -462,7 +393,7 @@ class MemcacheProtocol(Protocol):
         self._buffer = buf[length + 2 :]
         self.stats.cmd_set += 1
         if terminator != b"\r\n":
-            self._reply(BAD_CHUNK)
+            self.reply(BAD_CHUNK)
             return True
         expires = absolute_expiry_ms(exptime, self.clock.seconds())
         partition = self.partition
@@ -505,7 +436,7 @@ class MemcacheProtocol(Protocol):
                     return TOO_LARGE
                 return NOT_STORED
 
-        self._async(self._after([key], start), render, noreply)
+        self.deferred_reply(self.after([key], start), render, self._server_error, noreply)
         return True
 
     # Other keyed commands ---------------------------------------------------------------
@@ -525,11 +456,11 @@ class MemcacheProtocol(Protocol):
         if noreply:
             args = args[:-1]
         if len(tokens) < 2 or len(args) > 1 or (args and args[0] != b"0"):
-            self._reply(DELETE_USAGE if len(tokens) >= 2 else ERROR)
+            self.reply(DELETE_USAGE if len(tokens) >= 2 else ERROR)
             return
         key = tokens[1]
         if not valid_key(key):
-            self._reply(BAD_FORMAT)
+            self.reply(BAD_FORMAT)
             return
         stats = self.stats
 
@@ -541,19 +472,24 @@ class MemcacheProtocol(Protocol):
             return NOT_FOUND
 
         partition = self.partition
-        self._async(self._after([key], lambda: self.router.delete(partition, key)), render, noreply)
+        self.deferred_reply(
+            self.after([key], lambda: self.router.delete(partition, key)),
+            render,
+            self._server_error,
+            noreply,
+        )
 
     def _arith(self, tokens: list[bytes]) -> None:
         noreply = self._noreply(tokens, 3)
         if noreply is None:
-            self._reply(ERROR)
+            self.reply(ERROR)
             return
         key = tokens[1]
         if not valid_key(key):
-            self._reply(BAD_FORMAT)
+            self.reply(BAD_FORMAT)
             return
         if _u64(tokens[2]) is None:
-            self._reply(BAD_DELTA)
+            self.reply(BAD_DELTA)
             return
         incr = tokens[0] == b"incr"
         mode = IncrMode.MEMCACHED_INCR if incr else IncrMode.MEMCACHED_DECR
@@ -584,20 +520,20 @@ class MemcacheProtocol(Protocol):
             assert record is not None
             return record.value + b"\r\n"
 
-        self._async(self._after([key], start), render, noreply)
+        self.deferred_reply(self.after([key], start), render, self._server_error, noreply)
 
     def _touch(self, tokens: list[bytes]) -> None:
         noreply = self._noreply(tokens, 3)
         if noreply is None:
-            self._reply(ERROR)
+            self.reply(ERROR)
             return
         key = tokens[1]
         if not valid_key(key):
-            self._reply(BAD_FORMAT)
+            self.reply(BAD_FORMAT)
             return
         exptime = _i32(tokens[2])
         if exptime is None:
-            self._reply(BAD_EXPTIME)
+            self.reply(BAD_EXPTIME)
             return
         self.stats.cmd_touch += 1
         expires = absolute_expiry_ms(exptime, self.clock.seconds())
@@ -614,7 +550,7 @@ class MemcacheProtocol(Protocol):
         start = lambda: self.router.conditional(  # noqa: E731
             partition, key, lambda c: c.touch(partition, key, expires)
         )
-        self._async(self._after([key], start), render, noreply)
+        self.deferred_reply(self.after([key], start), render, self._server_error, noreply)
 
     # Whole-server commands -----------------------------------------------------------------
 
@@ -625,12 +561,12 @@ class MemcacheProtocol(Protocol):
             args = args[:-1]
         delay = 0
         if len(args) > 1:
-            self._reply(ERROR)
+            self.reply(ERROR)
             return
         if args:
             parsed = _i32(args[0])
             if parsed is None or parsed < 0:
-                self._reply(BAD_FORMAT)
+                self.reply(BAD_FORMAT)
                 return
             delay = parsed
         self.stats.cmd_flush += 1
@@ -644,37 +580,34 @@ class MemcacheProtocol(Protocol):
                 ),
             )
             if not noreply:
-                self._reply(OK)
+                self.reply(OK)
             return
         # A flush must not overtake writes this connection already sent.
-        pending = list(self._key_tail.values())
-        gate = defer.DeferredList(pending) if pending else defer.succeed(None)
-        d: Deferred = Deferred()
-        gate.addBoth(lambda _: self.router.flush(partition).chainDeferred(d))
-        self._async(d, lambda _: OK, noreply)
+        d = self.after_all(lambda: self.router.flush(partition))
+        self.deferred_reply(d, lambda _: OK, self._server_error, noreply)
 
     def _version(self, tokens: list[bytes]) -> None:
-        self._reply(VERSION_LINE)
+        self.reply(VERSION_LINE)
 
     def _verbosity(self, tokens: list[bytes]) -> None:
         if len(tokens) not in (2, 3):
-            self._reply(ERROR)
+            self.reply(ERROR)
             return
         if tokens[-1] == b"noreply":  # as memcached: "verbosity noreply" is silent too
             return
-        self._reply(OK)
+        self.reply(OK)
 
     def _quit_command(self, tokens: list[bytes]) -> None:
         self._quit()
 
     def _stats(self, tokens: list[bytes]) -> None:
         if len(tokens) == 1:
-            self._async(self.router.node_stats(), self._render_stats)
+            self.deferred_reply(self.router.node_stats(), self._render_stats, self._server_error)
             return
         group = tokens[1]
         if group == b"reset" and len(tokens) == 2:
             self.stats.reset()
-            self._reply(b"RESET\r\n")
+            self.reply(b"RESET\r\n")
         elif group == b"settings" and len(tokens) == 2:
             lines = [
                 ("maxbytes", 0),
@@ -683,13 +616,13 @@ class MemcacheProtocol(Protocol):
                 ("partition", self.partition.decode()),
                 ("replicas", self.router.copies - 1),
             ]
-            self._reply(
+            self.reply(
                 b"".join(b"STAT %s %s\r\n" % (k.encode(), str(v).encode()) for k, v in lines) + END
             )
         elif group in (b"items", b"slabs", b"sizes", b"conns") and len(tokens) == 2:
-            self._reply(END)
+            self.reply(END)
         else:
-            self._reply(ERROR)
+            self.reply(ERROR)
 
     def _render_stats(self, node_stats: dict[str, dict[str, str]]) -> bytes:
         s = self.stats

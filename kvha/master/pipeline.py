@@ -64,7 +64,7 @@ class OrderedReplies(Protocol):
         if self._closed:
             return
         self.transport.write(b"".join(out))  # type: ignore[arg-type]
-        if self._paused and len(slots) < self.max_in_flight // 2:
+        if self._paused and len(slots) < max(1, self.max_in_flight // 2):
             self._paused = False
             self.transport.resumeProducing()
             self.resume_input()
@@ -80,10 +80,20 @@ class OrderedReplies(Protocol):
     ) -> None:
         """Route ``d``'s outcome into a slot; ``silent`` keeps only error replies."""
         slot = self.slot()
-        d.addCallbacks(render, on_error)
+        fill = self.fill
         if silent:
-            d.addCallback(lambda data: data if self.is_error(data) else b"")
-        d.addCallback(lambda data: self.fill(slot, data))
+            is_error = self.is_error
+
+            def done(result: Any) -> None:
+                data = render(result)
+                fill(slot, data if is_error(data) else b"")
+
+        else:
+
+            def done(result: Any) -> None:
+                fill(slot, render(result))
+
+        d.addCallbacks(done, lambda failure: fill(slot, on_error(failure)))
 
     def is_error(self, data: bytes) -> bool:
         return False
@@ -104,25 +114,39 @@ class OrderedReplies(Protocol):
     # Per-key order ------------------------------------------------------------
 
     def after(self, keys: list[bytes], start: Callable[[], Deferred]) -> Deferred:
-        """Run ``start`` once earlier operations on ``keys`` from this connection are done."""
+        """Run ``start`` once earlier operations on ``keys`` from this connection are done.
+
+        Each key maps to the Deferred of the last operation on it; a later
+        operation on the key chains behind it with a pass-through callback, so
+        the earlier operation's own result is untouched.
+        """
         tails = self._key_tail
-        waits = [tails[k] for k in keys if k in tails]
+        if len(keys) == 1:
+            gate = tails.get(keys[0])
+            waits = [gate] if gate is not None else []
+        else:
+            waits = [tails[k] for k in keys if k in tails]
         if not waits:
             d = start()
         else:
-            gate = waits[0] if len(waits) == 1 else defer.DeferredList(waits)
             d = Deferred()
-            gate.addBoth(lambda _: defer.maybeDeferred(start).chainDeferred(d))
+
+            def go(result: Any) -> Any:
+                defer.maybeDeferred(start).chainDeferred(d)
+                return result
+
+            if len(waits) == 1:
+                waits[0].addBoth(go)
+            else:
+                defer.DeferredList(waits).addBoth(go)
         if not d.called:
-            marker: Deferred = Deferred()
             for k in keys:
-                tails[k] = marker
+                tails[k] = d
 
             def release(result: Any) -> Any:
                 for k in keys:
-                    if tails.get(k) is marker:
+                    if tails.get(k) is d:
                         del tails[k]
-                marker.callback(None)
                 return result
 
             d.addBoth(release)
