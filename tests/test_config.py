@@ -96,6 +96,23 @@ def test_null_and_empty_sections_mean_defaults() -> None:
     assert d.storage.engine == "memory" and d.limits.max_connections == 1024
 
 
+def test_durable_engine_knobs() -> None:
+    d = data_config(
+        "storage:\n  engine: mmap-index\n  map_size: 4GiB\n  compaction_garbage_ratio: 0.25\n"
+        "  compaction_min_bytes: 1MiB\n"
+    )
+    s = d.storage
+    assert (s.engine, s.map_size, s.compaction_garbage_ratio, s.compaction_min_bytes) == (
+        "mmap-index",
+        4 << 30,
+        0.25,
+        1 << 20,
+    )
+    defaults = data_config("").storage
+    assert (defaults.map_size, defaults.compaction_garbage_ratio) == (1 << 30, 0.5)
+    assert defaults.compaction_min_bytes == 64 << 20
+
+
 def test_partial_section_keeps_other_defaults() -> None:
     d = data_config("storage:\n  engine: log\n  fsync: always\n")
     assert (d.storage.engine, d.storage.fsync, d.storage.segment_bytes) == (
@@ -175,8 +192,8 @@ def test_secret_is_not_in_repr() -> None:
 # --- errors ------------------------------------------------------------------
 
 ALL_DATA_KEYS = (
-    "expiry_sweep_batch, expiry_sweep_interval, id, limits, listen, merge_on_start, secret, secret_file, "
-    "state_dir, storage, stream, tombstone_ttl"
+    "expiry_sweep_batch, expiry_sweep_interval, id, limits, listen, merge_on_start, secret, "
+    "secret_file, state_dir, storage, stream, tombstone_ttl"
 )
 
 
@@ -187,8 +204,9 @@ ALL_DATA_KEYS = (
         ("colour: blue", f"data: unknown key 'colour'; expected one of {ALL_DATA_KEYS}"),
         (
             "storage:\n  fsnyc: always",
-            "data.storage: unknown key 'fsnyc'; expected one of engine, fsync, segment_bytes, "
-            "snapshot_interval, snapshot_log_bytes",
+            "data.storage: unknown key 'fsnyc'; expected one of compaction_garbage_ratio, "
+            "compaction_min_bytes, engine, fsync, map_size, segment_bytes, snapshot_interval, "
+            "snapshot_log_bytes",
         ),
         (
             "stream: {window: 2}",
@@ -216,10 +234,26 @@ ALL_DATA_KEYS = (
             "data.storage.fsync: expected one of always, everysec, os; got 'sometimes'",
         ),
         (
-            "storage:\n  engine: disk",
-            "data.storage.engine: expected one of memory, log; got 'disk'",
+            "storage:\n  engine: bitcask",
+            "data.storage.engine: expected one of memory, log, disk, mmap, mmap-index; "
+            "got 'bitcask'",
         ),
-        ("storage:\n  engine: 1", "data.storage.engine: expected one of memory, log; got 1"),
+        (
+            "storage:\n  engine: 1",
+            "data.storage.engine: expected one of memory, log, disk, mmap, mmap-index; got 1",
+        ),
+        (
+            "storage:\n  compaction_garbage_ratio: 0",
+            "data.storage.compaction_garbage_ratio: must be greater than 0; got 0",
+        ),
+        (
+            "storage:\n  compaction_garbage_ratio: 1.5",
+            "data.storage.compaction_garbage_ratio: must be at most 1; got 1.5",
+        ),
+        (
+            "storage:\n  map_size: 4KiB",
+            "data.storage.map_size: must be at least 1048576; got '4KiB' (4096)",
+        ),
         # durations
         (
             "tombstone_ttl: 7 days",
