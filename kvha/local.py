@@ -142,6 +142,10 @@ def taken_ports(config: LocalConfig, nodes: Sequence[Node]) -> list[str]:
         wanted.append((f"the VIP ({what})", config.vip, port, socket.SOCK_STREAM))
     for owner, host, port, kind in wanted:
         s = socket.socket(socket.AF_INET, kind)
+        if kind == socket.SOCK_STREAM:
+            # As listenTCP does: connections of a cluster just stopped linger in
+            # TIME_WAIT on these ports, which must not count as taken.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -206,6 +210,23 @@ def redis_ping(host: str, port: int, timeout: float = 1.0) -> bool:
             s.sendall(b"PING\r\n")
             return s.recv(64).startswith(b"+PONG")
     except OSError:
+        return False
+
+
+def vip_answers(config: LocalConfig, timeout: float = 1.0) -> bool:
+    """The VIP answers RESP PING, memcached version and HTTP /health (200)."""
+    vip = config.vip
+    try:
+        if not redis_ping(vip, config.redis_port, timeout):
+            return False
+        with socket.create_connection((vip, config.memcached_port), timeout=timeout) as s:
+            s.sendall(b"version\r\n")
+            if not s.recv(64).startswith(b"VERSION "):
+                return False
+        url = f"http://{vip}:{config.http_port}/health"
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return bool(response.status == 200)
+    except Exception:  # refused, reset, closed without an answer, HTTP error
         return False
 
 
@@ -415,9 +436,12 @@ def up(config: LocalConfig, source: str, timeout: float = 60.0) -> int:
                 if _healthy(config, node):
                     del pending[node_id]
             time.sleep(0.2)
-        while not redis_ping(config.vip, config.redis_port):
+        # Through the VIP on every port: a load balancer counts as healthy before
+        # its first health checks, and a master's /health is 503 while data nodes
+        # merge, so its http may still be marked down for a moment here.
+        while not vip_answers(config):
             if time.monotonic() > deadline:
-                raise TimeoutError("the VIP does not answer")
+                raise TimeoutError("the VIP does not answer on every client port")
             time.sleep(0.1)
 
     def ready(_: Any) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import socket
 import textwrap
 import time
+import urllib.request
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -165,6 +168,99 @@ class NodeFactory:
                 )
             time.sleep(0.05)
 
+    def full_master(
+        self, node_id: str, data_nodes: Sequence[NodeProcess], **extra: Any
+    ) -> NodeProcess:
+        """A master (not started) on memcached, redis and http ports; ``.ports`` has all 3."""
+        redis_port, http_port = free_port(), free_port()
+        extra.setdefault("redis", {"listen": f"tcp:{redis_port}:interface=127.0.0.1"})
+        extra.setdefault("http", {"listen": f"tcp:{http_port}:interface=127.0.0.1"})
+        node = self.master(node_id, data_nodes, **extra)
+        node.ports = {  # type: ignore[attr-defined]
+            "memcached": node.port,
+            "redis": redis_port,
+            "http": http_port,
+        }
+        return node
+
+    def lb(
+        self,
+        node_id: str,
+        masters: Sequence[NodeProcess],
+        *,
+        vip: str,
+        vip_ports: dict[str, int],
+        heartbeat: tuple[int, int],
+        admin: tuple[int, int],
+        priority: int = 100,
+        **extra: Any,
+    ) -> NodeProcess:
+        """A load balancer (not started) in front of ``masters`` (from ``full_master``).
+
+        ``heartbeat`` and ``admin`` are (own port, peer port) on 127.0.0.1.  The node's
+        ``.port`` is its admin port; it also has ``.admin`` (URL), ``.vip``, ``.vip_ports``.
+        """
+        path = os.path.join(self.tmp_path, f"{node_id}.yaml")
+        master_list = [
+            {"id": m.node_id, "host": "127.0.0.1", **m.ports}  # type: ignore[attr-defined]
+            for m in masters
+        ]
+        with open(path, "w") as f:
+            f.write(
+                lb_config(
+                    node_id,
+                    vip=vip,
+                    vip_ports=vip_ports,
+                    heartbeat=(f"127.0.0.1:{heartbeat[0]}", f"127.0.0.1:{heartbeat[1]}"),
+                    admin=(f"tcp:{admin[0]}:interface=127.0.0.1", f"http://127.0.0.1:{admin[1]}"),
+                    state_dir=os.path.join(self.tmp_path, node_id),
+                    masters=master_list,
+                    priority=priority,
+                    **extra,
+                )
+            )
+        node = NodeProcess("lb", path, os.path.join(self.tmp_path, f"{node_id}.log"), port=admin[0])
+        node.node_id = node_id  # type: ignore[attr-defined]
+        node.admin = f"http://127.0.0.1:{admin[0]}"  # type: ignore[attr-defined]
+        node.vip = vip  # type: ignore[attr-defined]
+        node.vip_ports = vip_ports  # type: ignore[attr-defined]
+        self.nodes.append(node)
+        return node
+
+    def lb_pair(
+        self,
+        masters: Sequence[NodeProcess],
+        vip: Optional[str] = None,
+        priorities: tuple[int, int] = (150, 100),
+        **extra: Any,
+    ) -> tuple[NodeProcess, NodeProcess]:
+        """lb1 and lb2 (not started) sharing ``vip`` (default: a free 127.0.0.x) in bind mode."""
+        vip = vip or free_vip()
+        vip_ports = {p: free_port(vip) for p in ("redis", "memcached", "http")}
+        hb = (free_port(), free_port())
+        adm = (free_port(), free_port())
+        first = self.lb(
+            "lb1",
+            masters,
+            vip=vip,
+            vip_ports=vip_ports,
+            heartbeat=hb,
+            admin=adm,
+            priority=priorities[0],
+            **extra,
+        )
+        second = self.lb(
+            "lb2",
+            masters,
+            vip=vip,
+            vip_ports=vip_ports,
+            heartbeat=hb[::-1],
+            admin=adm[::-1],
+            priority=priorities[1],
+            **extra,
+        )
+        return first, second
+
     def cleanup(self) -> None:
         """Kill every process started here, by pid, even if one of them fails to die."""
         errors = []
@@ -183,3 +279,61 @@ def nodes(tmp_path):  # type: ignore[no-untyped-def]
     factory = NodeFactory(str(tmp_path))
     yield factory
     factory.cleanup()
+
+
+# Load balancers -------------------------------------------------------------------------------
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+def lb_config(
+    node_id: str,
+    *,
+    vip: str,
+    vip_ports: dict[str, int],
+    heartbeat: tuple[str, str],
+    admin: tuple[str, str],
+    state_dir: str,
+    masters: Sequence[dict[str, Any]],
+    priority: int = 100,
+    preempt: bool = True,
+    mode: str = "bind",
+    interface: str = "",
+    **extra: Any,
+) -> str:
+    """An ``lb:`` document; ``heartbeat`` and ``admin`` are (own listen, peer) pairs.
+
+    ``masters`` are dicts with id, host and a port per protocol; ``extra`` adds or
+    overrides keys of the ``lb:`` section (``health``, ``drain_timeout``, ...).
+    """
+    section: dict[str, Any] = {
+        "id": node_id,
+        "secret": SECRET,
+        "state_dir": state_dir,
+        "priority": priority,
+        "preempt": preempt,
+        "heartbeat": {"bind": heartbeat[0], "peer": heartbeat[1], "interval": 0.1},
+        "vip": {"address": vip, "mode": mode, **vip_ports},
+        "admin": {"listen": admin[0], "token": ADMIN_TOKEN, "peer": admin[1]},
+        "health": {"interval": 0.1, "timeout": 0.5, "rise": 2, "fall": 2},
+        "masters": list(masters),
+    }
+    if mode == "ip":
+        section["vip"]["interface"] = interface
+    section.update(extra)
+    return yaml.safe_dump({"lb": section}, sort_keys=False)
+
+
+def free_vip() -> str:
+    """A loopback address 127.0.0.101..249 for a test's VIP (any 127/8 address works)."""
+    return f"127.0.0.{random.randint(101, 249)}"
+
+
+def lb_status(node: NodeProcess, path: str = "/v1/status", timeout: float = 1.0) -> Any:
+    """GET an admin resource of a load balancer from ``lb_pair`` (JSON)."""
+    request = urllib.request.Request(
+        node.admin + path,  # type: ignore[attr-defined]
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())

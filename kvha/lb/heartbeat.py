@@ -245,8 +245,10 @@ class Election:
                 self._become(BACKUP, f"split brain: {hb.node_id} outranks this node")
                 self._arm_down()
             return
-        # This node is BACKUP and hears an ACTIVE peer.
-        if self.preempt and self._outranks(hb):
+        # This node is BACKUP and hears an ACTIVE peer.  Only a strictly higher
+        # priority preempts: the id tie-break is for split brain, not for taking
+        # the VIP from a healthy peer of equal priority.
+        if self.preempt and self.priority > hb.priority:
             self._become(ACTIVE, f"preempting lower-priority {hb.node_id}")
             return
         self._arm_down()

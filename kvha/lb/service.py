@@ -114,6 +114,7 @@ class LoadBalancer(service.MultiService):
         super().startService()
         host, port = _host_port(self.config.heartbeat.bind)
         self._udp = self.reactor.listenUDP(port, self.heartbeat, interface=host)
+        self.vip.clear_stale()
         self.health.start()
         self.election.start()
         self._drain_loop.start(0.5, now=False)

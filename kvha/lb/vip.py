@@ -40,10 +40,17 @@ def interface_mac(iface: str) -> bytes:
 
 
 def gratuitous_arp(vip: str, mac: bytes) -> bytes:
-    """One Ethernet frame: an ARP reply announcing that ``vip`` is at ``mac``."""
+    """One Ethernet frame: an ARP reply announcing that ``vip`` is at ``mac``.
+
+    As RFC 5944 (4.6) asks of a gratuitous ARP *reply*, the target hardware
+    address is ``mac`` too (not broadcast): Linux only treats a reply as
+    gratuitous when it is, and otherwise ignores it for a neighbour entry
+    updated in the last ``locktime`` (1 s), so a client that had just resolved
+    the VIP would keep the old holder's MAC.
+    """
     ip = socket.inet_aton(vip)
     return ARP_FRAME.pack(BROADCAST, mac, ETH_P_ARP) + ARP_BODY.pack(
-        1, 0x0800, 6, 4, 2, mac, ip, BROADCAST, ip
+        1, 0x0800, 6, 4, 2, mac, ip, mac, ip
     )
 
 
@@ -95,6 +102,25 @@ class VipHolder:
     @property
     def held(self) -> bool:
         return bool(self.listening) and len(self.listening) == len(self.ports)
+
+    def clear_stale(self) -> None:
+        """At start in ip mode: drop the VIP if an earlier run left it on the interface.
+
+        A load balancer killed with -9 never runs ``ip addr del``; restarted as
+        BACKUP it would still own the address and answer ARP for it, beside the
+        ACTIVE peer.
+        """
+        if self.mode != "ip":
+            return
+        try:
+            self.run(["ip", "addr", "del", f"{self.vip}/{self.prefix}", "dev", self.interface])
+        except subprocess.CalledProcessError:
+            return  # not there: the usual case
+        log.warn(
+            "removed VIP {vip} left on {iface} by an earlier run",
+            vip=self.vip,
+            iface=self.interface,
+        )
 
     def acquire(self) -> None:
         self.wanted = True
