@@ -38,8 +38,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check kvha tests bench twisted
 	$(BIN)/mypy
 
+# bench/storage.py loads every storage engine with 100,000 and 1,000,000
+# records (a few minutes); STORAGE_BENCH_ARGS=--big adds 1 GB of 10 KiB values
+# in mmap-index.
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/storage.py $(STORAGE_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-pypy var build *.egg-info

@@ -157,20 +157,26 @@ def _master(args: argparse.Namespace) -> int:
     return 0
 
 
+def _master_targets(args: argparse.Namespace) -> tuple[list[str], str]:
+    """Masters' HTTP base URLs (``--master``, or every master of ``--file``) and the token."""
+    from kvha.local import plan
+
+    if args.master:
+        return [args.master], args.token or ""
+    local = _local(args.file)
+    urls = [
+        f"http://{n.extra_ports[1][1]}:{n.extra_ports[1][2]}"
+        for n in plan(local)
+        if n.role == "master"
+    ]
+    return urls, args.token or local.admin_token
+
+
 def _node(args: argparse.Namespace) -> int:
-    from kvha.local import admin_call, plan
+    from kvha.local import admin_call
 
     try:
-        if args.master:
-            urls, token = [args.master], args.token or ""
-        else:
-            local = _local(args.file)
-            urls = [
-                f"http://{n.extra_ports[1][1]}:{n.extra_ports[1][2]}"
-                for n in plan(local)
-                if n.role == "master"
-            ]
-            token = args.token or local.admin_token
+        urls, token = _master_targets(args)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -200,6 +206,173 @@ def _node(args: argparse.Namespace) -> int:
         return 0
     print(f"kvha node {args.action}: no master answered: {last}", file=sys.stderr)
     return 1
+
+
+def _read_password(args: argparse.Namespace) -> Optional[str]:
+    """The password from --password-file, --password-stdin or --password (None if none given)."""
+    if getattr(args, "password_file", None):
+        with open(args.password_file, encoding="utf-8") as f:
+            return f.read().strip()
+    if getattr(args, "password_stdin", False):
+        return sys.stdin.readline().rstrip("\r\n")
+    password: Optional[str] = getattr(args, "password", None)
+    return password
+
+
+def _partition_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The admin API body of ``partition create`` / ``set`` from the options given.
+
+    Sizes and durations go as written ("64MiB", "1h"): the master validates
+    them exactly as it validates its configuration file.
+    """
+    body: dict[str, Any] = {}
+    password = _read_password(args)
+    if password is not None:
+        body["password"] = password
+    if getattr(args, "no_password", False):
+        body["password"] = None
+    if args.anonymous is not None:
+        body["anonymous"] = args.anonymous
+    if args.max_bytes is not None:
+        body["max_bytes"] = args.max_bytes
+    if getattr(args, "unlimited", False):
+        body["max_bytes"] = None
+    for name in ("policy", "default_ttl", "write_acks", "read"):
+        value = getattr(args, name)
+        if value is not None:
+            body[name] = value
+    return body
+
+
+def _show_size(n: Optional[int]) -> str:
+    if n is None:
+        return "unlimited"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n}B"
+
+
+def _partition(args: argparse.Namespace) -> int:
+    from kvha.local import admin_call
+
+    if args.action == "hash":
+        from kvha.passwords import hash_password
+
+        password = _read_password(args)
+        if password is None:
+            import getpass
+
+            password = getpass.getpass("partition password: ")
+        if len(password) < 8:
+            print("kvha partition hash: the password needs at least 8 characters", file=sys.stderr)
+            return 1
+        print(hash_password(password))
+        return 0
+    try:
+        urls, token = _master_targets(args)
+        if args.action == "list":
+            method, path, body = "GET", "/v1/admin/partitions", None
+        elif args.action == "create":
+            body = _partition_body(args)
+            body["name"] = args.name
+            method, path = "POST", "/v1/admin/partitions"
+        elif args.action == "set":
+            body = _partition_body(args)
+            if not body:
+                print("kvha partition set: nothing to change", file=sys.stderr)
+                return 1
+            method, path = "PATCH", f"/v1/admin/partitions/{args.name}"
+        else:
+            method, path, body = "DELETE", f"/v1/admin/partitions/{args.name}", None
+    except (ConfigError, OSError) as exc:
+        print(f"kvha partition {args.action}: {exc}", file=sys.stderr)
+        return 1
+    last: Optional[Exception] = None
+    for url in urls:
+        try:
+            doc = admin_call(url, token, method, path, body)
+        except OSError as e:
+            last = e
+            continue
+        except RuntimeError as e:
+            print(f"kvha partition {args.action}: {e}", file=sys.stderr)
+            return 1
+        if args.action != "list":
+            done = {"create": "created", "set": "changed", "delete": "deleted"}[args.action]
+            print(f"cluster map epoch {doc['epoch']}: partition {args.name} {done}")
+            return 0
+        if args.json:
+            print(json.dumps(doc, indent=2))
+            return 0
+        print(f"cluster map epoch {doc['epoch']}")
+        print(
+            f"  {'name':<16} {'password':<8} {'anon':<5} {'used':>10} {'max':>10} {'when full':<9} "
+            f"{'ttl':>8} {'keys':>9}  acks/read"
+        )
+        for p in doc["partitions"]:
+            print(
+                f"  {p['name']:<16} {'yes' if p['has_password'] else 'no':<8} "
+                f"{'yes' if p['anonymous'] else 'no':<5} {_show_size(p['used_bytes']):>10} "
+                f"{_show_size(p['max_bytes']):>10} {p['policy']:<9} "
+                f"{(str(p['default_ttl']) + 's') if p['default_ttl'] else '-':>8} "
+                f"{p['keys']:>9}  {p['write_acks']}/{p['read']}"
+            )
+        return 0
+    print(f"kvha partition {args.action}: no master answered: {last}", file=sys.stderr)
+    return 1
+
+
+def _add_partition(commands: argparse._SubParsersAction) -> None:
+    partition = commands.add_parser(
+        "partition", help="partitions: credentials, quotas, TTLs (the cluster admin API)"
+    )
+    actions = partition.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def target(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--file", default=DEFAULT_LOCAL, help="local cluster file")
+        p.add_argument("--master", help="a master's HTTP base URL (default: from --file)")
+        p.add_argument("--token", help="cluster admin token (default: from --file)")
+
+    def password(p: argparse.ArgumentParser) -> None:
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--password", help="the password (visible to ps; prefer the others)")
+        group.add_argument("--password-file", help="read the password from this file")
+        group.add_argument(
+            "--password-stdin", action="store_true", help="read the password from stdin"
+        )
+
+    def settings(p: argparse.ArgumentParser) -> None:
+        anon = p.add_mutually_exclusive_group()
+        anon.add_argument("--anonymous", dest="anonymous", action="store_true", default=None)
+        anon.add_argument("--no-anonymous", dest="anonymous", action="store_false")
+        p.add_argument("--max-bytes", help="quota, e.g. 64MiB (one copy counted)")
+        p.add_argument("--policy", choices=("reject", "evict"), help="when full")
+        p.add_argument("--default-ttl", help="expiry of records written without one, e.g. 1h")
+        p.add_argument("--write-acks", choices=("all", "quorum", "one"))
+        p.add_argument("--read", choices=("one", "quorum"))
+
+    p = actions.add_parser("list", help="every partition with its usage")
+    target(p)
+    p.add_argument("--json", action="store_true")
+    p = actions.add_parser("create", help="add a partition")
+    target(p)
+    p.add_argument("name")
+    password(p)
+    settings(p)
+    p = actions.add_parser("set", help="change a partition's settings")
+    target(p)
+    p.add_argument("name")
+    password(p)
+    p.add_argument("--no-password", action="store_true", help="remove the password")
+    p.add_argument("--unlimited", action="store_true", help="remove the quota")
+    settings(p)
+    p = actions.add_parser("delete", help="remove a partition and its records")
+    target(p)
+    p.add_argument("name")
+    p = actions.add_parser("hash", help="print a password hash for master.cluster.partitions")
+    password(p)
+    partition.set_defaults(func=_partition)
 
 
 def _add_cluster(commands: argparse._SubParsersAction) -> None:
@@ -262,7 +435,11 @@ def _add_cluster(commands: argparse._SubParsersAction) -> None:
     node.set_defaults(func=_node)
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_config, _add_cluster]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_config,
+    _add_cluster,
+    _add_partition,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

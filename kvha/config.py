@@ -27,11 +27,15 @@ from typing import Any, Optional
 
 import yaml
 
-ENGINES = ("memory", "log")
+ENGINES = ("memory", "log", "disk", "mmap", "mmap-index")
 FSYNC_MODES = ("always", "everysec", "os")
 ENDPOINT_PREFIXES = ("tcp:", "tcp6:", "unix:", "ssl:")
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 SECRET_MIN_LENGTH = 16
+#: Shortest partition password: these are service credentials, not human logins.
+PASSWORD_MIN_LENGTH = 8
+#: What a partition does when a write would take it over ``max_bytes``.
+FULL_POLICIES = ("reject", "evict")
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -93,13 +97,22 @@ def _section(cls: type) -> Any:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    """How a data node keeps its records (memory only, or an append-only log)."""
+    """How a data node keeps its records (see docs/storage.md for the engines)."""
 
     engine: str = _opt("memory", kind="enum", choices=ENGINES)
+    #: log, disk, mmap, mmap-index: when writes reach the disk.
     fsync: str = _opt("everysec", kind="enum", choices=FSYNC_MODES)
+    #: log only.
     snapshot_interval: float = _opt(300.0, kind="duration", min=0, min_exclusive=True)
     snapshot_log_bytes: int = _opt(64 * MiB, kind="size", min=4096)
+    #: log, disk, mmap-index: the size at which a file is sealed and a new one begun.
     segment_bytes: int = _opt(16 * MiB, kind="size", min=4096)
+    #: disk, mmap-index: compact once sealed segments hold this share of dead bytes...
+    compaction_garbage_ratio: float = _opt(0.5, min=0, min_exclusive=True, max=1)
+    #: ...and at least this many.
+    compaction_min_bytes: int = _opt(64 * MiB, kind="size", min=0)
+    #: mmap, mmap-index: the initial LMDB map (address space, not disk); doubles when full.
+    map_size: int = _opt(1 * GiB, kind="size", min=1 * MiB)
 
 
 @dataclass(frozen=True)
@@ -159,8 +172,9 @@ class DataNodeRef:
     """A data node as the masters see it: where it is and how much it takes."""
 
     id: str = _opt(kind="id")
-    #: Twisted client endpoint string, e.g. ``tcp:127.0.0.1:7101``.
-    address: str = _opt(kind="endpoint")
+    #: Twisted client endpoint string, e.g. ``tcp:127.0.0.1:7101`` or, with TLS,
+    #: ``ssl:host=10.0.0.1:port=7101:caCertsDir=/etc/kvha/ca:hostname=10.0.0.1``.
+    address: str = _opt(kind="client_endpoint")
     #: Share of the ring (virtual nodes in proportion).
     weight: float = _opt(1.0, min=0, min_exclusive=True)
     #: Share of reads among a key's live copies (okuyama's access-balance ratio).
@@ -169,11 +183,37 @@ class DataNodeRef:
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    """A namespace of keys and its consistency settings."""
+    """A namespace of keys: who may reach it, how big it may grow, how it is replicated."""
 
     name: str = _opt(kind="id")
     write_acks: str = _opt("all", kind="enum", choices=WRITE_ACKS)
     read: str = _opt("one", kind="enum", choices=READ_MODES)
+    #: Credential clients give to reach the partition (AUTH, memcached auth, HTTP
+    #: bearer token); hashed when the master starts, never stored in the clear.
+    password: Optional[str] = _opt(
+        None, kind="secret", optional=True, min_length=PASSWORD_MIN_LENGTH
+    )
+    #: Or its hash, as printed by ``kvha partition hash``.
+    password_hash: Optional[str] = _opt(None, kind="password_hash")
+    #: Whether connections that give no credentials reach it; by default, only
+    #: when it has no password.
+    anonymous: Optional[bool] = _opt(None)
+    #: Quota: bytes of keys and records (one copy counted); unset means unlimited.
+    max_bytes: Optional[int] = _opt(None, kind="size", min=1)
+    #: When full: ``reject`` writes (stores), or ``evict`` the least recently used (caches).
+    policy: str = _opt("reject", kind="enum", choices=FULL_POLICIES)
+    #: Expiry given to records written without one; 0 means none.
+    default_ttl: float = _opt(0.0, kind="duration", min=0)
+
+    @property
+    def allows_anonymous(self) -> bool:
+        if self.anonymous is not None:
+            return self.anonymous
+        return self.password is None and self.password_hash is None
+
+    def _validate(self) -> None:
+        if self.password is not None and self.password_hash is not None:
+            raise ConfigError(("password_hash",), "give password or password_hash, not both")
 
 
 @dataclass(frozen=True)
@@ -235,6 +275,20 @@ class RedisListener:
 
 
 @dataclass(frozen=True)
+class BoundListener:
+    """An extra client port that serves one partition without credentials.
+
+    For cache clients that cannot authenticate: every connection is in
+    ``partition``, whatever its anonymous setting.  Protect the port by
+    where it listens (a private interface) or by TLS.
+    """
+
+    protocol: str = _opt(kind="enum", choices=("memcached", "redis"))
+    listen: str = _opt(kind="endpoint")
+    partition: str = _opt(kind="id")
+
+
+@dataclass(frozen=True)
 class HttpListener:
     """The REST Web API port (also /health and /metrics)."""
 
@@ -293,18 +347,27 @@ class MasterConfig:
     state_dir: Optional[str] = _opt(None)
     #: Bearer token of the cluster admin API (/v1/admin on the HTTP port).
     #: Without it the map is the static one of this file.
-    admin_token: Optional[str] = _opt(None)
+    admin_token: Optional[str] = _opt(None, kind="secret", optional=True)
     #: Base URLs of the other masters' HTTP ports, e.g. http://10.0.0.2:8081.
     peers: tuple[str, ...] = _opt(())
+    #: Extra ports, each serving one partition without credentials.
+    bound_listeners: tuple[BoundListener, ...] = _opt(())
 
     def _validate(self) -> None:
         names = {p.name for p in self.cluster.partitions}
-        for section, listener in (("memcached", self.memcached), ("redis", self.redis)):
-            if listener.partition not in names:
+        checks: list[tuple[tuple[str, ...], str]] = [
+            (("memcached", "partition"), self.memcached.partition),
+            (("redis", "partition"), self.redis.partition),
+        ]
+        checks += [
+            (("bound_listeners", f"[{i}]", "partition"), b.partition)
+            for i, b in enumerate(self.bound_listeners)
+        ]
+        for where, name in checks:
+            if name not in names:
                 raise ConfigError(
-                    (section, "partition"),
-                    f"unknown partition {listener.partition!r}; "
-                    f"expected one of {', '.join(sorted(names))}",
+                    where,
+                    f"unknown partition {name!r}; expected one of {', '.join(sorted(names))}",
                 )
 
 
@@ -486,6 +549,53 @@ def load_config_string(text: str, source: str = "<string>") -> Config:
     return Config(role=role, source=source, **{role: _build(ROLES[role], raw, (role,))})
 
 
+#: How the example configurations mark secrets that must be changed.
+PLACEHOLDER_MARK = "change-me"
+
+
+def placeholder_secrets(section: Any, path: tuple[str, ...] = ()) -> list[str]:
+    """Key paths of secrets still holding an example value (``change-me...``).
+
+    Nodes log a warning for each when they start: such a secret is public,
+    so the internal protocol's and the heartbeats' authentication mean nothing.
+    """
+    found: list[str] = []
+    if not dataclasses.is_dataclass(section):
+        return found
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        where = path + (f.name,)
+        if f.metadata.get("kind") == "secret" and isinstance(value, str):
+            if value.startswith(PLACEHOLDER_MARK):
+                found.append(format_path(where))
+        elif dataclasses.is_dataclass(value):
+            found += placeholder_secrets(value, where)
+        elif isinstance(value, tuple):
+            for i, item in enumerate(value):
+                found += placeholder_secrets(item, where + (f"[{i}]",))
+    return found
+
+
+def warn_placeholders(section: Any, role: str, log: Any) -> None:
+    """Log a warning for every example secret in a node's configuration."""
+    for where in placeholder_secrets(section, (role,)):
+        log.warn(
+            "{key} is an example value (starts with {mark!r}): anyone can read it, so it "
+            "protects nothing.  Set a random secret of your own before production.",
+            key=where,
+            mark=PLACEHOLDER_MARK,
+        )
+
+
+def build_section(cls: type, raw: Any, path: tuple[str, ...] = ()) -> Any:
+    """Validate one section (a mapping from JSON or YAML) into dataclass ``cls``.
+
+    For input that arrives at run time, such as a partition sent to the admin
+    API: the same checks, and the same ConfigError naming the key, as a file.
+    """
+    return _build(cls, raw, path)
+
+
 def _check_keys(raw: dict, allowed: Iterable[str], path: tuple[str, ...]) -> None:
     """Reject keys the schema does not know; typos must not pass silently."""
     names = sorted(allowed)
@@ -517,7 +627,13 @@ def _build(cls: type, raw: Any, path: tuple[str, ...]) -> Any:
     for f in fields:
         fpath = path + (f.name,)
         if f.metadata.get("kind") == "secret":
-            values[f.name] = _secret(raw, f.name, path)
+            values[f.name] = _secret(
+                raw,
+                f.name,
+                path,
+                optional=f.metadata.get("optional", False),
+                min_length=f.metadata.get("min_length", SECRET_MIN_LENGTH),
+            )
         elif f.name in raw:
             values[f.name] = _value(hints[f.name], f.metadata, raw[f.name], fpath)
         elif dataclasses.is_dataclass(hints[f.name]):
@@ -583,14 +699,40 @@ def _string(raw: Any, kind: Optional[str], meta: Mapping[str, Any], path: tuple)
         raise ConfigError(path, f"expected a string; got {_show(raw)}")
     if kind == "id" and not _ID_RE.fullmatch(raw):
         raise ConfigError(path, f"expected an id matching {ID_PATTERN}; got {_show(raw)}")
-    if kind == "endpoint" and not any(
-        raw.startswith(p) and len(raw) > len(p) for p in ENDPOINT_PREFIXES
-    ):
+    if kind in ("endpoint", "client_endpoint"):
+        _endpoint(raw, kind == "client_endpoint", path)
+    if kind == "password_hash":
+        from kvha.passwords import parse_password_hash
+
+        if parse_password_hash(raw) is None:
+            raise ConfigError(
+                path, "expected a hash printed by `kvha partition hash` (scrypt$N$r$p$salt$hash)"
+            )
+    return raw
+
+
+def _endpoint(raw: str, client: bool, path: tuple[str, ...]) -> None:
+    """A Twisted endpoint string; ``ssl:`` ones must say how their peer is checked."""
+    if not any(raw.startswith(p) and len(raw) > len(p) for p in ENDPOINT_PREFIXES):
         prefixes = ", ".join(ENDPOINT_PREFIXES)
         raise ConfigError(
             path, f"expected a Twisted endpoint string starting with {prefixes}; got {_show(raw)}"
         )
-    return raw
+    if not raw.startswith("ssl:"):
+        return
+    options = {part.split("=", 1)[0] for part in raw.split(":")[1:] if "=" in part}
+    if client:
+        # Without caCertsDir Twisted does not verify the server at all, and
+        # without hostname it does not check that the certificate is the node's.
+        missing = [o for o in ("caCertsDir", "hostname") if o not in options]
+        if missing:
+            raise ConfigError(
+                path,
+                f"an ssl: client endpoint needs {' and '.join(o + '=' for o in missing)} so "
+                "that the server's certificate is verified; got " + _show(raw),
+            )
+    elif "privateKey" not in options:
+        raise ConfigError(path, "an ssl: listening endpoint needs privateKey= (and certKey=)")
 
 
 def _number(raw: Any, path: tuple[str, ...], scale: float = 1.0) -> float:
@@ -648,11 +790,22 @@ def _check_bounds(value: Any, raw: Any, meta: Mapping[str, Any], path: tuple) ->
         raise ConfigError(path, f"must be at most {high}; got {got}")
 
 
-def _secret(raw: dict, name: str, path: tuple[str, ...]) -> str:
+def _secret(
+    raw: dict,
+    name: str,
+    path: tuple[str, ...],
+    optional: bool = False,
+    min_length: int = SECRET_MIN_LENGTH,
+) -> Optional[str]:
     """The secret comes inline or from a file (to keep it out of the config)."""
     file_key = name + "_file"
+    if optional and name not in raw and file_key not in raw:
+        return None
+    if optional and raw.get(name, 0) is None and file_key not in raw:
+        return None
     if (name in raw) == (file_key in raw):
-        raise ConfigError(path + (name,), f"exactly one of {name} or {file_key} must be given")
+        what = "at most" if optional else "exactly"
+        raise ConfigError(path + (name,), f"{what} one of {name} or {file_key} must be given")
     if name in raw:
         secret = raw[name]
         if not isinstance(secret, str):
@@ -669,8 +822,6 @@ def _secret(raw: dict, name: str, path: tuple[str, ...]) -> str:
                 secret = f.read().strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(where, f"cannot read secret file {_show(filename)}: {exc}") from None
-    if len(secret) < SECRET_MIN_LENGTH:
-        raise ConfigError(
-            where, f"must be at least {SECRET_MIN_LENGTH} characters; got {len(secret)}"
-        )
+    if len(secret) < min_length:
+        raise ConfigError(where, f"must be at least {min_length} characters; got {len(secret)}")
     return secret

@@ -468,6 +468,28 @@ class Retain(Message):
     __slots__ = ("ranges",)
 
 
+@message(
+    18,
+    ("epoch", "u64"),
+    ("names", "list"),
+    ("limits", "u64s"),
+    ("evict", "bytes"),
+    ("ttls", "u64s"),
+)
+class Partitions(Message):
+    """The partition rules this node enforces, replacing any earlier table.
+
+    One entry per partition, in four parallel fields: the name, this node's
+    byte limit (its share of the partition's quota; 0 means none), whether
+    it evicts (1) or refuses writes (0) when full, and the default TTL in
+    milliseconds for records written without one (0 means none).  ``epoch``
+    is the cluster map's: a table from an older map than one already held is
+    ignored.
+    """
+
+    __slots__ = ("epoch", "names", "limits", "evict", "ttls")
+
+
 CONTROL_CLAIM = 1
 CONTROL_FINISH = 2
 CONTROL_RELEASE = 3

@@ -18,6 +18,8 @@ from kvha.data.local import LocalDataClient
 from kvha.data.server import DataNode
 from kvha.master.health import NodeLink
 from kvha.master.memcache import MemcacheFactory
+from kvha.master.partitions import node_tables
+from kvha.master.resp import RespFactory
 from kvha.master.router import PartitionPolicy, Router
 from kvha.ring import Ring
 
@@ -60,6 +62,16 @@ class Cluster:
 
     def memcache_factory(self, partition: bytes = b"default", **limits: object) -> MemcacheFactory:
         return MemcacheFactory(self.router, partition, self.clock, **limits)  # type: ignore[arg-type]
+
+    def resp_factory(self, partition: bytes = b"default", **limits: object) -> RespFactory:
+        return RespFactory(self.router, partition, self.clock, **limits)  # type: ignore[arg-type]
+
+    def set_partitions(self, *policies: PartitionPolicy, epoch: int = 1) -> None:
+        """Route by these partitions and push their rules to every data node, as a master does."""
+        self.router.set_partitions(policies)
+        tables = node_tables(policies, [self.ring], self.router.copies)
+        for node_id, client in self.clients.items():
+            client.partitions(epoch, tables.get(node_id, []))
 
     def kill(self, node_id: str) -> None:
         """The node's connection resets, as after kill -9."""

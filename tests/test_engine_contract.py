@@ -32,9 +32,12 @@ from hypothesis.stateful import (
 from twisted.internet.task import Clock
 
 from kvha.clock import version_millis
-from kvha.data import logengine
+from kvha.data import logengine, segments
+from kvha.data.diskengine import DiskEngine
 from kvha.data.engine import Engine, MemoryEngine
 from kvha.data.logengine import LogEngine
+from kvha.data.mmapengine import MmapEngine
+from kvha.data.mmapindex import MmapIndexEngine
 from kvha.data.store import IncrMode, Result, Status, Store, StoreMode
 from kvha.record import Record, pack, unpack
 
@@ -248,6 +251,31 @@ class EngineContract:
         assert all(partition == b"p" for partition, _key in seen)
         assert engine.count(b"p") == 0 and engine.count(b"other") == 10
         engine.commit()
+        engine.close()
+
+    def test_iter_keys_walks_while_writing(self, tmp_path: Path) -> None:
+        """iter_keys() yields each key present throughout exactly once, across commits."""
+        engine = self.opened(tmp_path / "e", Clock())
+        stable = [b"s%04d" % i for i in range(2500)]
+        stable += [b"L" * 600 + b"%d" % i for i in range(30)] + [b""]  # long and empty keys
+        for i, key in enumerate(stable):
+            engine.put(b"p", key, pack(b"v", i + 1))
+        for i in range(300):
+            engine.put(b"p", b"t%03d" % i, pack(b"v", 5000 + i))
+        engine.commit()
+        seen = []
+        for n, key in enumerate(engine.iter_keys(b"p")):
+            seen.append(key)
+            if n % 50 == 0:
+                engine.put(b"p", b"a-new%d" % n, pack(b"v", 10_000 + n))  # before the cursor
+                engine.put(b"p", b"z-new%d" % n, pack(b"v", 20_000 + n))  # after it
+                engine.remove(b"p", b"t%03d" % (n % 300))
+                engine.commit()
+        assert len(seen) == len(set(seen))
+        assert sorted(k for k in seen if not k.startswith((b"t", b"a-", b"z-"))) == sorted(stable)
+        assert list(engine.iter_keys(b"missing")) == []
+        engine.drop_partition(b"p")
+        assert list(engine.iter_keys(b"p")) == []
         engine.close()
 
     def test_high_water(self, tmp_path: Path) -> None:
@@ -720,4 +748,69 @@ class TestLogEngineTinySegments(EngineContract):
             segment_bytes=4096,
             snapshot_log_bytes=8192,
             snapshot_interval=30.0,
+        )
+
+
+class TestDiskEngine(EngineContract):
+    durable = True
+
+    def make_engine(self, path: Path, clock: Clock) -> Engine:
+        return DiskEngine(str(path), clock, fsync="always")
+
+
+class TestDiskEngineCompacting(EngineContract):
+    """fsync os, tiny segments and no minimum: compaction runs, in two-entry steps, all the time."""
+
+    durable = True
+    max_examples = 100
+
+    @pytest.fixture(autouse=True)
+    def _small_compaction_steps(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(segments, "COMPACTION_STEP_ENTRIES", 2)
+
+    def make_engine(self, path: Path, clock: Clock) -> Engine:
+        return DiskEngine(str(path), clock, fsync="os", segment_bytes=4096, compaction_min_bytes=0)
+
+
+class TestMmapEngine(EngineContract):
+    durable = True
+
+    def make_engine(self, path: Path, clock: Clock) -> Engine:
+        return MmapEngine(str(path), clock, fsync="always")
+
+
+class TestMmapEngineTinyMap(EngineContract):
+    """fsync everysec and a map of 32 pages: the map grows and transactions are redone."""
+
+    durable = True
+
+    def make_engine(self, path: Path, clock: Clock) -> Engine:
+        return MmapEngine(str(path), clock, fsync="everysec", map_size=32 * 4096)
+
+
+class TestMmapIndexEngine(EngineContract):
+    durable = True
+
+    def make_engine(self, path: Path, clock: Clock) -> Engine:
+        return MmapIndexEngine(str(path), clock, fsync="always")
+
+
+class TestMmapIndexEngineCompacting(EngineContract):
+    """fsync os, tiny segments, a tiny map and no minimum: compaction and map growth."""
+
+    durable = True
+    max_examples = 100
+
+    @pytest.fixture(autouse=True)
+    def _small_compaction_steps(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(segments, "COMPACTION_STEP_ENTRIES", 2)
+
+    def make_engine(self, path: Path, clock: Clock) -> Engine:
+        return MmapIndexEngine(
+            str(path),
+            clock,
+            fsync="os",
+            segment_bytes=4096,
+            compaction_min_bytes=0,
+            map_size=32 * 4096,
         )

@@ -123,7 +123,8 @@ class DataClientProtocol(Protocol):
         for state in streams.values():
             state.done.errback(failure)
         if not self.ready.called:
-            self.ready.errback(failure)
+            why = reason.getErrorMessage() if reason is not None else "closed"
+            self.ready.errback(NodeUnavailable(f"lost before the handshake: {why}"))
 
     def _check_timeouts(self) -> None:
         now = self.clock.seconds()
@@ -371,6 +372,7 @@ class DataNodeClient:
         self.clock = clock if clock is not None else reactor
         self.protocol: Optional[DataClientProtocol] = None
         self._waiting: list[Deferred] = []
+        self._warned = False
         #: Called with the protocol once a connection is authenticated, and lost.
         self.on_ready: Optional[Callable[[DataClientProtocol], None]] = None
         self.on_lost: Optional[Callable[[DataClientProtocol], None]] = None
@@ -407,7 +409,18 @@ class DataNodeClient:
         self._waiting.append(d)
         return d
 
+    def _not_ready(self, failure: Any) -> None:
+        """A connection lost before its handshake (TLS, secret); logged once per streak."""
+        if not self._warned and not failure.check(AuthenticationFailed):  # that one is logged
+            self._warned = True
+            log.warn(
+                "connection to data node at {endpoint} failed: {why}",
+                endpoint=self.endpoint,
+                why=failure.getErrorMessage(),
+            )
+
     def _ready(self, proto: DataClientProtocol) -> None:
+        self._warned = False
         self.protocol = proto
         waiting, self._waiting = self._waiting, []
         for d in waiting:
@@ -513,6 +526,17 @@ class DataNodeClient:
         msg = wire.Control(action, holder, lease_ms, done_keys, done_bytes, total_keys)
         return self._call(msg).addCallback(lambda m: (bool(m.granted), m.state, m.high_water))
 
+    def partitions(self, epoch: int, table: Sequence[tuple[bytes, int, bool, int]]) -> Deferred:
+        """Push the partition rules: ``(name, byte limit, evict, default TTL ms)`` each."""
+        msg = wire.Partitions(
+            epoch,
+            [t[0] for t in table],
+            [t[1] for t in table],
+            bytes(int(t[2]) for t in table),
+            [t[3] for t in table],
+        )
+        return self._call(msg).addCallback(lambda _: None)
+
     def ping(self) -> Deferred:
         """Fires with ``(state, high_water)``."""
         return self._call(wire.Ping()).addCallback(lambda m: (m.state, m.high_water))
@@ -547,6 +571,6 @@ class _ReadyFactory(DataClientFactory):
 
     def buildProtocol(self, addr: Any) -> DataClientProtocol:
         proto = super().buildProtocol(addr)
-        proto.ready.addCallbacks(self.owner._ready, lambda f: None)
+        proto.ready.addCallbacks(self.owner._ready, self.owner._not_ready)
         proto.on_lost = self.owner._lost
         return proto

@@ -57,6 +57,16 @@ class Engine:
         """A snapshot of a partition's keys, safe to walk while writes go on."""
         raise NotImplementedError
 
+    def iter_keys(self, partition: bytes) -> Iterator[bytes]:
+        """Walk a partition's keys lazily, while writes go on.
+
+        Every key present for the whole walk is yielded exactly once; one
+        written or removed meanwhile may or may not be.  Engines that keep
+        their keys on disk walk them in batches instead of copying them all
+        into memory as :meth:`keys` does.
+        """
+        return iter(self.keys(partition))
+
     def count(self, partition: Optional[bytes] = None) -> int:
         raise NotImplementedError
 

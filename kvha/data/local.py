@@ -200,6 +200,18 @@ class LocalDataClient:
 
         return self._call("control", work)
 
+    def partitions(self, epoch: int, table: Sequence[tuple[bytes, int, bool, int]]) -> Deferred:
+        from kvha import wire
+
+        msg = wire.Partitions(
+            epoch,
+            [t[0] for t in table],
+            [t[1] for t in table],
+            bytes(int(t[2]) for t in table),
+            [t[3] for t in table],
+        )
+        return self._call("partitions", lambda: self.node.set_partitions(msg) and None)
+
     def ping(self) -> Deferred:
         return self._call("ping", lambda: (self.node.state, self.node.store.engine.high_water))
 

@@ -26,6 +26,7 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Iterator
 from typing import Any, Optional
 
 from twisted.internet.interfaces import IReactorTime
@@ -68,6 +69,42 @@ def encode_entry(op: int, partition: bytes, key: bytes, packed: bytes = b"") -> 
     return ENTRY.pack(len(payload), zlib.crc32(payload)) + payload
 
 
+def scan_entries(
+    data: bytes, start: int = 0
+) -> Iterator[tuple[int, int, int, bytes, bytes, bytes]]:
+    """Yield ``(offset, size, op, partition, key, rest)`` for each whole entry in ``data``.
+
+    ``size`` counts the entry's header too, so the next entry starts at
+    ``offset + size``.  The walk stops at the first short or corrupt entry:
+    what follows it cannot be trusted.  The caller finds where it stopped from
+    the last entry yielded (``start`` when none was).
+    """
+    offset = start
+    end = len(data)
+    view = memoryview(data)
+    while offset < end:
+        if end - offset < ENTRY.size:
+            return
+        length, crc = ENTRY.unpack_from(data, offset)
+        body_start = offset + ENTRY.size
+        if length < PAYLOAD.size or length > MAX_ENTRY or body_start + length > end:
+            return
+        payload = view[body_start : body_start + length]
+        if zlib.crc32(payload) != crc:
+            return
+        op, plen, klen = PAYLOAD.unpack_from(payload)
+        body = PAYLOAD.size
+        if body + plen + klen > length or op not in (OP_PUT, OP_REMOVE, OP_DROP, OP_END):
+            return
+        partition = bytes(payload[body : body + plen])
+        key = bytes(payload[body + plen : body + plen + klen])
+        rest = bytes(payload[body + plen + klen :])
+        if op == OP_PUT and len(rest) < HEADER.size:
+            return
+        yield offset, ENTRY.size + length, op, partition, key, rest
+        offset = body_start + length
+
+
 def decode_entries(data: bytes) -> tuple[list[tuple[int, bytes, bytes, bytes]], int]:
     """Parse entries from ``data``; return them and the offset of the first bad byte.
 
@@ -77,33 +114,40 @@ def decode_entries(data: bytes) -> tuple[list[tuple[int, bytes, bytes, bytes]], 
     """
     entries = []
     offset = 0
-    end = len(data)
-    view = memoryview(data)
-    while offset < end:
-        if end - offset < ENTRY.size:
-            break
-        length, crc = ENTRY.unpack_from(data, offset)
-        start = offset + ENTRY.size
-        if length < PAYLOAD.size or length > MAX_ENTRY or start + length > end:
-            break
-        payload = view[start : start + length]
-        if zlib.crc32(payload) != crc:
-            break
-        op, plen, klen = PAYLOAD.unpack_from(payload)
-        body = PAYLOAD.size
-        if body + plen + klen > length or op not in (OP_PUT, OP_REMOVE, OP_DROP, OP_END):
-            break
-        partition = bytes(payload[body : body + plen])
-        key = bytes(payload[body + plen : body + plen + klen])
-        rest = bytes(payload[body + plen + klen :])
-        if op == OP_PUT and len(rest) < HEADER.size:
-            break
+    for at, size, op, partition, key, rest in scan_entries(data):
         entries.append((op, partition, key, rest))
-        offset = start + length
+        offset = at + size
     return entries, offset
 
 
-def _fsync_dir(path: str) -> None:
+def drop_torn_tail(
+    path: str, offset: int, size: int, good_entries: int, last: bool, logger: Logger = log
+) -> int:
+    """Truncate ``path`` to ``offset``, the end of its last whole entry; log what went.
+
+    A crash in the middle of an append leaves a partial last entry (a torn
+    tail); damage elsewhere leaves a bad checksum.  Either way the entries
+    before it are kept and the rest is dropped, logged, and never replayed.
+    Returns the number of bytes dropped.
+    """
+    dropped = size - offset
+    logger.warn(
+        "dropped a torn or corrupt tail of {dropped} bytes from {path} at offset "
+        "{offset} ({entries} good entries kept; last segment: {last})",
+        dropped=dropped,
+        path=path,
+        offset=offset,
+        entries=good_entries,
+        last=last,
+    )
+    with open(path, "r+b") as f:
+        f.truncate(offset)
+        f.flush()
+        os.fsync(f.fileno())
+    return dropped
+
+
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -226,28 +270,14 @@ class LogEngine(MemoryEngine):
             elif op == OP_DROP:
                 MemoryEngine.drop_partition(self, partition)
         if offset < len(data):
-            dropped = len(data) - offset
-            self.torn_bytes_dropped += dropped
-            log.warn(
-                "dropped a torn or corrupt tail of {dropped} bytes from {path} at offset "
-                "{offset} ({entries} good entries kept; last segment: {last})",
-                dropped=dropped,
-                path=path,
-                offset=offset,
-                entries=len(entries),
-                last=last,
-            )
-            with open(path, "r+b") as f:
-                f.truncate(offset)
-                f.flush()
-                os.fsync(f.fileno())
+            self.torn_bytes_dropped += drop_torn_tail(path, offset, len(data), len(entries), last)
 
     def _open_segment(self, seq: int) -> None:
         path = os.path.join(self.directory, f"segment-{seq:012d}.log")
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._segment = seq
         self._segment_size = os.fstat(self._fd).st_size
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def _rotate(self) -> None:
         os.fsync(self._fd)
@@ -364,7 +394,7 @@ class LogEngine(MemoryEngine):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         for old_seq, path in self._files(SEGMENT_RE):
             if old_seq < seq:
                 os.unlink(path)

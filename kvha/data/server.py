@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from kvha import __version__, wire
 from kvha.data.engine import Engine
+from kvha.data.quota import PartitionRule
 from kvha.data.store import IncrMode, Result, Status, Store, StoreMode
 from kvha.record import HEADER_SIZE
 
@@ -84,6 +85,8 @@ class DataNode(service.Service):
         self.merges_completed = 0
         self.retain_running = 0
         self.retain_removed = 0
+        #: Epoch of the cluster map the partition rules came from (-1: none yet).
+        self.partitions_epoch = -1
         self._last_alive_write = 0.0
         self.started = clock.seconds()
         self.connections: set[DataServerProtocol] = set()
@@ -208,6 +211,37 @@ class DataNode(service.Service):
 
         self.clock.callLater(0, step)
 
+    # Partition rules ----------------------------------------------------------------
+
+    def set_partitions(self, msg: wire.Partitions) -> wire.Message:
+        """Adopt a master's partition table (quotas and default TTLs) unless it is older."""
+        n = len(msg.names)
+        if not (len(msg.limits) == len(msg.evict) == len(msg.ttls) == n):
+            return wire.Error(wire.E_BAD_REQUEST, "partition table fields differ in length")
+        if msg.epoch < self.partitions_epoch:
+            return wire.Result(Status.STALE, b"")
+        rules = {
+            name: PartitionRule(limit, bool(evict), ttl)
+            for name, limit, evict, ttl in zip(msg.names, msg.limits, msg.evict, msg.ttls)
+        }
+        changed = msg.epoch != self.partitions_epoch or any(
+            name not in self.store.rules or not self.store.rules[name].same_as(rule)
+            for name, rule in rules.items()
+        )
+        self.partitions_epoch = msg.epoch
+        self.store.configure_partitions(rules)
+        if changed:
+            log.info(
+                "data node {node}: partition rules of map epoch {epoch}: {rules}",
+                node=self.node_id,
+                epoch=msg.epoch,
+                rules=", ".join(
+                    f"{k.decode('utf-8', 'replace')}={v!r}" for k, v in sorted(rules.items())
+                )
+                or "none",
+            )
+        return wire.Result(Status.OK, b"")
+
     # Merge coordination ---------------------------------------------------------
 
     def control(self, msg: wire.Control) -> wire.ControlReply:
@@ -309,6 +343,12 @@ class DataNode(service.Service):
             name = partition.decode("utf-8", "replace")
             out[f"records:{name}"] = engine.count(partition) - engine.tombstones(partition)
             out[f"bytes:{name}"] = engine.bytes_used(partition)
+        for partition, rule in self.store.rules.items():
+            if rule.limit:
+                name = partition.decode("utf-8", "replace")
+                out[f"limit:{name}"] = rule.limit
+                out[f"evicted:{name}"] = rule.evicted
+                out[f"rejected:{name}"] = rule.rejected
         out.update(self.store.stats())
         out.update(self.store.engine.stats())
         return out
@@ -372,7 +412,7 @@ class StreamSender:
         self.schedule(size / rate if rate else 0.0)
 
 
-@implementer(interfaces.IPushProducer)
+@implementer(interfaces.IPushProducer, interfaces.IHandshakeListener)
 class DataServerProtocol(Protocol):
     """One master's connection to this data node."""
 
@@ -402,11 +442,20 @@ class DataServerProtocol(Protocol):
             self._fatal(wire.E_LIMIT, "too many connections")
             return
         node.connections.add(self)
-        self.transport.registerProducer(self, True)
+        if not interfaces.ISSLTransport.providedBy(self.transport):
+            self.transport.registerProducer(self, True)
+        # Over TLS, not before the handshake is done: TLS pauses a registered
+        # producer while it buffers the handshake, and pausing would stop the
+        # reads the handshake needs (see handshakeCompleted).
         self.nonce = node.urandom(32)
         self.transport.write(
             wire.Challenge(wire.PROTOCOL_VERSION, node.node_id, self.nonce).frame(0)
         )
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up: from now on a full write buffer pauses reading requests."""
+        if not self.closing:
+            self.transport.registerProducer(self, True)
 
     def connectionLost(self, reason: Any = None) -> None:
         self.node.connections.discard(self)
@@ -625,6 +674,9 @@ class DataServerProtocol(Protocol):
     def _control(self, msg: wire.Control, request_id: int) -> wire.Message:
         return self.node.control(msg)
 
+    def _partitions(self, msg: wire.Partitions, request_id: int) -> wire.Message:
+        return self.node.set_partitions(msg)
+
     def _ping(self, msg: wire.Ping, request_id: int) -> wire.Message:
         return wire.Pong(self.node.state, self.node.store.engine.high_water)
 
@@ -687,6 +739,7 @@ _HANDLERS: dict[int, tuple[str, type[wire.Message], Callable[..., Any]]] = {
         ("scan", wire.Scan, DataServerProtocol._scan),
         ("control", wire.Control, DataServerProtocol._control),
         ("retain", wire.Retain, DataServerProtocol._retain),
+        ("partitions", wire.Partitions, DataServerProtocol._partitions),
         ("ping", wire.Ping, DataServerProtocol._ping),
         ("stats", wire.Stats, DataServerProtocol._stats),
         ("stream", wire.Stream, DataServerProtocol._stream),

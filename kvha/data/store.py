@@ -14,6 +14,10 @@ its meaning is here, once:
   every reader (lazy), and a background sweep removes it from memory.
 * **Deletes** write a tombstone carrying the delete's version, kept for
   ``tombstone_ttl`` so that merge can tell a deleted key from a missed write.
+* **Partition rules** (:mod:`kvha.data.quota`): a node's share of a
+  partition's quota, enforced on every write (``evict``: evict until under
+  it; ``reject``: the primary refuses a write that would pass it), and a
+  default TTL for records the primary writes without one.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Callable, Optional
 
 from kvha.clock import HybridLogicalClock, version_millis
 from kvha.data.engine import Engine
+from kvha.data.quota import READ_COUNT, WRITE_COUNT, PartitionRule
 from kvha.record import HEADER, HEADER_SIZE, TOMBSTONE, Record, pack, tombstone, unpack
 from kvha.ring import TokenRange, in_ranges, token
 
@@ -50,6 +55,7 @@ class Status(enum.IntEnum):
     NON_NUMERIC = 8
     OVERFLOW = 9
     TOO_LARGE = 10
+    NO_SPACE = 11  # the partition is at its quota and refuses writes
 
 
 class StoreMode(enum.IntEnum):
@@ -61,6 +67,7 @@ class StoreMode(enum.IntEnum):
     PREPEND = 4
     CAS = 5  # cas == 0 means "only if absent", which gives Redis NX for free
     CAS_DELETE = 6  # delete only if the live record still has version ``cas``
+    SET = 7  # store unconditionally, at the primary (partitions that reject when full)
 
 
 class IncrMode(enum.IntEnum):
@@ -158,6 +165,11 @@ class Store:
         self._sweep: Optional[Iterator[tuple[bytes, bytes]]] = None
         self.expired_removed = 0
         self.tombstones_collected = 0
+        #: Partition rules by name, and the subsets the hot paths look at: rules
+        #: with a quota, and the GCLOCK use counts of partitions that evict.
+        self.rules: dict[bytes, PartitionRule] = {}
+        self._limited: dict[bytes, PartitionRule] = {}
+        self._marks: dict[bytes, dict[bytes, int]] = {}
 
     def open(self) -> None:
         self.engine.open()
@@ -185,6 +197,10 @@ class Store:
         if expires_ms and expires_ms <= self._now_ms():
             self._expire(partition, key)
             return None
+        if self._marks:
+            marks = self._marks.get(partition)
+            if marks is not None:
+                marks[key] = READ_COUNT
         return packed
 
     def get(
@@ -201,6 +217,8 @@ class Store:
         # absolute expiry and so expires it at the same moment.
         self.engine.remove(partition, key)
         self.expired_removed += 1
+        if self._marks:
+            self._forget(partition, key)
 
     # Replicated writes -------------------------------------------------------
 
@@ -223,6 +241,8 @@ class Store:
                 return Result(Status.STALE, current)
             self.clock.observe(version)
         self.engine.put(partition, key, packed)
+        if self._limited:
+            self._written(partition, key)
         return Result(Status.STORED, packed)
 
     def set(
@@ -268,8 +288,15 @@ class Store:
                 return Result(Status.EXISTS, current)
             packed = tombstone(self.clock.next())
             self.engine.put(partition, key, packed)
+            if self._limited:
+                self._written(partition, key)
             return Result(Status.DELETED, packed)
-        if mode is StoreMode.ADD:
+        rule = self.rules.get(partition) if self.rules else None
+        if rule is not None and rule.ttl_ms and not expires_ms:
+            expires_ms = self._now_ms() + rule.ttl_ms  # APPEND / PREPEND keep the record's below
+        if mode is StoreMode.SET:
+            pass
+        elif mode is StoreMode.ADD:
             if current is not None:
                 return Result(Status.NOT_STORED, current)
         elif mode is StoreMode.REPLACE:
@@ -291,8 +318,12 @@ class Store:
             value = old + value if mode is StoreMode.APPEND else value + old
         if len(value) > self.max_value_bytes:
             return Result(Status.TOO_LARGE, current)
+        if rule is not None and rule.limit and self._refuse(partition, key, rule, len(value)):
+            return Result(Status.NO_SPACE, current)
         packed = pack(value, self.clock.next(), flags, expires_ms)
         self.engine.put(partition, key, packed)
+        if self._limited:
+            self._written(partition, key)
         return Result(Status.STORED, packed)
 
     def incr(self, partition: bytes, key: bytes, mode: IncrMode, delta: bytes) -> Result:
@@ -300,6 +331,7 @@ class Store:
         current = self._live(partition, key)
         flags = 0
         expires_ms = 0
+        rule = self.rules.get(partition) if self.rules else None
         if current is not None:
             _v, expires_ms, flags, _b = _unpack_header(current)
             old = current[HEADER_SIZE:]
@@ -307,6 +339,8 @@ class Store:
             return Result(Status.NOT_FOUND)
         else:
             old = b"0"
+            if rule is not None and rule.ttl_ms:
+                expires_ms = self._now_ms() + rule.ttl_ms
         value: bytes
         if mode in (IncrMode.MEMCACHED_INCR, IncrMode.MEMCACHED_DECR):
             n = _parse_memcached_number(old)
@@ -336,8 +370,12 @@ class Store:
             if not _finite(x):
                 return Result(Status.OVERFLOW, current)
             value = format_redis_float(x)
+        if rule is not None and rule.limit and self._refuse(partition, key, rule, len(value)):
+            return Result(Status.NO_SPACE, current)
         packed = pack(value, self.clock.next(), flags, expires_ms)
         self.engine.put(partition, key, packed)
+        if self._limited:
+            self._written(partition, key)
         return Result(Status.STORED, packed)
 
     def touch(self, partition: bytes, key: bytes, expires_ms: int) -> Result:
@@ -348,11 +386,97 @@ class Store:
         _v, _e, flags, _b = _unpack_header(current)
         packed = pack(current[HEADER_SIZE:], self.clock.next(), flags, expires_ms)
         self.engine.put(partition, key, packed)
+        if self._limited:
+            self._written(partition, key)
         return Result(Status.TOUCHED, packed)
 
     def flush(self, partition: bytes) -> int:
         """Remove every record of one partition (memcached flush_all, FLUSHDB)."""
+        rule = self.rules.get(partition)
+        if rule is not None:
+            rule.referenced.clear()
+            rule.hand = iter(())
         return self.engine.drop_partition(partition)
+
+    # Partition rules: quotas and default TTLs ---------------------------------
+
+    def configure_partitions(self, rules: dict[bytes, PartitionRule]) -> None:
+        """Adopt a new rule table; a partition whose rule is unchanged keeps its marks.
+
+        A partition now over a lowered ``evict`` limit is evicted down at once.
+        """
+        table: dict[bytes, PartitionRule] = {}
+        for name, rule in rules.items():
+            old = self.rules.get(name)
+            table[name] = old if old is not None and old.same_as(rule) else rule
+        self.rules = table
+        self._limited = {name: r for name, r in table.items() if r.limit}
+        self._marks = {name: r.referenced for name, r in table.items() if r.limit and r.evict}
+        for name, rule in self._limited.items():
+            if rule.evict and self.engine.bytes_used(name) > rule.limit:
+                self._evict(name, rule, None)
+
+    def _refuse(self, partition: bytes, key: bytes, rule: PartitionRule, value_len: int) -> bool:
+        """Whether a ``reject`` partition refuses a write that would take it over its limit.
+
+        Writes that do not grow the partition (smaller values, deletes) always pass.
+        """
+        if rule.evict:
+            return False
+        old = self.engine.get(partition, key)
+        grow = HEADER_SIZE + value_len - (len(old) if old is not None else -len(key))
+        if grow > 0 and self.engine.bytes_used(partition) + grow > rule.limit:
+            rule.rejected += 1
+            return True
+        return False
+
+    def _written(self, partition: bytes, key: bytes) -> None:
+        """After a write to a partition with a quota: mark the key, evict if over."""
+        rule = self._limited.get(partition)
+        if rule is None or not rule.evict:
+            return
+        rule.referenced.setdefault(key, WRITE_COUNT)
+        if self.engine.bytes_used(partition) > rule.limit:
+            self._evict(partition, rule, key)
+
+    def _evict(self, partition: bytes, rule: PartitionRule, keep: Optional[bytes]) -> None:
+        """GCLOCK: evict keys whose use count is 0, lowering counts on the way, until under.
+
+        ``keep`` (the key just written) is never evicted; if it alone is over
+        the limit, everything else goes and it stays.
+        """
+        engine = self.engine
+        marks = rule.referenced
+        laps = 0  # laps of the hand in a row that evicted nothing
+        used = engine.bytes_used(partition)
+        while used > rule.limit:
+            key = next(rule.hand, None)
+            if key is None:
+                laps += 1
+                if laps > 2:
+                    break  # nothing left to evict but ``keep``
+                rule.hand = iter(engine.keys(partition))
+                continue
+            if key == keep:
+                continue
+            count = marks.get(key)
+            if count is not None:
+                if count > 1:
+                    marks[key] = count - 1
+                else:
+                    del marks[key]
+                continue
+            engine.remove(partition, key)
+            now_used = engine.bytes_used(partition)
+            if now_used < used:
+                rule.evicted += 1
+                laps = 0
+            used = now_used
+
+    def _forget(self, partition: bytes, key: bytes) -> None:
+        marks = self._marks.get(partition)
+        if marks is not None:
+            marks.pop(key, None)
 
     # Streaming for merge and scaling ----------------------------------------
 
@@ -364,15 +488,15 @@ class Store:
     ) -> Iterator[tuple[bytes, bytes, bytes]]:
         """Every record (tombstones too) whose token is in ``ranges`` and version > min.
 
-        Walks a snapshot of each partition's keys, so writes may go on while a
-        stream is consumed; a key written meanwhile is sent with its value at
-        the moment it is reached (and the write itself reaches the new copy by
-        replication).
+        Walks each partition's keys with ``engine.iter_keys``, so writes may go
+        on while a stream is consumed: a key present throughout is sent once,
+        with its value at the moment it is reached, and a key written meanwhile
+        reaches the new copy by replication anyway.
         """
         wanted = list(partitions) if partitions else self.engine.partitions()
         now_ms = self._now_ms()
         for partition in wanted:
-            for key in self.engine.keys(partition):
+            for key in self.engine.iter_keys(partition):
                 packed = self.engine.get(partition, key)
                 if packed is None:
                     continue
@@ -425,6 +549,8 @@ class Store:
                 if not in_ranges(token(partition, key), ranges):
                     self.engine.remove(partition, key)
                     removed += 1
+                    if self._marks:
+                        self._forget(partition, key)
                 if examined % step == 0:
                     yield removed
         yield removed
@@ -461,6 +587,8 @@ class Store:
                     self.engine.remove(partition, key)
                     self.tombstones_collected += 1
                     removed += 1
+                    if self._marks:
+                        self._forget(partition, key)
             elif expires_ms and expires_ms <= now_ms:
                 self._expire(partition, key)
                 removed += 1
@@ -468,7 +596,7 @@ class Store:
 
     def _sweep_keys(self) -> Iterator[tuple[bytes, bytes]]:
         for partition in self.engine.partitions():
-            for key in self.engine.keys(partition):
+            for key in self.engine.iter_keys(partition):
                 yield partition, key
 
     def stats(self) -> dict[str, int]:
@@ -479,6 +607,8 @@ class Store:
             "high_water": self.engine.high_water,
             "expired_removed": self.expired_removed,
             "tombstones_collected": self.tombstones_collected,
+            "evictions": sum(r.evicted for r in self.rules.values()),
+            "rejected_writes": sum(r.rejected for r in self.rules.values()),
         }
 
 

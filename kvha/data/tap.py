@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from twisted.application import service, strports
+from twisted.logger import Logger
 from twisted.python import usage
 
-from kvha.config import ConfigError, DataConfig, load_config
+from kvha.config import ConfigError, DataConfig, load_config, warn_placeholders
 from kvha.data.engines import make_engine
 from kvha.data.server import DataNode, DataServerFactory
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -57,6 +60,7 @@ def build_node(config: DataConfig, reactor: Optional[Any] = None) -> DataNode:
 
 def makeService(options: Options) -> service.MultiService:
     config: DataConfig = options["data"]
+    warn_placeholders(config, "data", log)
     top = service.MultiService()
     node = build_node(config)
     node.setServiceParent(top)  # opens the store before the port listens

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from twisted.application import service
+from twisted.logger import Logger
 from twisted.python import usage
 
-from kvha.config import ConfigError, load_config
+from kvha.config import ConfigError, load_config, warn_placeholders
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -30,4 +33,5 @@ def makeService(options: Options) -> service.IService:
 
     from kvha.lb.service import LoadBalancer
 
+    warn_placeholders(options["lb"], "lb", log)
     return LoadBalancer(options["lb"], reactor)

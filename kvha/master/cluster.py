@@ -1,6 +1,7 @@
 """The shared cluster map, and Automatic Scaling (joining and leaving data nodes).
 
 One map for all masters: the data nodes with their ring tokens, replicas,
+the partitions (see :mod:`kvha.master.partitions`; passwords only as hashes)
 and at most one change in progress, under an ``epoch``.  Every master keeps
 it in ``state_dir/cluster.json``; the map in a master's configuration only
 seeds a master that has none.
@@ -38,6 +39,8 @@ from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from kvha.config import ConfigError
+from kvha.master.partitions import parse_admin, public_entry
 from kvha.ring import TOKEN_SPACE, Ring, TokenRange
 
 log = Logger()
@@ -45,6 +48,13 @@ log = Logger()
 
 class Conflict(Exception):
     """Another change won; the message names it."""
+
+
+class NoSuchPartition(Exception):
+    """The admin named a partition the map does not have."""
+
+    def __str__(self) -> str:
+        return f"no partition {self.args[0]!r}"
 
 
 def _key(m: dict[str, Any]) -> tuple[int, str]:
@@ -70,7 +80,12 @@ def ring_of(m: dict[str, Any], after: bool = False) -> Ring:
     return Ring.from_tokens(weights, {k: list(v) for k, v in tokens.items()}, int(m["vnodes"]))
 
 
-def initial_map(nodes: list[dict[str, Any]], replicas: int, vnodes: int) -> dict[str, Any]:
+def initial_map(
+    nodes: list[dict[str, Any]],
+    replicas: int,
+    vnodes: int,
+    partitions: Optional[list[dict[str, Any]]] = None,
+) -> dict[str, Any]:
     ring = Ring.build([(n["id"], float(n.get("weight", 1.0))) for n in nodes], vnodes)
     return {
         "epoch": 0,
@@ -80,6 +95,7 @@ def initial_map(nodes: list[dict[str, Any]], replicas: int, vnodes: int) -> dict
         "nodes": nodes,
         "tokens": ring.tokens_by_node(),
         "pending": None,
+        "partitions": list(partitions or []),
     }
 
 
@@ -145,6 +161,8 @@ class ClusterManager:
         if self.state_path and os.path.exists(self.state_path):
             with open(self.state_path) as f:
                 self.map = json.load(f)
+            # A map saved before partitions were part of it takes the configured ones.
+            self.map.setdefault("partitions", initial.get("partitions", []))
             log.info(
                 "cluster map epoch {e} loaded from {path}",
                 e=self.map["epoch"],
@@ -396,6 +414,100 @@ class ClusterManager:
         self.progress["done"] = True
         log.info("{kind} of {node} complete", kind=pending["kind"], node=pending["node"])
 
+    # Partitions ---------------------------------------------------------------------
+
+    def partition(self, name: str) -> Optional[dict[str, Any]]:
+        for e in self.map.get("partitions", []):
+            if e["name"] == name:
+                return dict(e)
+        return None
+
+    def create_partition(self, doc: Any) -> Deferred:
+        """Add a partition; fails with ConfigError (bad input) or Conflict (exists)."""
+        try:
+            entry = parse_admin(doc)
+        except ConfigError as e:
+            return defer.fail(e)
+        if self.partition(entry["name"]) is not None:
+            return defer.fail(Conflict(f"partition {entry['name']} already exists"))
+
+        def change(m: dict[str, Any]) -> dict[str, Any]:
+            m.setdefault("partitions", []).append(entry)
+            return m
+
+        log.info("creating partition {name}", name=entry["name"])
+        return self.propose(change)
+
+    def update_partition(self, name: str, doc: Any) -> Deferred:
+        """Change a partition's settings; keys absent from ``doc`` keep their values."""
+        current = self.partition(name)
+        if current is None:
+            return defer.fail(NoSuchPartition(name))
+        if isinstance(doc, dict) and doc.get("name", name) != name:
+            return defer.fail(ConfigError(("partition", "name"), "a partition cannot be renamed"))
+        try:
+            entry = parse_admin(doc, current)
+        except ConfigError as e:
+            return defer.fail(e)
+
+        def change(m: dict[str, Any]) -> dict[str, Any]:
+            m["partitions"] = [entry if e["name"] == name else e for e in m["partitions"]]
+            return m
+
+        log.info("changing partition {name}", name=name)
+        return self.propose(change)
+
+    def delete_partition(self, name: str) -> Deferred:
+        """Remove a partition from the map, then its records from every data node."""
+        if self.partition(name) is None:
+            return defer.fail(NoSuchPartition(name))
+        config = self.master.config
+        served = {config.memcached.partition, config.redis.partition}
+        served |= {b.partition for b in config.bound_listeners}
+        if name in served:
+            return defer.fail(
+                Conflict(
+                    f"partition {name} is served by a port of master {self.id}; "
+                    "change that master's configuration first"
+                )
+            )
+
+        def change(m: dict[str, Any]) -> dict[str, Any]:
+            m["partitions"] = [e for e in m["partitions"] if e["name"] != name]
+            return m
+
+        def flush(m: dict[str, Any]) -> Any:
+            log.info("deleted partition {name}; removing its records", name=name)
+            d = self.master.router.flush(name.encode())
+            d.addErrback(
+                lambda f: log.warn(
+                    "records of deleted partition {name} not all removed: {why}",
+                    name=name,
+                    why=f.getErrorMessage(),
+                )
+            )
+            return d.addCallback(lambda _: m)
+
+        return self.propose(change).addCallback(flush)
+
+    def partitions_status(self) -> Deferred:
+        """Every partition without its hash, with its bytes and keys from the data nodes."""
+        router = self.master.router
+
+        def add_usage(stats: dict[str, dict[str, str]]) -> dict[str, Any]:
+            copies = max(1, min(router.copies, len(stats) or 1))
+            out = []
+            for e in self.map.get("partitions", []):
+                doc = public_entry(e)
+                name = e["name"]
+                doc["used_bytes"] = sum(int(st.get(f"bytes:{name}", 0)) for st in stats.values())
+                doc["used_bytes"] //= copies
+                doc["keys"] = router.count_from_stats(name.encode(), stats)
+                out.append(doc)
+            return {"epoch": self.map["epoch"], "partitions": out}
+
+        return router.node_stats().addCallback(add_usage)
+
     def status(self) -> dict[str, Any]:
         m = self.map
         pending = m.get("pending")
@@ -461,16 +573,40 @@ class AdminResource(Resource):
                 return self._deferred(request, manager.add_node(node))
             if len(parts) == 2 and parts[0] == b"nodes" and method == b"DELETE":
                 return self._deferred(request, manager.remove_node(parts[1].decode()))
+            if parts == [b"partitions"] and method == b"GET":
+                return self._deferred(request, manager.partitions_status(), raw=True)
+            if parts == [b"partitions"] and method == b"POST":
+                doc = json.loads(request.content.read())
+                return self._deferred(request, manager.create_partition(doc))
+            if len(parts) == 2 and parts[0] == b"partitions":
+                name = parts[1].decode("utf-8", "replace")
+                if method == b"GET":
+                    entry = manager.partition(name)
+                    if entry is None:
+                        raise NoSuchPartition(name)
+                    return json.dumps(public_entry(entry)).encode()
+                if method in (b"PATCH", b"PUT"):
+                    doc = json.loads(request.content.read())
+                    return self._deferred(request, manager.update_partition(name, doc))
+                if method == b"DELETE":
+                    return self._deferred(request, manager.delete_partition(name))
+        except NoSuchPartition as e:
+            request.setResponseCode(404)
+            return json.dumps({"error": {"code": 404, "message": str(e)}}).encode()
         except (ValueError, KeyError, TypeError) as e:
             request.setResponseCode(400)
             return json.dumps({"error": {"code": 400, "message": str(e)}}).encode()
         request.setResponseCode(404)
         return b'{"error": {"code": 404, "message": "no such admin resource"}}\n'
 
-    def _deferred(self, request: Any, d: Deferred) -> Any:
+    def _deferred(self, request: Any, d: Deferred, raw: bool = False) -> Any:
         from twisted.web import server
 
         def ok(m: dict[str, Any]) -> None:
+            if raw:
+                request.write(json.dumps(m).encode())
+                request.finish()
+                return
             request.write(
                 json.dumps(
                     {
@@ -483,6 +619,13 @@ class AdminResource(Resource):
             request.finish()
 
         def failed(f: Any) -> None:
+            if f.check(ConfigError, NoSuchPartition):
+                code = 400 if f.check(ConfigError) else 404
+                message = str(f.value)
+                request.setResponseCode(code)
+                request.write(json.dumps({"error": {"code": code, "message": message}}).encode())
+                request.finish()
+                return
             code = 409 if f.check(Conflict) else 500
             request.setResponseCode(code)
             request.write(
@@ -494,4 +637,4 @@ class AdminResource(Resource):
         return server.NOT_DONE_YET
 
 
-__all__ = ["ClusterManager", "AdminResource", "Conflict", "TOKEN_SPACE"]
+__all__ = ["ClusterManager", "AdminResource", "Conflict", "NoSuchPartition", "TOKEN_SPACE"]

@@ -17,6 +17,11 @@ record's version, so ``If-Match`` is an optimistic lock.  Errors are small
 JSON or XML documents with a stable numeric ``code``.  CORS preflights are
 answered for the configured origins so that pages on other origins can call
 the API with ``fetch()``.
+
+A partition that does not allow anonymous access needs ``Authorization:
+Bearer <password>`` on every request: without one the answer is 401, with a
+token that does not open the partition 403.  Checking a token is paid once
+(then remembered, see :mod:`kvha.master.auth`), so each request costs an HMAC.
 """
 
 from __future__ import annotations
@@ -32,13 +37,16 @@ from xml.sax.saxutils import escape, quoteattr
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from kvha.data.store import Status, StoreMode
-from kvha.master.router import RETRYABLE, Router, Unavailable
+from kvha.master.auth import Authenticator
+from kvha.master.limits import ConnectionBudget
+from kvha.master.router import RETRYABLE, OutOfSpace, Router, Unavailable
 from kvha.record import Record
 
 log = Logger()
@@ -55,6 +63,7 @@ _XML_BAD = (set(range(0, 32)) - {9, 10, 13}) | {0xFFFE, 0xFFFF}
 _REASONS = {
     400: "bad_request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
@@ -63,6 +72,7 @@ _REASONS = {
     413: "payload_too_large",
     415: "unsupported_media_type",
     503: "unavailable",
+    507: "insufficient_storage",
 }
 
 
@@ -172,9 +182,11 @@ class Api(Resource):
         max_value_bytes: int = 1 << 20,
         max_list: int = 1000,
         metrics: Optional[Callable[[], bytes]] = None,
+        authenticator: Optional[Authenticator] = None,
     ) -> None:
         super().__init__()
         self.router = router
+        self.authenticator = authenticator if authenticator is not None else Authenticator(router)
         self.clock = clock
         self.cors_origins = {o.encode() for o in cors_origins}
         self.max_value_bytes = max_value_bytes
@@ -211,6 +223,8 @@ class Api(Resource):
     def _failed(self, failure: Any, request: Request, fmt: bytes) -> bytes:
         if failure.check(HttpError):
             return self._error(request, failure.value, fmt)
+        if failure.check(OutOfSpace):
+            return self._error(request, HttpError(507, "the partition is full"), fmt)
         if failure.check(Unavailable, *RETRYABLE):  # a copy failed or timed out: no traceback
             return self._error(request, HttpError(503, failure.getErrorMessage()), fmt)
         if failure.check(ValueError):
@@ -279,25 +293,68 @@ class Api(Resource):
             if partition not in self.router.policies:
                 raise HttpError(404, f"unknown partition {partition.decode(errors='replace')!r}")
             rest = segments[3:]
-            if rest == [b"mget"]:
-                self._only(method, b"POST, OPTIONS")
-                return self._mget(request, fmt, partition)
-            if rest == [b"k"] or (rest == [b"k", b""] and method in (b"GET", b"HEAD")):
-                self._only(method, b"GET, OPTIONS")
-                return self._list(request, fmt, partition)
-            if len(rest) == 2 and rest[0] == b"k":
-                key = unquote_to_bytes(rest[1])
-                if not key:
-                    raise HttpError(400, "the key is empty")
-                if method in (b"GET", b"HEAD"):
-                    return self._get(request, fmt, partition, key)
-                if method == b"PUT":
-                    return self._put(request, fmt, partition, key, create_only=False)
-                if method == b"POST":
-                    return self._put(request, fmt, partition, key, create_only=True)
-                if method == b"DELETE":
-                    return self._delete(request, fmt, partition, key)
-                raise HttpError(405, f"method {method.decode()} is not allowed here", METHODS)
+            waiting = self._authorize(request, partition)
+            if waiting is not None:
+                return waiting.addCallback(
+                    lambda _: self._in_partition(request, fmt, method, partition, rest)
+                )
+            return self._in_partition(request, fmt, method, partition, rest)
+        raise HttpError(404, f"no such resource: {path.decode(errors='replace')}")
+
+    def _authorize(self, request: Request, partition: bytes) -> Optional[Deferred]:
+        """Raise 401/403 unless the request may use ``partition``; a Deferred while checking."""
+        header = request.getHeader(b"authorization")
+        if header is None:
+            if self.authenticator.anonymous(partition):
+                return None
+            request.setHeader("WWW-Authenticate", b'Bearer realm="kvha"')
+            raise HttpError(
+                401, "this partition needs a bearer token: Authorization: Bearer <password>"
+            )
+        scheme, _, token = header.strip().partition(b" ")
+        token = token.strip()
+        if scheme.lower() != b"bearer" or not token:
+            request.setHeader("WWW-Authenticate", b'Bearer realm="kvha", error="invalid_request"')
+            raise HttpError(401, "expected Authorization: Bearer <password>")
+
+        def decide(ok: bool) -> None:
+            if not ok:
+                log.warn(
+                    "HTTP client {peer}: bearer token refused for partition {partition}",
+                    peer=request.getClientAddress(),
+                    partition=partition.decode("utf-8", "replace")[:64],
+                )
+                raise HttpError(403, "the bearer token does not open this partition")
+
+        answer = self.authenticator.check(partition, token)
+        if isinstance(answer, Deferred):
+            return answer.addCallback(decide)
+        decide(answer)
+        return None
+
+    def _in_partition(
+        self, request: Request, fmt: bytes, method: bytes, partition: bytes, rest: list[bytes]
+    ) -> Any:
+        if rest == [b"mget"]:
+            self._only(method, b"POST, OPTIONS")
+            return self._mget(request, fmt, partition)
+        if rest == [b"k"] or (rest == [b"k", b""] and method in (b"GET", b"HEAD")):
+            self._only(method, b"GET, OPTIONS")
+            return self._list(request, fmt, partition)
+        if len(rest) == 2 and rest[0] == b"k":
+            key = unquote_to_bytes(rest[1])
+            if not key:
+                raise HttpError(400, "the key is empty")
+            if method in (b"GET", b"HEAD"):
+                return self._get(request, fmt, partition, key)
+            if method == b"PUT":
+                return self._put(request, fmt, partition, key, create_only=False)
+            if method == b"POST":
+                return self._put(request, fmt, partition, key, create_only=True)
+            if method == b"DELETE":
+                return self._delete(request, fmt, partition, key)
+            raise HttpError(405, f"method {method.decode()} is not allowed here", METHODS)
+        path = request.path.split(b"?", 1)[0]
         raise HttpError(404, f"no such resource: {path.decode(errors='replace')}")
 
     def _only(self, method: bytes, allowed: bytes) -> None:
@@ -614,11 +671,78 @@ def _keys_xml(doc: dict[str, Any]) -> str:
 
 
 class ApiSite(server.Site):
-    """The site object for ``strports``; quiet access logs (metrics count requests)."""
+    """The site object for ``strports``; quiet access logs (metrics count requests).
 
-    def __init__(self, api: Api) -> None:
-        super().__init__(api)
+    ``budget`` bounds connections (shared with the master's other ports; over
+    it a client gets 503 and is closed), ``idle_timeout`` closes silent
+    connections (0: the Twisted default of 12 hours), and ``max_line_bytes``
+    bounds the request line and each header line (longer gets 400).
+    Requests on one connection are served one at a time: Twisted reads no
+    further while a request is being answered.
+    """
+
+    def __init__(
+        self,
+        api: Resource,
+        budget: Optional[ConnectionBudget] = None,
+        idle_timeout: float = 0.0,
+        max_line_bytes: int = 16384,
+    ) -> None:
+        if idle_timeout:
+            super().__init__(api, timeout=idle_timeout)
+        else:
+            super().__init__(api)
         self.displayTracebacks = False
+        self.budget = budget
+        self.max_line_bytes = max_line_bytes
+
+    def buildProtocol(self, addr: Any) -> Any:
+        budget = self.budget
+        if budget is not None and not budget.acquire():
+            log.warn(
+                "refused HTTP client {peer}: {limit} connections already open",
+                peer=addr,
+                limit=budget.limit,
+            )
+            return _Refuse()
+        channel = super().buildProtocol(addr)
+        inner = getattr(channel, "_channel", channel)
+        inner.MAX_LENGTH = self.max_line_bytes
+        inner.totalHeadersSize = max(inner.totalHeadersSize, self.max_line_bytes)
+        inner.lineLengthExceeded = lambda line: _line_too_long(inner.transport)
+        if budget is not None:
+            lost = channel.connectionLost
+
+            def connectionLost(reason: Any) -> None:
+                budget.release()
+                lost(reason)
+
+            channel.connectionLost = connectionLost
+        return channel
 
     def log(self, request: Request) -> None:
         pass
+
+
+def _line_too_long(transport: Any) -> None:
+    """A request line or header line over ``max_line_bytes``: 400, then close."""
+    transport.write(
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_LINE_TOO_LONG), _LINE_TOO_LONG)
+    )
+    transport.loseConnection()
+
+
+_LINE_TOO_LONG = b'{"error": {"code": 400, "status": "bad_request", "message": "line too long"}}'
+_TOO_MANY = b'{"error": {"code": 503, "status": "unavailable", "message": "too many connections"}}'
+
+
+class _Refuse(Protocol):
+    """What a client over the connection limit gets: 503, then the connection closes."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_TOO_MANY), _TOO_MANY)
+        )
+        self.transport.loseConnection()

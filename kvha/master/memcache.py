@@ -4,8 +4,18 @@ Commands and their replies follow memcached 1.6's ``proto_text.c`` word for
 word, so that memcached clients and ``memccapable -a`` cannot tell the
 difference: storage commands (set, add, replace, append, prepend, cas, all
 with ``noreply``), retrieval (get, gets, gat, gats), incr, decr, touch,
-delete, flush_all (of this port's partition only), stats, version,
+delete, flush_all (of the connection's partition only), stats, version,
 verbosity and quit.
+
+Partitions: a connection starts in its port's partition if that partition
+allows anonymous access (or the port is bound to it).  Otherwise it must
+first authenticate as memcached 1.6 does with ``-Y``: a ``set`` whose data
+is ``partition password`` answers ``STORED`` (now in that partition) or
+``CLIENT_ERROR authentication failure``, and any other command but
+``version``, ``verbosity`` and ``quit`` answers ``CLIENT_ERROR
+unauthenticated``.  On a port whose partition is anonymous, the first command
+may also be such a ``set`` naming a partition that has a password; it then
+authenticates instead of storing anything.
 
 Requests are pipelined: each gets a slot in an ordered queue as it is read,
 its reply fills the slot when the data nodes answer, and the filled slots at
@@ -29,6 +39,8 @@ from twisted.logger import Logger
 
 from kvha import __version__
 from kvha.data.store import IncrMode, Result, Status, StoreMode
+from kvha.master.auth import NO_PARTITION, Authenticator
+from kvha.master.limits import ConnectionBudget
 from kvha.master.pipeline import OrderedReplies
 from kvha.master.router import Router
 from kvha.record import Record, absolute_expiry_ms
@@ -50,6 +62,11 @@ BAD_DELTA = b"CLIENT_ERROR invalid numeric delta argument\r\n"
 NON_NUMERIC = b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
 BAD_EXPTIME = b"CLIENT_ERROR invalid exptime argument\r\n"
 DELETE_USAGE = b"CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]\r\n"
+UNAUTHENTICATED = b"CLIENT_ERROR unauthenticated\r\n"
+AUTH_FAILURE = b"CLIENT_ERROR authentication failure\r\n"
+AUTH_FORMAT = b"CLIENT_ERROR bad authentication token format\r\n"
+#: Commands an unauthenticated connection may use (health checks, polite goodbyes).
+_BEFORE_AUTH = frozenset((b"version", b"verbosity", b"quit"))
 
 STORED = b"STORED\r\n"
 NOT_STORED = b"NOT_STORED\r\n"
@@ -130,6 +147,21 @@ class MemcacheStats:
         self.curr_connections = 0
         for name in self.COUNTERS:
             setattr(self, name, 0)
+        #: Command counters of each partition; ``stats`` shows a client only its own.
+        self.partitions: dict[bytes, MemcacheStats] = {}
+
+    def for_partition(self, partition: bytes) -> MemcacheStats:
+        stats = self.partitions.get(partition)
+        if stats is None:
+            stats = self.partitions[partition] = MemcacheStats(self.clock)
+            stats.started = self.started
+        return stats
+
+    def total(self, name: str) -> int:
+        """A counter summed over this object and every partition's (for /metrics)."""
+        return int(getattr(self, name)) + sum(
+            int(getattr(s, name)) for s in self.partitions.values()
+        )
 
     def reset(self) -> None:
         for name in self.COUNTERS:
@@ -144,8 +176,17 @@ class MemcacheProtocol(OrderedReplies):
         super().__init__()
         self.factory = factory
         self.router: Router = factory.router
-        self.partition: bytes = factory.partition
-        self.stats = factory.stats
+        partition = factory.partition
+        if not factory.bound and not factory.authenticator.anonymous(factory.partition):
+            partition = NO_PARTITION
+        #: The connection's partition; empty (no partition) until it authenticates.
+        self.partition: bytes = partition
+        #: Command counters: the partition's own once it has one.
+        self.stats = factory.stats.for_partition(partition) if partition else factory.stats
+        #: Commands go through :meth:`_gated` while authentication may still happen.
+        self._gate = not factory.bound
+        self._auth_data = False  # the pending storage command's data is credentials
+        self._budgeted = False
         self.clock = factory.clock
         self.max_line = factory.max_line_bytes
         self.max_value = factory.max_value_bytes
@@ -159,25 +200,28 @@ class MemcacheProtocol(OrderedReplies):
     # Connection -------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        stats = self.stats
+        stats = self.factory.stats
         stats.total_connections += 1
-        if stats.curr_connections >= self.factory.max_connections:
+        if not self.factory.budget.acquire():
             stats.rejected_connections += 1
             log.warn(
                 "refused memcached client {peer}: {limit} connections already open",
                 peer=self.transport.getPeer(),
-                limit=self.factory.max_connections,
+                limit=self.factory.budget.limit,
             )
             self.transport.write(b"SERVER_ERROR too many open connections\r\n")
             self.transport.loseConnection()
             self._closed = True
             return
+        self._budgeted = True
         stats.curr_connections += 1
         self._touch_idle()
 
     def connectionLost(self, reason: Any = None) -> None:
-        if not self._closed:
-            self.stats.curr_connections -= 1
+        if self._budgeted:
+            self._budgeted = False
+            self.factory.stats.curr_connections -= 1
+            self.factory.budget.release()
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self.forget_replies()
@@ -272,7 +316,89 @@ class MemcacheProtocol(OrderedReplies):
         if handler is None:
             self.reply(ERROR)
             return
+        if self._gate:
+            self._gated(cmd, tokens, handler)
+            return
         handler(self, tokens)
+
+    # Authentication ----------------------------------------------------------------
+
+    def _gated(
+        self,
+        cmd: bytes,
+        tokens: list[bytes],
+        handler: Callable[[MemcacheProtocol, list[bytes]], None],
+    ) -> None:
+        """A command while the connection may still authenticate."""
+        if self.partition:
+            # An anonymous port: only the first command may authenticate.
+            self._gate = False
+            self._auth_data = cmd == b"set"
+        elif cmd == b"set":
+            self._auth_data = True
+        elif cmd not in _BEFORE_AUTH:
+            self.reply(UNAUTHENTICATED)
+            return
+        handler(self, tokens)
+        if self._pending_data is None:
+            self._auth_data = False  # the set was malformed or refused: nothing to read
+
+    def _authenticate(self, value: bytes) -> bool:
+        """Take a ``set``'s data as ``partition password``; False: it is a plain set.
+
+        On an anonymous port the data counts as credentials only if it names
+        a partition that has a password.
+        """
+        name, space, password = value.partition(b" ")
+        if self.partition:
+            policy = self.router.policies.get(name)
+            if not space or policy is None or policy.password_hash is None:
+                return False
+        elif not space or not name:
+            self.reply(AUTH_FORMAT)
+            return True
+        answer = self.factory.authenticator.check(name, password)
+        if not isinstance(answer, Deferred):
+            self.reply(self._auth_done(answer, name))
+            return True
+        # Commands after this one must run in the partition it chooses.
+        self.hold_input()
+        slot = self.slot()
+
+        def done(ok: bool) -> None:
+            self.fill(slot, self._auth_done(ok, name))
+            self.release_input()
+
+        def failed(failure: Any) -> None:
+            log.failure("checking a memcached password failed", failure)
+            done(False)
+
+        answer.addCallbacks(done, failed)
+        return True
+
+    def _auth_done(self, ok: bool, name: bytes) -> bytes:
+        peer = self.transport.getPeer() if self.transport is not None else None
+        if ok:
+            self.partition = name
+            self.stats = self.factory.stats.for_partition(name)
+            self._gate = False
+            log.debug(
+                "memcached client {peer} is in partition {partition}",
+                peer=peer,
+                partition=name.decode("utf-8", "replace"),
+            )
+            return STORED
+        # A client that tried to authenticate is never left in the anonymous
+        # partition: it stays unauthenticated and may try again.
+        self.partition = NO_PARTITION
+        self.stats = self.factory.stats
+        self._gate = True
+        log.warn(
+            "memcached client {peer}: authentication to partition {partition} failed",
+            peer=peer,
+            partition=name.decode("utf-8", "replace")[:64],
+        )
+        return AUTH_FAILURE
 
     # Retrieval ------------------------------------------------------------------------
 
@@ -391,6 +517,13 @@ class MemcacheProtocol(OrderedReplies):
         value = buf[:length]
         terminator = buf[length : length + 2]
         self._buffer = buf[length + 2 :]
+        if self._auth_data:
+            self._auth_data = False
+            if terminator != b"\r\n":
+                self.reply(BAD_CHUNK)
+                return True
+            if self._authenticate(value):
+                return True
         self.stats.cmd_set += 1
         if terminator != b"\r\n":
             self.reply(BAD_CHUNK)
@@ -609,9 +742,10 @@ class MemcacheProtocol(OrderedReplies):
             self.stats.reset()
             self.reply(b"RESET\r\n")
         elif group == b"settings" and len(tokens) == 2:
+            policy = self.router.policies.get(self.partition)
             lines = [
-                ("maxbytes", 0),
-                ("maxconns", self.factory.max_connections),
+                ("maxbytes", (policy.max_bytes or 0) if policy is not None else 0),
+                ("maxconns", self.factory.budget.limit),
                 ("item_size_max", self.max_value),
                 ("partition", self.partition.decode()),
                 ("replicas", self.router.copies - 1),
@@ -626,9 +760,11 @@ class MemcacheProtocol(OrderedReplies):
 
     def _render_stats(self, node_stats: dict[str, dict[str, str]]) -> bytes:
         s = self.stats
+        conns = self.factory.stats
         now = self.clock.seconds()
-        key = f"records:{self.partition.decode()}"
-        bkey = f"bytes:{self.partition.decode()}"
+        name = self.partition.decode()
+        key = f"records:{name}"
+        bkey = f"bytes:{name}"
         records = sum(int(st.get(key, 0)) for st in node_stats.values())
         nbytes = sum(int(st.get(bkey, 0)) for st in node_stats.values())
         copies = max(1, min(self.router.copies, len(node_stats) or 1))
@@ -641,9 +777,9 @@ class MemcacheProtocol(OrderedReplies):
             ("pointer_size", 64),
             ("rusage_user", f"{usage.user:.6f}"),
             ("rusage_system", f"{usage.system:.6f}"),
-            ("curr_connections", s.curr_connections),
-            ("total_connections", s.total_connections),
-            ("rejected_connections", s.rejected_connections),
+            ("curr_connections", conns.curr_connections),
+            ("total_connections", conns.total_connections),
+            ("rejected_connections", conns.rejected_connections),
         ]
         lines += [
             (name, getattr(s, name))
@@ -702,11 +838,21 @@ class MemcacheFactory(Factory):
         max_line_bytes: int = 8192,
         max_value_bytes: int = 1 << 20,
         idle_timeout: float = 0.0,
+        authenticator: Optional[Authenticator] = None,
+        budget: Optional[ConnectionBudget] = None,
+        bound: bool = False,
     ) -> None:
         self.router = router
+        #: The partition a connection starts in, if it allows anonymous access or
+        #: the port is ``bound``; otherwise connections must authenticate first.
         self.partition = partition
         self.clock = clock
         self.stats = stats if stats is not None else MemcacheStats(clock)
+        self.authenticator = authenticator if authenticator is not None else Authenticator(router)
+        #: Connection slots; one budget is shared by every port of a master.
+        self.budget = budget if budget is not None else ConnectionBudget(max_connections)
+        #: Every connection is in ``partition``, with no credentials and no authentication.
+        self.bound = bound
         self.max_connections = max_connections
         self.max_in_flight = max_in_flight
         self.max_line_bytes = max_line_bytes

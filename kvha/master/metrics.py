@@ -37,7 +37,7 @@ class MasterCollector:
             "kvha_memcached_commands", "memcached protocol counters", labels=["counter"]
         )
         for name in MemcacheStats.COUNTERS:
-            mc.add_metric([name], float(getattr(stats, name)))
+            mc.add_metric([name], float(stats.total(name)))
         yield mc
         yield GaugeMetricFamily(
             "kvha_memcached_connections", "Open memcached connections", value=stats.curr_connections

@@ -28,6 +28,7 @@ class OrderedReplies(Protocol):
         self._slots: deque[list[Optional[bytes]]] = deque()
         self._key_tail: dict[bytes, Deferred] = {}
         self._paused = False
+        self._held = False
         self._quitting = False
         self._closed = False
 
@@ -64,7 +65,7 @@ class OrderedReplies(Protocol):
         if self._closed:
             return
         self.transport.write(b"".join(out))  # type: ignore[arg-type]
-        if self._paused and len(slots) < max(1, self.max_in_flight // 2):
+        if self._paused and len(slots) < max(1, self.max_in_flight // 2) and not self._held:
             self._paused = False
             self.transport.resumeProducing()
             self.resume_input()
@@ -97,6 +98,24 @@ class OrderedReplies(Protocol):
 
     def is_error(self, data: bytes) -> bool:
         return False
+
+    def hold_input(self) -> None:
+        """Read and run nothing more until :meth:`release_input` (a password is being checked).
+
+        Commands after an authentication must run in the partition it chooses,
+        so they wait for its outcome; the transport is paused meanwhile.
+        """
+        self._held = True
+        if not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def release_input(self) -> None:
+        self._held = False
+        if self._paused and len(self._slots) < max(1, self.max_in_flight // 2) and not self._closed:
+            self._paused = False
+            self.transport.resumeProducing()
+            self.resume_input()
 
     def quit_after_replies(self) -> None:
         """Close once every pending reply is written (QUIT, fatal errors)."""

@@ -29,8 +29,10 @@ from twisted.logger import Logger
 
 from kvha import __version__
 from kvha.data.store import IncrMode, Result, Status, StoreMode
+from kvha.master.auth import NO_PARTITION, Authenticator
+from kvha.master.limits import ConnectionBudget
 from kvha.master.pipeline import OrderedReplies
-from kvha.master.router import Change, Router
+from kvha.master.router import Change, OutOfSpace, Router
 from kvha.record import Record
 
 log = Logger()
@@ -39,6 +41,7 @@ Reply = Union[bytes, Deferred]
 
 MAX_MULTIBULK = 1024 * 1024
 MAX_INLINE = 64 * 1024
+MAX_BULK = 512 * 1024 * 1024  # Redis's proto-max-bulk-len
 I64_MIN = -(1 << 63)
 I64_MAX = (1 << 63) - 1
 
@@ -59,6 +62,18 @@ E_NOAUTH_CONFIG = (
     b"-ERR AUTH <password> called without any password configured for the default user. "
     b"Are you sure your configuration is correct?\r\n"
 )
+E_WRONGPASS = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+E_NOAUTH = b"-NOAUTH Authentication required.\r\n"
+E_NOAUTH_HELLO = (
+    b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the "
+    b"HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and "
+    b"select the RESP protocol version at the same time\r\n"
+)
+E_OOM = b"-OOM command not allowed when used memory > 'maxmemory'.\r\n"
+#: Commands a connection may send before it has a partition.  PING is one
+#: (Redis refuses it) so that load-balancer health checks need no password.
+NO_AUTH_COMMANDS = frozenset(("auth", "hello", "quit", "ping"))
+E_CLIENT_NAME = b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n"
 E_INVALID_CURSOR = b"-ERR invalid cursor\r\n"
 E_OFFSET = b"-ERR offset is out of range\r\n"
 
@@ -114,6 +129,11 @@ def _int(token: bytes) -> Optional[int]:
     return n if I64_MIN <= n <= I64_MAX else None
 
 
+def _valid_client_name(name: bytes) -> bool:
+    """Redis allows only printable ASCII without spaces ('!' to '~') in client names."""
+    return all(33 <= c <= 126 for c in name)
+
+
 def _float(token: bytes) -> Optional[float]:
     try:
         x = float(token)
@@ -134,20 +154,28 @@ class RespParser:
     space-separated, for people typing into telnet).  A bulk argument longer
     than ``max_bulk`` is skipped as it arrives, never buffered, and its
     command comes out as ``[TOO_LARGE, name]`` so the server can answer it.
+    A malformed stream ends with ``[PROTOCOL_ERROR, message]`` after the
+    commands before it, and the parser reads nothing more.
     """
 
     TOO_LARGE = b"\x00too-large"
+    PROTOCOL_ERROR = b"\x00protocol-error"
 
-    def __init__(self, max_bulk: int) -> None:
+    def __init__(self, max_bulk: int, max_inline: int = MAX_INLINE) -> None:
         self.max_bulk = max_bulk
+        #: Longest inline command or ``*``/``$`` header line.
+        self.max_inline = max_inline
         self._buf = bytearray()
         self._args: list[bytes] = []
         self._left = 0
         self._bulk = -1
         self._skip = 0
         self._too_large = False
+        self.failed = False
 
     def feed(self, data: bytes) -> list[list[bytes]]:
+        if self.failed:
+            return []
         buf = self._buf
         if self._skip:
             n = min(self._skip, len(data))
@@ -171,14 +199,11 @@ class RespParser:
                     if buf[pos] == 42:  # '*'
                         nl = buf.find(b"\r\n", pos)
                         if nl < 0:
-                            if end - pos > MAX_INLINE:
+                            if end - pos > self.max_inline:
                                 raise RespError("Protocol error: too big mbulk count string")
                             break
-                        try:
-                            n = int(buf[pos + 1 : nl])
-                        except ValueError:
-                            raise RespError("Protocol error: invalid multibulk length") from None
-                        if n > MAX_MULTIBULK:
+                        n = _int(bytes(buf[pos + 1 : nl]))
+                        if n is None or n > MAX_MULTIBULK:
                             raise RespError("Protocol error: invalid multibulk length")
                         pos = nl + 2
                         if n > 0:
@@ -186,12 +211,14 @@ class RespParser:
                         continue
                     nl = buf.find(b"\n", pos)
                     if nl < 0:
-                        if end - pos > MAX_INLINE:
+                        if end - pos > self.max_inline:
                             raise RespError("Protocol error: too big inline request")
                         break
-                    line = bytes(buf[pos:nl]).rstrip(b"\r")
+                    line = bytes(buf[pos:nl])
                     pos = nl + 1
-                    args = line.split()
+                    args = split_inline(line[:-1] if line.endswith(b"\r") else line)
+                    if args is None:
+                        raise RespError("Protocol error: unbalanced quotes in request")
                     if args:
                         out.append(args)
                     continue
@@ -203,14 +230,11 @@ class RespParser:
                         raise RespError(f"Protocol error: expected '$', got '{got}'")
                     nl = buf.find(b"\r\n", pos)
                     if nl < 0:
-                        if end - pos > MAX_INLINE:
+                        if end - pos > self.max_inline:
                             raise RespError("Protocol error: too big bulk count string")
                         break
-                    try:
-                        length = int(buf[pos + 1 : nl])
-                    except ValueError:
-                        raise RespError("Protocol error: invalid bulk length") from None
-                    if length < 0 or length > (1 << 31):
+                    length = _int(bytes(buf[pos + 1 : nl]))
+                    if length is None or length < 0 or length > MAX_BULK:
                         raise RespError("Protocol error: invalid bulk length")
                     pos = nl + 2
                     if length > self.max_bulk:
@@ -227,6 +251,9 @@ class RespParser:
                 length = self._bulk
                 self._arg_done(bytes(buf[pos : pos + length]))
                 pos += length + 2
+        except RespError as e:
+            self.failed = True
+            out.append([self.PROTOCOL_ERROR, str(e).encode()])
         finally:
             if pos:
                 del buf[:pos]
@@ -248,13 +275,95 @@ class RespParser:
         return args
 
 
+def split_inline(line: bytes) -> Optional[list[bytes]]:
+    """Redis's sdssplitargs: words, "double quoted" with escapes, 'single quoted'.
+
+    None if a quote is unbalanced or a closing quote is followed by more than
+    a space.  A NUL byte ends the line, as in C.
+    """
+    line = line.split(b"\0", 1)[0]
+    n = len(line)
+    args: list[bytes] = []
+    i = 0
+    while True:
+        while i < n and line[i] in b" \t\n\v\f\r":
+            i += 1
+        if i >= n:
+            return args
+        word = bytearray()
+        quote = 0
+        while True:
+            c = line[i] if i < n else 0
+            if quote == 34:  # in "..."
+                if c == 92 and line[i + 1 : i + 2] == b"x" and _is_hex(line[i + 2 : i + 4]):
+                    word.append(int(line[i + 2 : i + 4], 16))
+                    i += 3
+                elif c == 92 and i + 1 < n:
+                    i += 1
+                    word.append(_ESCAPES.get(line[i], line[i]))
+                elif c == 34:
+                    if i + 1 < n and line[i + 1] not in b" \t\n\v\f\r":
+                        return None
+                    i += 1
+                    break
+                elif c == 0:
+                    return None
+                else:
+                    word.append(c)
+            elif quote == 39:  # in '...'
+                if c == 92 and line[i + 1 : i + 2] == b"'":
+                    i += 1
+                    word.append(39)
+                elif c == 39:
+                    if i + 1 < n and line[i + 1] not in b" \t\n\v\f\r":
+                        return None
+                    i += 1
+                    break
+                elif c == 0:
+                    return None
+                else:
+                    word.append(c)
+            elif c in b" \n\r\t" or c == 0:
+                break
+            elif c in (34, 39):
+                quote = c
+            else:
+                word.append(c)
+            i += 1
+        args.append(bytes(word))
+
+
+_ESCAPES = {ord("n"): 10, ord("r"): 13, ord("t"): 9, ord("b"): 8, ord("a"): 7}
+
+
+def _is_hex(two: bytes) -> bool:
+    return len(two) == 2 and all(c in b"0123456789abcdefABCDEF" for c in two)
+
+
 # Commands -------------------------------------------------------------------
 
 
 class Command:
-    """A row of the command table: what COMMAND INFO reports, and the handler."""
+    """A row of the command table: what COMMAND INFO reports, and the handler.
 
-    __slots__ = ("name", "handler", "arity", "flags", "first_key", "last_key", "step")
+    ``categories`` are the ACL categories without the ``@``; ``key_flags``
+    the flags of the one key specification (commands with keys), derived
+    like Redis 7's from ``first_key``, ``last_key`` and ``step``.
+    """
+
+    __slots__ = (
+        "name",
+        "handler",
+        "arity",
+        "flags",
+        "first_key",
+        "last_key",
+        "step",
+        "categories",
+        "key_flags",
+        "tips",
+        "notes",
+    )
 
     def __init__(
         self,
@@ -265,6 +374,10 @@ class Command:
         first_key: int = 0,
         last_key: int = 0,
         step: int = 0,
+        categories: str = "",
+        key_flags: str = "",
+        tips: tuple[str, ...] = (),
+        notes: str = "",
     ) -> None:
         self.name = name
         self.handler = handler
@@ -273,8 +386,49 @@ class Command:
         self.first_key = first_key
         self.last_key = last_key
         self.step = step
+        self.categories = categories.split()
+        self.key_flags = key_flags.split()
+        self.tips = tips
+        self.notes = notes
 
     def info(self) -> bytes:
+        """The 10-element reply of Redis 7's COMMAND INFO."""
+        specs = []
+        if self.first_key:
+            last = self.last_key if self.last_key < 0 else self.last_key - self.first_key
+            spec = [bulk(b"notes"), bulk(self.notes.encode())] if self.notes else []
+            spec += [
+                bulk(b"flags"),
+                array([simple(f) for f in self.key_flags]),
+                bulk(b"begin_search"),
+                array(
+                    [
+                        bulk(b"type"),
+                        bulk(b"index"),
+                        bulk(b"spec"),
+                        array([bulk(b"index"), integer(self.first_key)]),
+                    ]
+                ),
+                bulk(b"find_keys"),
+                array(
+                    [
+                        bulk(b"type"),
+                        bulk(b"range"),
+                        bulk(b"spec"),
+                        array(
+                            [
+                                bulk(b"lastkey"),
+                                integer(last),
+                                bulk(b"keystep"),
+                                integer(self.step),
+                                bulk(b"limit"),
+                                integer(0),
+                            ]
+                        ),
+                    ]
+                ),
+            ]
+            specs.append(array(spec))
         return array(
             [
                 bulk(self.name.encode()),
@@ -283,6 +437,10 @@ class Command:
                 integer(self.first_key),
                 integer(self.last_key),
                 integer(self.step),
+                array([simple("@" + c) for c in self.categories]),
+                bulk_array([t.encode() for t in self.tips]),
+                array(specs),
+                EMPTY_ARRAY,
             ]
         )
 
@@ -294,10 +452,15 @@ class RespProtocol(OrderedReplies):
         super().__init__()
         self.factory = factory
         self.router: Router = factory.router
-        self.partition: bytes = factory.partition
+        partition = factory.partition
+        if not factory.bound and not factory.authenticator.anonymous(partition):
+            partition = NO_PARTITION
+        #: The connection's partition; empty until AUTH or HELLO ... AUTH chooses one.
+        self.partition: bytes = partition
         self.clock: IReactorTime = factory.clock
         self.max_in_flight = factory.max_in_flight
-        self.parser = RespParser(factory.max_value_bytes)
+        self.parser = RespParser(factory.max_value_bytes, factory.max_line_bytes)
+        self._idle_call: Any = None
         self.client_id = 0
         self.client_name: Optional[bytes] = None
         self.lib_name = b""
@@ -311,12 +474,12 @@ class RespProtocol(OrderedReplies):
     def connectionMade(self) -> None:
         factory = self.factory
         factory.total_connections += 1
-        if len(factory.clients) >= factory.max_connections:
+        if not factory.budget.acquire():
             factory.rejected_connections += 1
             log.warn(
                 "refused Redis client {peer}: {limit} connections already open",
                 peer=self.transport.getPeer(),
-                limit=factory.max_connections,
+                limit=factory.budget.limit,
             )
             self.transport.write(b"-ERR max number of clients reached\r\n")
             self.transport.loseConnection()
@@ -327,11 +490,32 @@ class RespProtocol(OrderedReplies):
         self.created = self.clock.seconds()
         factory.clients[self.client_id] = self
         self._counted = True
+        self._touch_idle()
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._counted:
+            self._counted = False
             self.factory.clients.pop(self.client_id, None)
+            self.factory.budget.release()
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
         self.forget_replies()
+
+    def _touch_idle(self) -> None:
+        timeout = self.factory.idle_timeout
+        if not timeout:
+            return
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(timeout)
+        else:
+            self._idle_call = self.clock.callLater(timeout, self._idle)
+
+    def _idle(self) -> None:
+        if self.pending_replies():
+            self._touch_idle()
+            return
+        log.info("closing idle Redis client {peer}", peer=self.transport.getPeer())
+        self.transport.loseConnection()
 
     def is_error(self, data: bytes) -> bool:
         return data[:1] == b"-"
@@ -341,15 +525,9 @@ class RespProtocol(OrderedReplies):
     def dataReceived(self, data: bytes) -> None:
         if self._quitting or self._closed:
             return
-        try:
-            commands = self.parser.feed(data)
-        except RespError as e:
-            self.reply(error(f"ERR {e}"))
-            log.info(
-                "closing Redis client {peer}: {why}", peer=self.transport.getPeer(), why=str(e)
-            )
-            self.quit_after_replies()
-            return
+        if self.factory.idle_timeout:
+            self._touch_idle()
+        commands = self.parser.feed(data)
         if self._pending or self._paused:
             self._pending.extend(commands)
             if not self._paused:
@@ -370,6 +548,12 @@ class RespProtocol(OrderedReplies):
     def run(self, args: list[bytes]) -> None:
         factory = self.factory
         name = args[0].lower()
+        if name == RespParser.PROTOCOL_ERROR:
+            why = args[1].decode()
+            self.reply(error(f"ERR {why}"))
+            log.info("closing Redis client {peer}: {why}", peer=self.transport.getPeer(), why=why)
+            self.quit_after_replies()
+            return
         if name == RespParser.TOO_LARGE:
             self.reply(
                 error(
@@ -391,6 +575,9 @@ class RespProtocol(OrderedReplies):
         if (arity > 0 and len(args) != arity) or (arity < 0 and len(args) < -arity):
             self.reply(wrong_args(name))
             return
+        if not self.partition and command.name not in NO_AUTH_COMMANDS:
+            self.reply(E_NOAUTH)
+            return
         factory.calls[command.name] = factory.calls.get(command.name, 0) + 1
         try:
             result = command.handler(self, args)
@@ -405,6 +592,8 @@ class RespProtocol(OrderedReplies):
 
     def _server_error(self, failure: Any) -> bytes:
         self.factory.errors += 1
+        if failure.check(OutOfSpace):
+            return E_OOM
         return error(f"ERR {failure.getErrorMessage()}")
 
     def keyed(self, keys: list[bytes], start: Callable[[], Deferred]) -> Deferred:
@@ -445,12 +634,64 @@ class RespProtocol(OrderedReplies):
         return OK if n == 0 else E_DB_RANGE
 
     def c_auth(self, args: list[bytes]) -> Reply:
+        """``AUTH partition password`` (Redis's ACL form), or ``AUTH password`` for the port's."""
         if len(args) > 3:
             return E_SYNTAX
-        return E_NOAUTH_CONFIG
+        if len(args) == 2:
+            name, password = self.factory.partition, args[1]
+            policy = self.router.policies.get(name)
+            if policy is None or policy.password_hash is None:
+                return E_NOAUTH_CONFIG
+        else:
+            name, password = args[1], args[2]
+        return self.authenticate(name, password, lambda: OK)
+
+    def authenticate(self, name: bytes, password: bytes, then: Callable[[], bytes]) -> Reply:
+        """Switch to partition ``name`` if ``password`` opens it; ``then()`` is the reply.
+
+        A wrong password leaves the connection as it was.  While the password
+        is checked (off the reactor thread) the commands after it wait.
+        """
+        if self.factory.bound and name != self.factory.partition:
+            return E_WRONGPASS
+        answer = self.factory.authenticator.check(name, password)
+        if not isinstance(answer, Deferred):
+            return self._authenticated(answer, name, then)
+        self.hold_input()
+
+        def done(ok: Any) -> bytes:
+            reply = self._authenticated(ok is True, name, then)
+            self.release_input()
+            return reply
+
+        def failed(failure: Any) -> bytes:
+            log.failure("checking a Redis password failed", failure)
+            return done(False)
+
+        return answer.addCallbacks(done, failed)
+
+    def _authenticated(self, ok: bool, name: bytes, then: Callable[[], bytes]) -> bytes:
+        peer = self.transport.getPeer() if self.transport is not None else None
+        if not ok:
+            log.warn(
+                "Redis client {peer}: authentication to partition {partition} failed",
+                peer=peer,
+                partition=name.decode("utf-8", "replace")[:64],
+            )
+            return E_WRONGPASS
+        self.partition = name
+        log.debug(
+            "Redis client {peer} is in partition {partition}",
+            peer=peer,
+            partition=name.decode("utf-8", "replace"),
+        )
+        return then()
 
     def c_hello(self, args: list[bytes]) -> Reply:
         i = 1
+        user: Optional[bytes] = None
+        password = b""
+        name: Optional[bytes] = None
         if len(args) > 1:
             version = _int(args[1])
             if version is None:
@@ -461,12 +702,30 @@ class RespProtocol(OrderedReplies):
         while i < len(args):
             opt = args[i].lower()
             if opt == b"auth" and i + 2 < len(args):
-                return E_NOAUTH_CONFIG
+                user = args[i + 1]
+                password = args[i + 2]
+                i += 3
+                continue
             if opt == b"setname" and i + 1 < len(args):
-                self.client_name = args[i + 1]
+                name = args[i + 1]
                 i += 2
                 continue
             return error(f"ERR Syntax error in HELLO option '{args[i].decode(errors='replace')}'")
+        if name is not None and not _valid_client_name(name):
+            return E_CLIENT_NAME
+
+        def describe() -> bytes:
+            if name is not None:
+                self.client_name = name or None
+            return self._hello_reply()
+
+        if user is not None:
+            return self.authenticate(user, password, describe)
+        if not self.partition:
+            return E_NOAUTH_HELLO
+        return describe()
+
+    def _hello_reply(self) -> bytes:
         return array(
             [
                 bulk(b"server"),
@@ -489,10 +748,8 @@ class RespProtocol(OrderedReplies):
     def c_client(self, args: list[bytes]) -> Reply:
         sub = args[1].lower()
         if sub == b"setname" and len(args) == 3:
-            if b" " in args[2] or b"\n" in args[2]:
-                return (
-                    b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n"
-                )
+            if not _valid_client_name(args[2]):
+                return E_CLIENT_NAME
             self.client_name = args[2] or None
             return OK
         if sub == b"getname" and len(args) == 2:
@@ -502,7 +759,9 @@ class RespProtocol(OrderedReplies):
         if sub == b"info" and len(args) == 2:
             return bulk(self.client_line() + b"\n")
         if sub == b"list" and len(args) == 2:
-            return bulk(b"".join(c.client_line() + b"\n" for c in self.factory.clients.values()))
+            # Only the connections of the caller's partition: tenants do not see each other.
+            clients = [c for c in self.factory.clients.values() if c.partition == self.partition]
+            return bulk(b"".join(c.client_line() + b"\n" for c in clients))
         if sub == b"setinfo" and len(args) == 4:
             attr = args[2].lower()
             if attr == b"lib-name":
@@ -536,13 +795,15 @@ class RespProtocol(OrderedReplies):
             return array([c.info() for c in _UNIQUE_COMMANDS])
         sub = args[1].lower()
         if sub == b"count":
+            if len(args) != 2:
+                return wrong_args(b"command|count")
             return integer(len(_UNIQUE_COMMANDS))
         if sub == b"info":
             names = args[2:] or [c.name.encode() for c in _UNIQUE_COMMANDS]
             out = []
             for n in names:
                 c = COMMANDS.get(n.lower())
-                out.append(c.info() if c else NULL_ARRAY)
+                out.append(c.info() if c else NULL)
             return array(out)
         if sub == b"docs":
             names = args[2:] or [c.name.encode() for c in _UNIQUE_COMMANDS]
@@ -658,36 +919,18 @@ class RespProtocol(OrderedReplies):
 
     def c_set(self, args: list[bytes]) -> Reply:
         key, value = args[1], args[2]
-        now = self.now_ms()
-        expires: Optional[int] = None
-        cond = None
-        keepttl = False
-        get = False
-        i = 3
-        while i < len(args):
-            opt = args[i].upper()
-            if opt in (b"NX", b"XX") and cond is None:
-                cond = opt
-            elif opt == b"GET" and not get:
-                get = True
-            elif opt == b"KEEPTTL" and expires is None and not keepttl:
-                keepttl = True
-            elif opt in (b"EX", b"PX", b"EXAT", b"PXAT") and expires is None and not keepttl:
-                if i + 1 >= len(args):
-                    return E_SYNTAX
-                n = _int(args[i + 1])
-                if n is None:
-                    return E_NOT_INT
-                if n <= 0:
-                    return b"-ERR invalid expire time in 'set' command\r\n"
-                expires = _expiry(opt, n, now)
-                if expires is None:
-                    return b"-ERR invalid expire time in 'set' command\r\n"
-                i += 1
-            else:
-                return E_SYNTAX
-            i += 1
-        return self._set(key, value, expires or 0, cond, keepttl, get)
+        options = _string_options(args, 3, set_command=True)
+        if options is None:
+            return E_SYNTAX
+        flags, unit, token = options
+        expires = 0
+        if unit:
+            when = _expire_arg(b"set", unit, token, self.now_ms())
+            if isinstance(when, bytes):
+                return when
+            expires = when
+        cond = b"NX" if b"NX" in flags else b"XX" if b"XX" in flags else None
+        return self._set(key, value, expires, cond, b"KEEPTTL" in flags, b"GET" in flags)
 
     def _set(
         self,
@@ -730,15 +973,11 @@ class RespProtocol(OrderedReplies):
         return self._set(args[1], args[2], 0, b"NX", False, False, integer(1), integer(0))
 
     def c_setex(self, args: list[bytes]) -> Reply:
-        unit = b"PX" if args[0].lower() == b"psetex" else b"EX"
-        n = _int(args[2])
-        if n is None:
-            return E_NOT_INT
-        if n <= 0:
-            return error(f"ERR invalid expire time in '{args[0].decode().lower()}' command")
-        expires = _expiry(unit, n, self.now_ms())
-        if expires is None:
-            return error(f"ERR invalid expire time in '{args[0].decode().lower()}' command")
+        name = args[0].lower()
+        unit = b"PX" if name == b"psetex" else b"EX"
+        expires = _expire_arg(name, unit, args[2], self.now_ms())
+        if isinstance(expires, bytes):
+            return expires
         return self._set(args[1], args[3], expires, None, False, False)
 
     def c_getset(self, args: list[bytes]) -> Reply:
@@ -753,35 +992,25 @@ class RespProtocol(OrderedReplies):
         return self.modify(args[1], fn)
 
     def c_getex(self, args: list[bytes]) -> Reply:
-        now = self.now_ms()
-        expires: Optional[int] = None
-        persist = False
-        if len(args) > 2:
-            opt = args[2].upper()
-            if opt == b"PERSIST" and len(args) == 3:
-                persist = True
-            elif opt in (b"EX", b"PX", b"EXAT", b"PXAT") and len(args) == 4:
-                n = _int(args[3])
-                if n is None:
-                    return E_NOT_INT
-                if n <= 0:
-                    return b"-ERR invalid expire time in 'getex' command\r\n"
-                expires = _expiry(opt, n, now)
-                if expires is None:
-                    return b"-ERR invalid expire time in 'getex' command\r\n"
-            else:
-                return E_SYNTAX
-        if expires is None and not persist:
+        options = _string_options(args, 2, set_command=False)
+        if options is None:
+            return E_SYNTAX
+        flags, unit, token = options
+        persist = b"PERSIST" in flags
+        if not unit and not persist:
             return self.c_get(args[:2])
+        # As in Redis, a missing key is nil before the expire time is looked at.
+        expires = _expire_arg(b"getex", unit, token, self.now_ms()) if unit else 0
 
         def fn(record: Optional[Record]) -> tuple[Optional[Change], bytes]:
             if record is None:
                 return None, NULL
+            if isinstance(expires, bytes):
+                return None, expires
             if persist:
                 if not record.expires_ms:
                     return None, bulk(record.value)
                 return Change.store(record.value, record.flags, 0), bulk(record.value)
-            assert expires is not None
             return Change.store(record.value, record.flags, expires), bulk(record.value)
 
         return self.modify(args[1], fn)
@@ -802,7 +1031,8 @@ class RespProtocol(OrderedReplies):
     def c_msetnx(self, args: list[bytes]) -> Reply:
         if len(args) % 2 == 0:
             return wrong_args(args[0])
-        pairs = [(args[i], args[i + 1]) for i in range(1, len(args), 2)]
+        # A key given twice is set once, to its last value, as in Redis.
+        pairs = list(dict((args[i], args[i + 1]) for i in range(1, len(args), 2)).items())
         keys = [k for k, _ in pairs]
         return self.keyed(
             keys, lambda: self.router.set_if_all_absent(self.partition, pairs)
@@ -837,7 +1067,7 @@ class RespProtocol(OrderedReplies):
             if s < 0 and e < 0 and s > e:
                 return bulk(b"")
             s = max(0, s + n if s < 0 else s)
-            e = e + n if e < 0 else e
+            e = max(0, e + n if e < 0 else e)  # Redis 7: an end before the start is 0
             e = min(e, n - 1)
             if s > e or n == 0:
                 return bulk(b"")
@@ -1063,7 +1293,7 @@ class RespProtocol(OrderedReplies):
 
         def render(page: tuple[int, list[bytes]]) -> bytes:
             next_cursor, keys = page
-            if pattern is not None:
+            if pattern is not None and pattern != b"*":
                 keys = [k for k in keys if glob_match(pattern, k)]
             return array([bulk(str(next_cursor).encode()), bulk_array(keys)])
 
@@ -1073,10 +1303,66 @@ class RespProtocol(OrderedReplies):
 
 
 def _scan_cursor(token: bytes) -> Optional[int]:
-    if not token.isdigit() or len(token) > 20:
+    """The cursor as Redis reads it (strtoul): an optional sign, a negative wraps around."""
+    body = token[1:] if token[:1] in (b"+", b"-") else token
+    if not token:
+        return 0
+    if not body.isdigit():
         return None
-    n = int(token)
-    return n if n < (1 << 64) else None
+    n = int(body)
+    if n >= 1 << 64:
+        return None
+    return (-n) % (1 << 64) if token[:1] == b"-" else n
+
+
+def _string_options(
+    args: list[bytes], start: int, set_command: bool
+) -> Optional[tuple[set[bytes], bytes, bytes]]:
+    """SET's or GETEX's options as Redis parses them, or None for a syntax error.
+
+    Returns the flags (NX XX GET KEEPTTL PERSIST), the expire unit (EX PX EXAT
+    PXAT, or b"") and its unparsed argument.  As in Redis, an option may repeat
+    (the last expire wins) but the expire units exclude each other.
+    """
+    flags: set[bytes] = set()
+    unit = token = b""
+    i = start
+    while i < len(args):
+        opt = args[i].upper()
+        if set_command:
+            flag = (
+                (opt == b"NX" and b"XX" not in flags)
+                or (opt == b"XX" and b"NX" not in flags)
+                or opt == b"GET"
+                or (opt == b"KEEPTTL" and not unit)
+            )
+        else:
+            flag = opt == b"PERSIST" and not unit
+        if flag:
+            flags.add(opt)
+        elif (
+            opt in (b"EX", b"PX", b"EXAT", b"PXAT")
+            and unit in (b"", opt)
+            and not flags & {b"KEEPTTL", b"PERSIST"}
+            and i + 1 < len(args)
+        ):
+            unit, token = opt, args[i + 1]
+            i += 1
+        else:
+            return None
+        i += 1
+    return flags, unit, token
+
+
+def _expire_arg(command: bytes, unit: bytes, token: bytes, now_ms: int) -> Union[int, bytes]:
+    """An expire option's absolute time in ms, or the error reply Redis gives for it."""
+    n = _int(token)
+    if n is None:
+        return E_NOT_INT
+    expires = _expiry(unit, n, now_ms) if n > 0 else None
+    if expires is None:
+        return error(f"ERR invalid expire time in '{command.decode()}' command")
+    return expires
 
 
 def _expiry(unit: bytes, n: int, now_ms: int) -> Optional[int]:
@@ -1097,57 +1383,76 @@ def _expiry(unit: bytes, n: int, now_ms: int) -> Optional[int]:
 
 
 def glob_match(pattern: bytes, key: bytes) -> bool:
-    """Redis's stringmatch: * ? [abc] [^a] [a-z] and backslash escapes."""
-    return _glob(pattern, 0, key, 0)
+    """Redis's stringmatchlen: * ? [abc] [^a] [a-z] and backslash escapes.
+
+    A port of Redis 7's matcher, quirks included: a class may use ``]`` as a
+    range end (``[a-]``), an unterminated ``[`` runs to the end of the
+    pattern, and ``*`` gives up early once the rest cannot match anywhere.
+    """
+    return _glob(pattern, 0, key, 0, [False], 0)
 
 
-def _glob(p: bytes, pi: int, s: bytes, si: int) -> bool:
-    while pi < len(p):
+def _glob(p: bytes, pi: int, s: bytes, si: int, skip_longer: list[bool], nesting: int) -> bool:
+    if nesting > 1000:
+        return False
+    plen = len(p)
+    slen = len(s)
+    while pi < plen and si < slen:
         c = p[pi]
         if c == 42:  # *
-            while pi + 1 < len(p) and p[pi + 1] == 42:
+            while pi + 1 < plen and p[pi + 1] == 42:
                 pi += 1
-            if pi + 1 == len(p):
+            if pi + 1 == plen:
                 return True
-            return any(_glob(p, pi + 1, s, k) for k in range(si, len(s) + 1))
-        if si >= len(s):
+            while si < slen:
+                if _glob(p, pi + 1, s, si, skip_longer, nesting + 1):
+                    return True
+                if skip_longer[0]:
+                    return False
+                si += 1
+            skip_longer[0] = True
             return False
         if c == 63:  # ?
-            pi += 1
             si += 1
-            continue
-        if c == 91:  # [
+        elif c == 91:  # [
             pi += 1
-            negate = pi < len(p) and p[pi] == 94
+            negate = pi < plen and p[pi] == 94  # ^
             if negate:
                 pi += 1
             matched = False
-            while pi < len(p) and p[pi] != 93:
-                if p[pi] == 92 and pi + 1 < len(p):
+            while True:
+                if pi >= plen:  # unterminated: the class ends with the pattern
+                    pi -= 1
+                    break
+                if p[pi] == 92 and plen - pi >= 2:  # backslash
                     pi += 1
                     if p[pi] == s[si]:
                         matched = True
-                elif pi + 2 < len(p) and p[pi + 1] == 45 and p[pi + 2] != 93:
+                elif p[pi] == 93:  # ]
+                    break
+                elif plen - pi >= 3 and p[pi + 1] == 45:  # a-z
                     lo, hi = sorted((p[pi], p[pi + 2]))
+                    pi += 2
                     if lo <= s[si] <= hi:
                         matched = True
-                    pi += 2
                 elif p[pi] == s[si]:
                     matched = True
                 pi += 1
-            pi += 1  # past ]
             if matched == negate:
                 return False
             si += 1
-            continue
-        if c == 92 and pi + 1 < len(p):  # backslash
-            pi += 1
-            c = p[pi]
-        if c != s[si]:
-            return False
+        else:
+            if c == 92 and plen - pi >= 2:  # backslash
+                pi += 1
+            if p[pi] != s[si]:
+                return False
+            si += 1
         pi += 1
-        si += 1
-    return si == len(s)
+        if si == slen:
+            while pi < plen and p[pi] == 42:
+                pi += 1
+            break
+    return pi == plen and si == slen
 
 
 def _unwrap(failure: Any) -> Any:
@@ -1158,56 +1463,91 @@ def _unwrap(failure: Any) -> Any:
 
 _W = ("write", "denyoom")
 _R = ("readonly", "fast")
-_TABLE = [
-    ("ping", RespProtocol.c_ping, -1, ("fast",), 0, 0, 0),
-    ("echo", RespProtocol.c_echo, 2, ("fast",), 0, 0, 0),
-    ("quit", RespProtocol.c_quit, -1, ("fast",), 0, 0, 0),
-    ("select", RespProtocol.c_select, 2, ("fast",), 0, 0, 0),
-    ("auth", RespProtocol.c_auth, -2, ("noscript", "fast"), 0, 0, 0),
-    ("hello", RespProtocol.c_hello, -1, ("noscript", "fast"), 0, 0, 0),
-    ("client", RespProtocol.c_client, -2, ("admin",), 0, 0, 0),
-    ("command", RespProtocol.c_command, -1, ("loading", "stale"), 0, 0, 0),
-    ("config", RespProtocol.c_config, -2, ("admin",), 0, 0, 0),
-    ("info", RespProtocol.c_info, -1, ("loading", "stale"), 0, 0, 0),
-    ("dbsize", RespProtocol.c_dbsize, 1, ("readonly", "fast"), 0, 0, 0),
-    ("flushdb", RespProtocol.c_flushdb, -1, ("write",), 0, 0, 0),
-    ("flushall", RespProtocol.c_flushdb, -1, ("write",), 0, 0, 0),
-    ("get", RespProtocol.c_get, 2, _R, 1, 1, 1),
-    ("set", RespProtocol.c_set, -3, _W, 1, 1, 1),
-    ("setnx", RespProtocol.c_setnx, 3, _W + ("fast",), 1, 1, 1),
-    ("setex", RespProtocol.c_setex, 4, _W, 1, 1, 1),
-    ("psetex", RespProtocol.c_setex, 4, _W, 1, 1, 1),
-    ("getset", RespProtocol.c_getset, 3, _W + ("fast",), 1, 1, 1),
-    ("getdel", RespProtocol.c_getdel, 2, ("write", "fast"), 1, 1, 1),
-    ("getex", RespProtocol.c_getex, -2, ("write", "fast"), 1, 1, 1),
-    ("mget", RespProtocol.c_mget, -2, _R, 1, -1, 1),
-    ("mset", RespProtocol.c_mset, -3, _W, 1, -1, 2),
-    ("msetnx", RespProtocol.c_msetnx, -3, _W, 1, -1, 2),
-    ("del", RespProtocol.c_del, -2, ("write",), 1, -1, 1),
-    ("unlink", RespProtocol.c_del, -2, ("write", "fast"), 1, -1, 1),
-    ("exists", RespProtocol.c_exists, -2, _R, 1, -1, 1),
-    ("type", RespProtocol.c_type, 2, _R, 1, 1, 1),
-    ("expire", RespProtocol.c_expire, -3, ("write", "fast"), 1, 1, 1),
-    ("pexpire", RespProtocol.c_pexpire, -3, ("write", "fast"), 1, 1, 1),
-    ("expireat", RespProtocol.c_expireat, -3, ("write", "fast"), 1, 1, 1),
-    ("pexpireat", RespProtocol.c_pexpireat, -3, ("write", "fast"), 1, 1, 1),
-    ("ttl", RespProtocol.c_ttl, 2, _R, 1, 1, 1),
-    ("pttl", RespProtocol.c_pttl, 2, _R, 1, 1, 1),
-    ("persist", RespProtocol.c_persist, 2, ("write", "fast"), 1, 1, 1),
-    ("incr", RespProtocol.c_incr, 2, _W + ("fast",), 1, 1, 1),
-    ("decr", RespProtocol.c_decr, 2, _W + ("fast",), 1, 1, 1),
-    ("incrby", RespProtocol.c_incrby, 3, _W + ("fast",), 1, 1, 1),
-    ("decrby", RespProtocol.c_incrby, 3, _W + ("fast",), 1, 1, 1),
-    ("incrbyfloat", RespProtocol.c_incrbyfloat, 3, _W + ("fast",), 1, 1, 1),
-    ("append", RespProtocol.c_append, 3, _W, 1, 1, 1),
-    ("strlen", RespProtocol.c_strlen, 2, _R, 1, 1, 1),
-    ("getrange", RespProtocol.c_getrange, 4, ("readonly",), 1, 1, 1),
-    ("substr", RespProtocol.c_getrange, 4, ("readonly",), 1, 1, 1),
-    ("setrange", RespProtocol.c_setrange, 4, _W, 1, 1, 1),
-    ("keys", RespProtocol.c_keys, 2, ("readonly",), 0, 0, 0),
-    ("scan", RespProtocol.c_scan, -2, ("readonly",), 0, 0, 0),
+_CONN = ("loading", "stale", "fast")
+_NOAUTH = ("noscript", "loading", "stale", "fast", "no_auth", "allow_busy")
+_STR_R = "read string fast"
+_STR_RS = "read string slow"
+_STR_W = "write string fast"
+_STR_WS = "write string slow"
+_KEY_R = "keyspace read fast"
+_KEY_W = "keyspace write fast"
+_RAU = "RW access update"
+# name, handler, arity, flags, first key, last key, step, ACL categories, key-spec flags
+_TABLE: list[tuple[Any, ...]] = [
+    ("ping", RespProtocol.c_ping, -1, ("fast",), 0, 0, 0, "fast connection"),
+    ("echo", RespProtocol.c_echo, 2, _CONN, 0, 0, 0, "fast connection"),
+    ("quit", RespProtocol.c_quit, -1, _NOAUTH, 0, 0, 0, "fast connection"),
+    ("select", RespProtocol.c_select, 2, _CONN, 0, 0, 0, "fast connection"),
+    ("auth", RespProtocol.c_auth, -2, _NOAUTH, 0, 0, 0, "fast connection"),
+    ("hello", RespProtocol.c_hello, -1, _NOAUTH, 0, 0, 0, "fast connection"),
+    ("client", RespProtocol.c_client, -2, (), 0, 0, 0, "slow"),
+    ("command", RespProtocol.c_command, -1, ("loading", "stale"), 0, 0, 0, "slow connection"),
+    ("config", RespProtocol.c_config, -2, (), 0, 0, 0, "slow"),
+    ("info", RespProtocol.c_info, -1, ("loading", "stale"), 0, 0, 0, "slow dangerous"),
+    ("dbsize", RespProtocol.c_dbsize, 1, _R, 0, 0, 0, _KEY_R),
+    ("flushdb", RespProtocol.c_flushdb, -1, ("write",), 0, 0, 0, "keyspace write slow dangerous"),
+    ("flushall", RespProtocol.c_flushdb, -1, ("write",), 0, 0, 0, "keyspace write slow dangerous"),
+    ("get", RespProtocol.c_get, 2, _R, 1, 1, 1, _STR_R, "RO access"),
+    ("set", RespProtocol.c_set, -3, _W, 1, 1, 1, _STR_WS, _RAU + " variable_flags"),
+    ("setnx", RespProtocol.c_setnx, 3, _W + ("fast",), 1, 1, 1, _STR_W, "OW insert"),
+    ("setex", RespProtocol.c_setex, 4, _W, 1, 1, 1, _STR_WS, "OW update"),
+    ("psetex", RespProtocol.c_setex, 4, _W, 1, 1, 1, _STR_WS, "OW update"),
+    ("getset", RespProtocol.c_getset, 3, _W + ("fast",), 1, 1, 1, _STR_W, _RAU),
+    ("getdel", RespProtocol.c_getdel, 2, ("write", "fast"), 1, 1, 1, _STR_W, "RW access delete"),
+    ("getex", RespProtocol.c_getex, -2, ("write", "fast"), 1, 1, 1, _STR_W, _RAU),
+    ("mget", RespProtocol.c_mget, -2, _R, 1, -1, 1, _STR_R, "RO access"),
+    ("mset", RespProtocol.c_mset, -3, _W, 1, -1, 2, _STR_WS, "OW update"),
+    ("msetnx", RespProtocol.c_msetnx, -3, _W, 1, -1, 2, _STR_WS, "OW insert"),
+    ("del", RespProtocol.c_del, -2, ("write",), 1, -1, 1, "keyspace write slow", "RM delete"),
+    ("unlink", RespProtocol.c_del, -2, ("write", "fast"), 1, -1, 1, _KEY_W, "RM delete"),
+    ("exists", RespProtocol.c_exists, -2, _R, 1, -1, 1, _KEY_R, "RO"),
+    ("type", RespProtocol.c_type, 2, _R, 1, 1, 1, _KEY_R, "RO"),
+    ("expire", RespProtocol.c_expire, -3, ("write", "fast"), 1, 1, 1, _KEY_W, "RW update"),
+    ("pexpire", RespProtocol.c_pexpire, -3, ("write", "fast"), 1, 1, 1, _KEY_W, "RW update"),
+    ("expireat", RespProtocol.c_expireat, -3, ("write", "fast"), 1, 1, 1, _KEY_W, "RW update"),
+    ("pexpireat", RespProtocol.c_pexpireat, -3, ("write", "fast"), 1, 1, 1, _KEY_W, "RW update"),
+    ("ttl", RespProtocol.c_ttl, 2, _R, 1, 1, 1, _KEY_R, "RO access"),
+    ("pttl", RespProtocol.c_pttl, 2, _R, 1, 1, 1, _KEY_R, "RO access"),
+    ("persist", RespProtocol.c_persist, 2, ("write", "fast"), 1, 1, 1, _KEY_W, "RW update"),
+    ("incr", RespProtocol.c_incr, 2, _W + ("fast",), 1, 1, 1, _STR_W, _RAU),
+    ("decr", RespProtocol.c_decr, 2, _W + ("fast",), 1, 1, 1, _STR_W, _RAU),
+    ("incrby", RespProtocol.c_incrby, 3, _W + ("fast",), 1, 1, 1, _STR_W, _RAU),
+    ("decrby", RespProtocol.c_incrby, 3, _W + ("fast",), 1, 1, 1, _STR_W, _RAU),
+    ("incrbyfloat", RespProtocol.c_incrbyfloat, 3, _W + ("fast",), 1, 1, 1, _STR_W, _RAU),
+    ("append", RespProtocol.c_append, 3, _W + ("fast",), 1, 1, 1, _STR_W, "RW insert"),
+    ("strlen", RespProtocol.c_strlen, 2, _R, 1, 1, 1, _STR_R, "RO"),
+    ("getrange", RespProtocol.c_getrange, 4, ("readonly",), 1, 1, 1, _STR_RS, "RO access"),
+    ("substr", RespProtocol.c_getrange, 4, ("readonly",), 1, 1, 1, _STR_RS, "RO access"),
+    ("setrange", RespProtocol.c_setrange, 4, _W, 1, 1, 1, _STR_WS, "RW update"),
+    ("keys", RespProtocol.c_keys, 2, ("readonly",), 0, 0, 0, "keyspace read slow dangerous"),
+    ("scan", RespProtocol.c_scan, -2, ("readonly",), 0, 0, 0, "keyspace read slow"),
 ]
-_UNIQUE_COMMANDS = [Command(*row) for row in _TABLE]
+_ALL_SHARDS = ("request_policy:all_shards", "response_policy:all_succeeded")
+_MULTI_SUM = ("request_policy:multi_shard", "response_policy:agg_sum")
+_TIPS: dict[str, tuple[str, ...]] = {
+    "ping": _ALL_SHARDS,
+    "info": ("nondeterministic_output", "request_policy:all_shards", "response_policy:special"),
+    "dbsize": ("request_policy:all_shards", "response_policy:agg_sum"),
+    "flushdb": _ALL_SHARDS,
+    "flushall": _ALL_SHARDS,
+    "mget": ("request_policy:multi_shard",),
+    "mset": ("request_policy:multi_shard", "response_policy:all_succeeded"),
+    "msetnx": ("request_policy:multi_shard", "response_policy:agg_min"),
+    "del": _MULTI_SUM,
+    "unlink": _MULTI_SUM,
+    "exists": _MULTI_SUM,
+    "ttl": ("nondeterministic_output",),
+    "pttl": ("nondeterministic_output",),
+    "keys": ("request_policy:all_shards", "nondeterministic_output_order"),
+    "scan": ("nondeterministic_output", "request_policy:special"),
+}
+_NOTES = {
+    "set": "RW and ACCESS due to the optional `GET` argument",
+    "getex": "RW and UPDATE because it changes the TTL",
+}
+_UNIQUE_COMMANDS = [
+    Command(*row, tips=_TIPS.get(row[0], ()), notes=_NOTES.get(row[0], "")) for row in _TABLE
+]
 COMMANDS: dict[bytes, Command] = {c.name.encode(): c for c in _UNIQUE_COMMANDS}
 
 
@@ -1222,11 +1562,25 @@ class RespFactory(Factory):
         max_connections: int = 4096,
         max_in_flight: int = 256,
         max_value_bytes: int = 1 << 20,
+        max_line_bytes: int = MAX_INLINE,
+        idle_timeout: float = 0.0,
+        authenticator: Optional[Authenticator] = None,
+        budget: Optional[ConnectionBudget] = None,
+        bound: bool = False,
     ) -> None:
         self.router = router
+        #: The partition a connection starts in, if it allows anonymous access or
+        #: the port is ``bound``; otherwise connections must AUTH first.
         self.partition = partition
         self.clock = clock
         self.port = port
+        self.authenticator = authenticator if authenticator is not None else Authenticator(router)
+        #: Connection slots; one budget is shared by every port of a master.
+        self.budget = budget if budget is not None else ConnectionBudget(max_connections)
+        #: Every connection is in ``partition``; AUTH may not leave it.
+        self.bound = bound
+        self.max_line_bytes = max_line_bytes
+        self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.max_in_flight = max_in_flight
         self.max_value_bytes = max_value_bytes

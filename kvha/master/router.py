@@ -44,6 +44,13 @@ class Unavailable(Exception):
     """Not enough live copies to serve the request."""
 
 
+class OutOfSpace(Exception):
+    """The partition is at its quota and refuses writes (policy ``reject``)."""
+
+    def __init__(self, message: str = "out of memory storing object") -> None:
+        super().__init__(message)
+
+
 class Change:
     """What a read-modify-write decided: store a new value, or delete."""
 
@@ -65,12 +72,50 @@ class Change:
 
 
 class PartitionPolicy:
-    __slots__ = ("name", "write_acks", "read")
+    """One partition's settings as the master applies them (from the cluster map).
 
-    def __init__(self, name: str, write_acks: str = "all", read: str = "one") -> None:
+    ``verified`` remembers, as keyed MACs, passwords already checked against
+    ``password_hash`` (see :mod:`kvha.master.auth`); a new policy object, made
+    when the map changes, starts with none.
+    """
+
+    __slots__ = (
+        "name",
+        "write_acks",
+        "read",
+        "password_hash",
+        "anonymous",
+        "max_bytes",
+        "when_full",
+        "default_ttl_ms",
+        "reject_at_primary",
+        "verified",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        write_acks: str = "all",
+        read: str = "one",
+        *,
+        password_hash: Optional[str] = None,
+        anonymous: Optional[bool] = None,
+        max_bytes: Optional[int] = None,
+        when_full: str = "reject",
+        default_ttl_ms: int = 0,
+    ) -> None:
         self.name = name
         self.write_acks = write_acks
         self.read = read
+        self.password_hash = password_hash
+        self.anonymous = password_hash is None if anonymous is None else anonymous
+        self.max_bytes = max_bytes
+        self.when_full = when_full
+        self.default_ttl_ms = default_ttl_ms
+        #: Writes are decided by the key's primary, so that a full partition
+        #: refuses a write on every copy or on none.
+        self.reject_at_primary = max_bytes is not None and when_full == "reject"
+        self.verified: set[bytes] = set()
 
 
 class _Fanout:
@@ -140,6 +185,10 @@ class Router:
         if policy is None:
             raise KeyError(f"unknown partition {partition.decode(errors='replace')!r}")
         return policy
+
+    def set_partitions(self, partitions: Sequence[PartitionPolicy]) -> None:
+        """Follow a new cluster map's partitions (connections keep their partition name)."""
+        self.policies = {p.name.encode(): p for p in partitions}
 
     def set_rings(self, ring: Ring, write_ring: Optional[Ring] = None) -> None:
         """Switch to a new cluster map's rings (links must already exist)."""
@@ -362,7 +411,21 @@ class Router:
     def set(
         self, partition: bytes, key: bytes, value: bytes, flags: int = 0, expires_ms: int = 0
     ) -> Deferred:
-        """Store a value on every live copy.  Fires with the first copy's Result."""
+        """Store a value on every live copy.  Fires with the first copy's Result.
+
+        A write without expiry gets the partition's ``default_ttl``.  In a
+        partition that rejects writes when full, the primary stores it first
+        (and may refuse it), then it is replicated.
+        """
+        policy = self.policy(partition)
+        if not expires_ms and policy.default_ttl_ms:
+            expires_ms = int(self.clock.seconds() * 1000) + policy.default_ttl_ms
+        if policy.reject_at_primary:
+            return self.conditional(
+                partition,
+                key,
+                lambda c: c.store(StoreMode.SET, partition, key, value, flags, expires_ms, 0),
+            )
         packed = pack(value, self.hlc.next(), flags, expires_ms)
         return self.replicate(partition, key, packed)
 
@@ -413,6 +476,8 @@ class Router:
     def _replicate_result(
         self, result: Result, partition: bytes, key: bytes, primary: NodeLink
     ) -> Any:
+        if result.status is Status.NO_SPACE:
+            raise OutOfSpace()
         if result.packed is None or result.status not in (
             Status.STORED,
             Status.TOUCHED,

@@ -1,4 +1,9 @@
-"""A master node: links to every data node, the ring, the router, the listeners."""
+"""A master node: links to every data node, the ring, the router, the listeners.
+
+It also keeps the data nodes' partition rules (quotas, default TTLs) in step
+with the cluster map: the table is pushed to a node whenever its link comes
+up and to every node whenever the map changes.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,25 @@ from typing import Any, Optional
 
 from twisted.application import service, strports
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from kvha.config import MasterConfig
 from kvha.data.client import DataNodeClient
+from kvha.master.auth import Authenticator, thread_verifier
 from kvha.master.cluster import AdminResource, ClusterManager, initial_map, ring_of
-from kvha.master.health import NodeLink
+from kvha.master.health import DOWN, NodeLink
 from kvha.master.http import Api, ApiSite
+from kvha.master.limits import ConnectionBudget
 from kvha.master.memcache import MemcacheFactory, MemcacheStats
 from kvha.master.merge import Merger
 from kvha.master.metrics import registry_for, render
+from kvha.master.partitions import entry_from_config, node_tables, policy_from_entry
 from kvha.master.resp import RespFactory
 from kvha.master.router import PartitionPolicy, Router
 from kvha.ring import Ring
+
+log = Logger()
 
 
 class MasterNode(service.MultiService):
@@ -35,14 +46,22 @@ class MasterNode(service.MultiService):
         for node in cluster.nodes:
             self._link(node.id, node.address, node.read_weight)
         self.ring = Ring.build([(n.id, n.weight) for n in cluster.nodes], cluster.vnodes)
+        #: The partitions of the map this master routes by, and the epoch of that map.
+        self.partition_entries: list[dict[str, Any]] = [
+            entry_from_config(p) for p in cluster.partitions
+        ]
+        self.map_epoch = 0
+        self._policies: dict[str, tuple[dict[str, Any], PartitionPolicy]] = {}
         self.router = Router(
             self.ring,
             self.links,
             cluster.replicas,
-            [PartitionPolicy(p.name, p.write_acks, p.read) for p in cluster.partitions],
+            self._policies_for(self.partition_entries),
             reactor,
             rng,
         )
+        self.authenticator = Authenticator(self.router, thread_verifier(reactor))
+        self.budget = ConnectionBudget(config.limits.max_connections)
         merge = config.merge
         self.merger = Merger(
             config.id,
@@ -72,6 +91,7 @@ class MasterNode(service.MultiService):
                     ],
                     cluster.replicas,
                     cluster.vnodes,
+                    self.partition_entries,
                 ),
                 config.state_dir,
                 list(config.peers),
@@ -84,30 +104,18 @@ class MasterNode(service.MultiService):
         self.api: Optional[Api] = None
         limits = config.limits
         if config.memcached.listen:
-            factory = MemcacheFactory(
-                self.router,
-                config.memcached.partition.encode(),
-                reactor,
-                self.memcache_stats,
-                max_connections=limits.max_connections,
-                max_in_flight=limits.max_in_flight,
-                max_line_bytes=limits.max_line_bytes,
-                max_value_bytes=limits.max_value_bytes,
-                idle_timeout=limits.idle_timeout,
-            )
+            factory = self._memcache_factory(config.memcached.partition, bound=False)
             strports.service(config.memcached.listen, factory).setServiceParent(self)
         if config.redis.listen:
-            resp = RespFactory(
-                self.router,
-                config.redis.partition.encode(),
-                reactor,
-                port=_port_of(config.redis.listen),
-                max_connections=limits.max_connections,
-                max_in_flight=limits.max_in_flight,
-                max_value_bytes=limits.max_value_bytes,
-            )
+            resp = self._resp_factory(config.redis.partition, config.redis.listen, bound=False)
             strports.service(config.redis.listen, resp).setServiceParent(self)
             self.resp_factory = resp
+        for bound in config.bound_listeners:
+            if bound.protocol == "memcached":
+                listener: Any = self._memcache_factory(bound.partition, bound=True)
+            else:
+                listener = self._resp_factory(bound.partition, bound.listen, bound=True)
+            strports.service(bound.listen, listener).setServiceParent(self)
         if config.http.listen:
             registry = registry_for(self)
             self.api = Api(
@@ -117,11 +125,88 @@ class MasterNode(service.MultiService):
                 max_value_bytes=limits.max_value_bytes,
                 max_list=config.http.max_list,
                 metrics=lambda: render(registry),
+                authenticator=self.authenticator,
             )
             root: Any = self.api
             if self.cluster_manager is not None:
                 root = _Root(self.api, AdminResource(self.cluster_manager))
-            strports.service(config.http.listen, ApiSite(root)).setServiceParent(self)
+            site = ApiSite(
+                root,
+                budget=self.budget,
+                idle_timeout=limits.idle_timeout,
+                max_line_bytes=limits.max_line_bytes,
+            )
+            strports.service(config.http.listen, site).setServiceParent(self)
+
+    def _memcache_factory(self, partition: str, bound: bool) -> MemcacheFactory:
+        limits = self.config.limits
+        return MemcacheFactory(
+            self.router,
+            partition.encode(),
+            self.reactor,
+            self.memcache_stats,
+            max_connections=limits.max_connections,
+            max_in_flight=limits.max_in_flight,
+            max_line_bytes=limits.max_line_bytes,
+            max_value_bytes=limits.max_value_bytes,
+            idle_timeout=limits.idle_timeout,
+            authenticator=self.authenticator,
+            budget=self.budget,
+            bound=bound,
+        )
+
+    def _resp_factory(self, partition: str, listen: str, bound: bool) -> RespFactory:
+        limits = self.config.limits
+        return RespFactory(
+            self.router,
+            partition.encode(),
+            self.reactor,
+            port=_port_of(listen),
+            max_connections=limits.max_connections,
+            max_in_flight=limits.max_in_flight,
+            max_value_bytes=limits.max_value_bytes,
+            max_line_bytes=limits.max_line_bytes,
+            idle_timeout=limits.idle_timeout,
+            authenticator=self.authenticator,
+            budget=self.budget,
+            bound=bound,
+        )
+
+    # Partitions ----------------------------------------------------------------------
+
+    def _policies_for(self, entries: list[dict[str, Any]]) -> list[PartitionPolicy]:
+        """Policies for map entries; an unchanged entry keeps its policy (and what it verified)."""
+        policies = {}
+        out = []
+        for e in entries:
+            old = self._policies.get(e["name"])
+            policy = old[1] if old is not None and old[0] == e else policy_from_entry(e)
+            policies[e["name"]] = (e, policy)
+            out.append(policy)
+        self._policies = policies
+        return out
+
+    def push_partitions(self, links: Optional[list[NodeLink]] = None) -> None:
+        """Send each connected data node its partition rules (its shares of the quotas)."""
+        router = self.router
+        rings = [router.ring] + ([router.write_ring] if router.write_ring is not None else [])
+        tables = node_tables(router.policies.values(), rings, router.copies)
+        for link in links if links is not None else list(self.links.values()):
+            if not link.client.connected:
+                continue
+            d = link.client.partitions(self.map_epoch, tables.get(link.node_id, []))
+            d.addErrback(self._push_failed, link.node_id)
+
+    def _push_failed(self, failure: Any, node_id: str) -> None:
+        log.warn(
+            "could not send partition rules to data node {node}: {why}",
+            node=node_id,
+            why=failure.getErrorMessage(),
+        )
+
+    def _link_changed(self, link: NodeLink, old: str, state: str) -> None:
+        if state != DOWN:
+            self.push_partitions([link])
 
     def _link(self, node_id: str, address: str, read_weight: float) -> NodeLink:
         config = self.config
@@ -141,6 +226,7 @@ class MasterNode(service.MultiService):
             ping_interval=health.ping_interval,
             ping_timeout=health.ping_timeout,
             read_weight=read_weight,
+            on_change=self._link_changed,
         )
         return link
 
@@ -165,6 +251,12 @@ class MasterNode(service.MultiService):
         for node_id in [n for n in self.links if n not in wanted]:
             link = self.links.pop(node_id)
             link.stop()
+        self.map_epoch = int(m.get("epoch", 0))
+        entries = m.get("partitions")
+        if entries is not None:
+            self.partition_entries = list(entries)
+            self.router.set_partitions(self._policies_for(self.partition_entries))
+        self.push_partitions()
 
     def startService(self) -> None:
         for link in self.links.values():

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from twisted.application import service
+from twisted.logger import Logger
 from twisted.python import usage
 
-from kvha.config import ConfigError, load_config
+from kvha.config import ConfigError, load_config, warn_placeholders
 from kvha.master.service import MasterNode
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -30,4 +33,5 @@ class Options(usage.Options):
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
+    warn_placeholders(options["master"], "master", log)
     return MasterNode(options["master"], reactor)
