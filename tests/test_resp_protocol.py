@@ -314,7 +314,7 @@ def test_auth_without_password(conn: Conn) -> None:
 
 
 def test_hello(conn: Conn) -> None:
-    """HELLO and HELLO 2 describe the server; HELLO 3 is refused (kvha speaks RESP2 only)."""
+    """HELLO and HELLO 2 describe the server; HELLO 4 is refused (RESP3 is tested below)."""
     for args in [("HELLO",), ("HELLO", "2")]:
         reply = conn.value(*args)
         fields = dict(zip(reply[::2], reply[1::2]))
@@ -324,7 +324,7 @@ def test_hello(conn: Conn) -> None:
         assert fields[b"mode"] == b"standalone"
         assert fields[b"role"] == b"master"
         assert fields[b"modules"] == []
-    assert conn.cmd("HELLO", "3") == b"-NOPROTO unsupported protocol version\r\n"
+    assert conn.cmd("HELLO", "4") == b"-NOPROTO unsupported protocol version\r\n"
     assert conn.cmd("HELLO", "x") == (
         b"-ERR Protocol version is not an integer or out of range\r\n"
     )
@@ -1271,3 +1271,16 @@ def test_node_failure_is_an_error_reply(cluster: Cluster, conn: Conn) -> None:
     out = conn.cmd("GET", "k")
     assert out.startswith(b"-ERR ") and out.endswith(b"\r\n")
     assert conn.cmd("PING") == b"+PONG\r\n"
+
+
+def test_hello_3_switches_the_connection_to_resp3(conn: Conn) -> None:
+    """After HELLO 3 the reply is a RESP3 map, nulls are _, and HELLO 2 switches back."""
+    reply = conn.cmd("HELLO", "3")
+    assert reply.startswith(b"%7\r\n$6\r\nserver\r\n$5\r\nredis\r\n")
+    assert b"$5\r\nproto\r\n:3\r\n" in reply
+    assert conn.cmd("GET", "missing") == b"_\r\n"
+    conn.cmd("SET", "here", "$-1\r\n")
+    assert conn.cmd("MGET", "here", "missing") == b"*2\r\n$5\r\n$-1\r\n\r\n_\r\n"
+    assert conn.cmd("CONFIG", "GET", "appendonly").startswith(b"%1\r\n")
+    assert b":2\r\n" in conn.cmd("HELLO", "2")
+    assert conn.cmd("GET", "missing") == b"$-1\r\n"

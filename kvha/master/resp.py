@@ -32,6 +32,7 @@ from kvha.data.store import IncrMode, Result, Status, StoreMode
 from kvha.master.auth import NO_PARTITION, Authenticator
 from kvha.master.limits import ConnectionBudget
 from kvha.master.pipeline import OrderedReplies
+from kvha.master.resp3 import map_reply, to_resp3
 from kvha.master.router import Change, OutOfSpace, Router
 from kvha.record import Record
 
@@ -463,6 +464,8 @@ class RespProtocol(OrderedReplies):
         self._idle_call: Any = None
         self.client_id = 0
         self.client_name: Optional[bytes] = None
+        #: Set by HELLO 3: replies are rewritten to RESP3 (see kvha.master.resp3).
+        self.resp3 = False
         self.lib_name = b""
         self.lib_ver = b""
         self.created = 0.0
@@ -586,9 +589,13 @@ class RespProtocol(OrderedReplies):
             result = error(f"ERR internal error: {e}")
         if isinstance(result, bytes):
             if result:
-                self.reply(result)
+                self.reply(to_resp3(result) if self.resp3 else result)
         else:
-            self.deferred_reply(result, lambda data: data, self._server_error)
+            self.deferred_reply(result, self._encode, self._server_error)
+
+    def _encode(self, data: bytes) -> bytes:
+        """A handler's RESP2 reply in the protocol this connection speaks."""
+        return to_resp3(data) if self.resp3 else data
 
     def _server_error(self, failure: Any) -> bytes:
         self.factory.errors += 1
@@ -689,6 +696,7 @@ class RespProtocol(OrderedReplies):
 
     def c_hello(self, args: list[bytes]) -> Reply:
         i = 1
+        wanted = 0
         user: Optional[bytes] = None
         password = b""
         name: Optional[bytes] = None
@@ -696,8 +704,9 @@ class RespProtocol(OrderedReplies):
             version = _int(args[1])
             if version is None:
                 return b"-ERR Protocol version is not an integer or out of range\r\n"
-            if version != 2:
+            if version not in (2, 3):
                 return b"-NOPROTO unsupported protocol version\r\n"
+            wanted = version
             i = 2
         while i < len(args):
             opt = args[i].lower()
@@ -715,6 +724,11 @@ class RespProtocol(OrderedReplies):
             return E_CLIENT_NAME
 
         def describe() -> bytes:
+            # The protocol switches only once HELLO succeeded (a refused login
+            # leaves the connection as it was), and HELLO's own reply is
+            # already in the new protocol.
+            if wanted:
+                self.resp3 = wanted == 3
             if name is not None:
                 self.client_name = name or None
             return self._hello_reply()
@@ -726,23 +740,17 @@ class RespProtocol(OrderedReplies):
         return describe()
 
     def _hello_reply(self) -> bytes:
-        return array(
+        return map_reply(
             [
-                bulk(b"server"),
-                bulk(b"redis"),
-                bulk(b"version"),
-                bulk(b"7.0.0"),
-                bulk(b"proto"),
-                integer(2),
-                bulk(b"id"),
-                integer(self.client_id),
-                bulk(b"mode"),
-                bulk(b"standalone"),
-                bulk(b"role"),
-                bulk(b"master"),
-                bulk(b"modules"),
-                EMPTY_ARRAY,
-            ]
+                (bulk(b"server"), bulk(b"redis")),
+                (bulk(b"version"), bulk(b"7.0.0")),
+                (bulk(b"proto"), integer(3 if self.resp3 else 2)),
+                (bulk(b"id"), integer(self.client_id)),
+                (bulk(b"mode"), bulk(b"standalone")),
+                (bulk(b"role"), bulk(b"master")),
+                (bulk(b"modules"), EMPTY_ARRAY),
+            ],
+            self.resp3,
         )
 
     def c_client(self, args: list[bytes]) -> Reply:
@@ -826,12 +834,12 @@ class RespProtocol(OrderedReplies):
         sub = args[1].lower()
         if sub == b"get":
             known = {b"save": b"", b"appendonly": b"no", b"databases": b"1"}
-            out: list[bytes] = []
+            pairs: dict[bytes, tuple[bytes, bytes]] = {}
             for pattern in args[2:]:
                 for name, value in known.items():
                     if fnmatch.fnmatchcase(name.decode(), pattern.decode(errors="replace").lower()):
-                        out += [bulk(name), bulk(value)]
-            return array(out)
+                        pairs[name] = (bulk(name), bulk(value))
+            return map_reply(list(pairs.values()), self.resp3)
         if sub in (b"set", b"resetstat", b"rewrite"):
             return b"-ERR CONFIG SET is not supported by kvha; edit the master's configuration\r\n"
         return error(

@@ -44,8 +44,7 @@ class RedisCluster:
         self.port = redis_port
 
     def client(self, **kwargs: Any) -> redis.Redis:
-        # kvha speaks RESP2 only; redis-py 8 would otherwise open with HELLO 3 and fail.
-        kwargs.setdefault("protocol", 2)
+        # redis-py 8 opens with HELLO 3 unless told otherwise; both protocols are tested.
         kwargs.setdefault("socket_timeout", CLIENT_TIMEOUT)
         kwargs.setdefault("socket_connect_timeout", CLIENT_TIMEOUT)
         return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
@@ -65,9 +64,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
         factory.cleanup()
 
 
-@pytest.fixture
-def r(cluster: RedisCluster) -> Iterator[redis.Redis]:
-    client = cluster.client(decode_responses=True)
+@pytest.fixture(params=[2, 3], ids=["resp2", "resp3"])
+def r(cluster: RedisCluster, request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
+    """redis-py speaking RESP2, and RESP3 (its default, used unchanged)."""
+    kwargs = {"protocol": 2} if request.param == 2 else {}
+    client = cluster.client(decode_responses=True, **kwargs)
     client.flushall()
     yield client
     client.close()
@@ -98,7 +99,10 @@ def test_redis_py_connection_commands(r: redis.Redis) -> None:
     hello = r.execute_command("HELLO", 2)
     assert dict(zip(hello[::2], hello[1::2]))["proto"] == 2
     with pytest.raises(redis.ResponseError, match="unsupported protocol version"):
-        r.execute_command("HELLO", 3)
+        r.execute_command("HELLO", 4)
+    if r.connection_pool.connection_kwargs.get("protocol") != 2:
+        # Back to RESP3, which this client expects (a RESP2 client could not read it).
+        assert r.execute_command("HELLO", 3)["proto"] == 3
     assert r.client_setname("worker-1") is True
     assert r.client_getname() == "worker-1"
     client_id = r.client_id()
