@@ -6,30 +6,17 @@ from typing import Any, Optional
 
 from twisted.application import service, strports
 from twisted.logger import Logger
-from twisted.python import usage
 
-from kvha.config import ConfigError, DataConfig, load_config, warn_placeholders
+from kvha.config import DataConfig, warn_placeholders
 from kvha.data.engines import make_engine
 from kvha.data.server import DataNode, DataServerFactory
+from kvha.tapoptions import RoleOptions
 
 log = Logger()
 
 
-class Options(usage.Options):
-    optParameters = [["config", "c", None, "YAML configuration file with a `data:` section"]]
-
-    def postOptions(self) -> None:
-        if not self["config"]:
-            raise usage.UsageError("--config FILE is required")
-        try:
-            config = load_config(self["config"])
-        except ConfigError as e:
-            raise usage.UsageError(f"{self['config']}: {e}") from None
-        if config.data is None:
-            raise usage.UsageError(
-                f"{self['config']}: this is a {config.role} configuration; kvha-data needs `data:`"
-            )
-        self["data"] = config.data
+class Options(RoleOptions):
+    ROLE = "data"
 
 
 def build_node(config: DataConfig, reactor: Optional[Any] = None) -> DataNode:

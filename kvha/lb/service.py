@@ -25,21 +25,19 @@ import random
 from typing import Any, Optional
 
 from twisted.application import service, strports
-from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
-from zope.interface import implementer
 
 from kvha.config import LbConfig
 from kvha.lb.forward import ForwardFactory, HealthChecker
 from kvha.lb.heartbeat import Election, HeartbeatProtocol
 from kvha.lb.pool import PROTOCOLS, Pool
 from kvha.lb.vip import VipHolder, run_command
+from kvha.webclient import BytesBody
 
 log = Logger()
 
@@ -182,7 +180,7 @@ class LoadBalancer(service.MultiService):
             b"PUT",
             (peer.rstrip("/") + "/v1/masters").encode(),
             self._headers(),
-            _Body(body),
+            BytesBody(body),
         )
         d.addCallback(readBody)
         d.addErrback(
@@ -218,23 +216,6 @@ class LoadBalancer(service.MultiService):
             lambda f: log.info("could not fetch peer list: {why}", why=f.getErrorMessage())
         )
         d.addBoth(lambda _: setattr(self, "_fetching", False))
-
-
-@implementer(IBodyProducer)
-class _Body:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: Any) -> Any:
-        consumer.write(self.data)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class AdminError(Exception):

@@ -4,28 +4,15 @@ from __future__ import annotations
 
 from twisted.application import service
 from twisted.logger import Logger
-from twisted.python import usage
 
-from kvha.config import ConfigError, load_config, warn_placeholders
+from kvha.config import warn_placeholders
+from kvha.tapoptions import RoleOptions
 
 log = Logger()
 
 
-class Options(usage.Options):
-    optParameters = [["config", "c", None, "YAML configuration file with an `lb:` section"]]
-
-    def postOptions(self) -> None:
-        if not self["config"]:
-            raise usage.UsageError("--config FILE is required")
-        try:
-            config = load_config(self["config"])
-        except ConfigError as e:
-            raise usage.UsageError(f"{self['config']}: {e}") from None
-        if config.lb is None:
-            raise usage.UsageError(
-                f"{self['config']}: this is a {config.role} configuration; kvha-lb needs `lb:`"
-            )
-        self["lb"] = config.lb
+class Options(RoleOptions):
+    ROLE = "lb"
 
 
 def makeService(options: Options) -> service.IService:

@@ -35,13 +35,12 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
-from zope.interface import implementer
 
 from kvha.config import ConfigError
 from kvha.master.partitions import parse_admin, public_entry
 from kvha.ring import TOKEN_SPACE, Ring, TokenRange
+from kvha.webclient import BytesBody
 
 log = Logger()
 
@@ -117,23 +116,6 @@ def gained_ranges(before: Ring, after: Ring, copies: int) -> dict[str, dict[str,
             for source in old:
                 out.setdefault(node, {}).setdefault(source, []).append((lo, hi))
     return out
-
-
-@implementer(IBodyProducer)
-class _Body:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: Any) -> Any:
-        consumer.write(self.data)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class ClusterManager:
@@ -256,7 +238,7 @@ class ClusterManager:
         ds = []
         for peer in self.peers:
             d = self.agent.request(
-                b"POST", (peer + "/v1/admin/cluster").encode(), self._headers(), _Body(body)
+                b"POST", (peer + "/v1/admin/cluster").encode(), self._headers(), BytesBody(body)
             )
             d.addCallback(readBody)
             d.addCallback(json.loads)
