@@ -297,6 +297,7 @@ def node_status(config: LocalConfig, node: Node) -> dict[str, Any]:
             row["state"] = stats.get("state", "?")
             row["records"] = int(stats.get("records", 0)) - int(stats.get("tombstones", 0))
             row["engine"] = stats.get("engine")
+            row["epoch"] = int(stats.get("map_epoch", -1))
             if row["state"] == "merging":
                 row["merge"] = {
                     "by": stats.get("merge_holder") or None,
@@ -358,6 +359,8 @@ def status_table(rows: Sequence[dict[str, Any]]) -> str:
             extra = "  " + progress_bar(r["merge"])
         elif r["role"] == "data" and "records" in r:
             extra = f"  {r['engine']}, {r['records']} keys"
+            if r.get("epoch", -1) >= 0:
+                extra += f", map epoch {r['epoch']}"
         pid = r["pid"] if r["pid"] is not None else "-"
         lines.append(
             f"{r['role']:<7} {r['id']:<9} {r['address']:<17} {pid:>7}  {r['state']}{extra}"

@@ -333,6 +333,7 @@ class DataNode(service.Service):
             "merge_done_bytes": self.merge_progress[1],
             "merge_total_keys": self.merge_progress[2],
             "merges_completed": self.merges_completed,
+            "map_epoch": self.partitions_epoch,
             "retain_running": self.retain_running,
             "retain_removed": self.retain_removed,
         }
