@@ -1,6 +1,8 @@
 # kvha: bootstrap, run, test and benchmark.  Every target creates the
 # virtual environment first when it is missing or older than pyproject.toml.
 
+# `make bench PY=pypy3` runs the benchmark and every kvha node under PyPy 3.9
+# (Debian: apt-get install pypy3 pypy3-venv pypy3-dev; mmh3 compiles against it).
 PY ?= python3
 ifeq ($(findstring pypy,$(PY)),pypy)
 VENV ?= .venv-pypy
