@@ -6,8 +6,10 @@
 PY ?= python3
 ifeq ($(findstring pypy,$(PY)),pypy)
 VENV ?= .venv-pypy
+EXTRAS ?= bench
 else
 VENV ?= .venv
+EXTRAS ?= test
 endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -21,7 +23,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 # The local cluster of etc/local.yaml: two load balancers holding the VIP
