@@ -494,6 +494,12 @@ class LocalConfig:
                 ("replicas",),
                 f"{self.replicas} replicas need at least {self.replicas + 1} data nodes",
             )
+        if len(self.admin_token) < SECRET_MIN_LENGTH:
+            # The derived load-balancer and master configs would refuse it.
+            raise ConfigError(
+                ("admin_token",),
+                f"must be at least {SECRET_MIN_LENGTH} characters; got {len(self.admin_token)}",
+            )
 
 
 @dataclass(frozen=True)

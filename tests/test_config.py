@@ -650,3 +650,11 @@ def test_example_engines() -> None:
         load_config(str(ROOT / "etc" / f"data-{e}.yaml")).data.storage.engine for e in ENGINES
     }
     assert engines == set(ENGINES)
+
+
+def test_local_admin_token_too_short_names_its_key() -> None:
+    """kvha up's file refuses an admin token the derived node configs would refuse."""
+    text = 'local:\n  secret: "0123456789abcdef0123"\n  admin_token: "short"\n'
+    with pytest.raises(ConfigError) as info:
+        load_config_string(text)
+    assert str(info.value) == "local.admin_token: must be at least 16 characters; got 5"
