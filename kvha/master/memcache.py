@@ -172,6 +172,8 @@ class MemcacheStats:
 class MemcacheProtocol(OrderedReplies):
     """One memcached client connection."""
 
+    kind = "memcached"
+
     def __init__(self, factory: MemcacheFactory) -> None:
         super().__init__()
         self.factory = factory
@@ -188,6 +190,7 @@ class MemcacheProtocol(OrderedReplies):
         self._auth_data = False  # the pending storage command's data is credentials
         self._budgeted = False
         self.clock = factory.clock
+        self.idle_timeout = factory.idle_timeout
         self.max_line = factory.max_line_bytes
         self.max_value = factory.max_value_bytes
         self.max_in_flight = factory.max_in_flight
@@ -195,7 +198,6 @@ class MemcacheProtocol(OrderedReplies):
         self._pending_data: Optional[tuple[Any, ...]] = None  # a storage command awaiting data
         self._swallow = 0  # bytes of a refused data block still to discard
         self._processing = False
-        self._idle_call: Any = None
 
     # Connection -------------------------------------------------------------------
 
@@ -215,32 +217,15 @@ class MemcacheProtocol(OrderedReplies):
             return
         self._budgeted = True
         stats.curr_connections += 1
-        self._touch_idle()
+        self.touch_idle()
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._budgeted:
             self._budgeted = False
             self.factory.stats.curr_connections -= 1
             self.factory.budget.release()
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
+        self.cancel_idle()
         self.forget_replies()
-
-    def _touch_idle(self) -> None:
-        timeout = self.factory.idle_timeout
-        if not timeout:
-            return
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.reset(timeout)
-        else:
-            self._idle_call = self.clock.callLater(timeout, self._idle)
-
-    def _idle(self) -> None:
-        if self.pending_replies():
-            self._touch_idle()
-            return
-        log.info("closing idle memcached client {peer}", peer=self.transport.getPeer())
-        self.transport.loseConnection()
 
     # Output ordering (OrderedReplies) -------------------------------------------
 
@@ -263,7 +248,7 @@ class MemcacheProtocol(OrderedReplies):
     def dataReceived(self, data: bytes) -> None:
         self._buffer = self._buffer + data if self._buffer else data
         if self.factory.idle_timeout:
-            self._touch_idle()
+            self.touch_idle()
         if not self._paused:
             self._process()
 

@@ -17,6 +17,9 @@ from typing import Any, Callable, Optional
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+
+log = Logger()
 
 
 class OrderedReplies(Protocol):
@@ -31,6 +34,34 @@ class OrderedReplies(Protocol):
         self._held = False
         self._quitting = False
         self._closed = False
+
+    # Idle timeout ------------------------------------------------------------
+    # Subclasses set ``clock`` and ``idle_timeout`` (0 = never) and call
+    # touch_idle() on connect and on every read; ``kind`` names them in the log.
+
+    kind = "client"
+    idle_timeout = 0.0
+    _idle_call: Any = None
+
+    def touch_idle(self) -> None:
+        timeout = self.idle_timeout
+        if not timeout:
+            return
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(timeout)
+        else:
+            self._idle_call = self.clock.callLater(timeout, self._idle)  # type: ignore[attr-defined]
+
+    def cancel_idle(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+
+    def _idle(self) -> None:
+        if self.pending_replies():
+            self.touch_idle()
+            return
+        log.info("closing idle {kind} client {peer}", kind=self.kind, peer=self.transport.getPeer())
+        self.transport.loseConnection()
 
     # Hooks ------------------------------------------------------------------
 

@@ -449,6 +449,8 @@ class Command:
 class RespProtocol(OrderedReplies):
     """One Redis client connection."""
 
+    kind = "Redis"
+
     def __init__(self, factory: RespFactory) -> None:
         super().__init__()
         self.factory = factory
@@ -459,9 +461,9 @@ class RespProtocol(OrderedReplies):
         #: The connection's partition; empty until AUTH or HELLO ... AUTH chooses one.
         self.partition: bytes = partition
         self.clock: IReactorTime = factory.clock
+        self.idle_timeout = factory.idle_timeout
         self.max_in_flight = factory.max_in_flight
         self.parser = RespParser(factory.max_value_bytes, factory.max_line_bytes)
-        self._idle_call: Any = None
         self.client_id = 0
         self.client_name: Optional[bytes] = None
         #: Set by HELLO 3: replies are rewritten to RESP3 (see kvha.master.resp3).
@@ -493,32 +495,15 @@ class RespProtocol(OrderedReplies):
         self.created = self.clock.seconds()
         factory.clients[self.client_id] = self
         self._counted = True
-        self._touch_idle()
+        self.touch_idle()
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._counted:
             self._counted = False
             self.factory.clients.pop(self.client_id, None)
             self.factory.budget.release()
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
+        self.cancel_idle()
         self.forget_replies()
-
-    def _touch_idle(self) -> None:
-        timeout = self.factory.idle_timeout
-        if not timeout:
-            return
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.reset(timeout)
-        else:
-            self._idle_call = self.clock.callLater(timeout, self._idle)
-
-    def _idle(self) -> None:
-        if self.pending_replies():
-            self._touch_idle()
-            return
-        log.info("closing idle Redis client {peer}", peer=self.transport.getPeer())
-        self.transport.loseConnection()
 
     def is_error(self, data: bytes) -> bool:
         return data[:1] == b"-"
@@ -529,7 +514,7 @@ class RespProtocol(OrderedReplies):
         if self._quitting or self._closed:
             return
         if self.factory.idle_timeout:
-            self._touch_idle()
+            self.touch_idle()
         commands = self.parser.feed(data)
         if self._pending or self._paused:
             self._pending.extend(commands)
