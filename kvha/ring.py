@@ -235,10 +235,12 @@ class Ring:
         """Each node's share of the ring as main node, summing to 1."""
         return {n: v / TOKEN_SPACE for n, v in self.ownership_tokens().items()}
 
+    def arcs(self, copies: int) -> list[tuple[int, int, tuple[str, ...]]]:
+        """Every arc ``(lo, hi]`` with the nodes holding its keys, main node first."""
+        return [
+            (lo, hi, self._prefs[i][:copies]) for i, (lo, hi, _owner) in enumerate(self._arcs())
+        ]
+
     def ranges_for(self, node_id: str, copies: int) -> list[TokenRange]:
         """The arcs whose keys ``node_id`` holds as main node or copy."""
-        out = []
-        for i, (lo, hi, _owner) in enumerate(self._arcs()):
-            if node_id in self._prefs[i][:copies]:
-                out.append((lo, hi))
-        return out
+        return [(lo, hi) for lo, hi, holders in self.arcs(copies) if node_id in holders]

@@ -39,7 +39,7 @@ from twisted.web.resource import Resource
 
 from kvha.config import ConfigError
 from kvha.master.partitions import parse_admin, public_entry
-from kvha.ring import TOKEN_SPACE, Ring, TokenRange
+from kvha.ring import Ring, TokenRange
 from kvha.webclient import BytesBody
 
 log = Logger()
@@ -619,4 +619,4 @@ class AdminResource(Resource):
         return server.NOT_DONE_YET
 
 
-__all__ = ["ClusterManager", "AdminResource", "Conflict", "NoSuchPartition", "TOKEN_SPACE"]
+__all__ = ["ClusterManager", "AdminResource", "Conflict", "NoSuchPartition"]

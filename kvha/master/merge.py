@@ -32,8 +32,7 @@ log = Logger()
 def merge_sources(ring: Ring, target: str, copies: int) -> dict[str, list[TokenRange]]:
     """For each other node, the arcs it shares with ``target`` as a copy."""
     out: dict[str, list[TokenRange]] = {}
-    for i, (lo, hi, _owner) in enumerate(ring._arcs()):
-        holders = ring._prefs[i][:copies]
+    for lo, hi, holders in ring.arcs(copies):
         if target not in holders:
             continue
         for node_id in holders:
