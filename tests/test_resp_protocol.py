@@ -1211,15 +1211,30 @@ def test_pipelined_replies_wait_for_a_held_node(cluster: Cluster, conn: Conn) ->
 
 
 def test_read_your_writes_on_one_connection(cluster: Cluster, conn: Conn) -> None:
-    """A GET after a SET of the same key waits for the SET, even while a copy is slow."""
+    """A GET after a SET of the same key sees the SET, even while a copy is slow.
+
+    A plain SET is one round trip sent to every copy ahead of the GET on the
+    same ordered connections, so the GET is pipelined right behind it.
+    """
     conn.cmd("SET", "k", "old")
     ids = copy_ids(cluster, b"k")
     cluster.clients[ids[1]].hold()
-    reads_before = {i: cluster.clients[i].calls.get("get", 0) for i in ids}
     assert conn.send(encode("SET", "k", "new") + encode("GET", "k") + encode("INCR", "n")) == b""
-    assert {i: cluster.clients[i].calls.get("get", 0) for i in ids} == reads_before
     cluster.clients[ids[1]].release()
     assert conn.take() == OK + bulk(b"new") + b":1\r\n"
+
+
+def test_reads_wait_behind_multi_step_operations(cluster: Cluster, conn: Conn) -> None:
+    """A GET after an INCR of the same key is not sent until the INCR is replicated."""
+    conn.cmd("SET", "n", "1")
+    ids = copy_ids(cluster, b"n")
+    primary = cluster.clients[ids[0]]
+    primary.hold()
+    reads_before = {i: cluster.clients[i].calls.get("get", 0) for i in ids}
+    assert conn.send(encode("INCR", "n") + encode("GET", "n")) == b""
+    assert {i: cluster.clients[i].calls.get("get", 0) for i in ids} == reads_before
+    primary.release()
+    assert conn.take() == b":2\r\n" + bulk(b"2")
 
 
 def test_max_in_flight_pauses_and_resumes_reading(cluster: Cluster) -> None:

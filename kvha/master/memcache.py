@@ -455,7 +455,9 @@ class MemcacheProtocol(OrderedReplies):
             out.append(END)
             return b"".join(out)
 
-        self.deferred_reply(self.after(keys, start), render, self._server_error)
+        self.deferred_reply(
+            self.after(keys, start, register=touch is not None), render, self._server_error
+        )
 
     # Storage --------------------------------------------------------------------------
 
@@ -554,7 +556,10 @@ class MemcacheProtocol(OrderedReplies):
                     return TOO_LARGE
                 return NOT_STORED
 
-        self.deferred_reply(self.after([key], start), render, self._server_error, noreply)
+        # A plain set is one round trip unless the partition decides it at the primary.
+        multi_step = cmd != b"set" or router.policy(partition).reject_at_primary
+        d = self.after([key], start, register=multi_step)
+        self.deferred_reply(d, render, self._server_error, noreply)
         return True
 
     # Other keyed commands ---------------------------------------------------------------
@@ -591,7 +596,7 @@ class MemcacheProtocol(OrderedReplies):
 
         partition = self.partition
         self.deferred_reply(
-            self.after([key], lambda: self.router.delete(partition, key)),
+            self.after([key], lambda: self.router.delete(partition, key), register=False),
             render,
             self._server_error,
             noreply,

@@ -163,12 +163,21 @@ class OrderedReplies(Protocol):
 
     # Per-key order ------------------------------------------------------------
 
-    def after(self, keys: list[bytes], start: Callable[[], Deferred]) -> Deferred:
-        """Run ``start`` once earlier operations on ``keys`` from this connection are done.
+    def after(
+        self, keys: list[bytes], start: Callable[[], Deferred], register: bool = True
+    ) -> Deferred:
+        """Run ``start`` once earlier multi-step operations on ``keys`` are done.
 
-        Each key maps to the Deferred of the last operation on it; a later
-        operation on the key chains behind it with a pass-through callback, so
-        the earlier operation's own result is untouched.
+        Each key maps to the Deferred of the last multi-step operation on it
+        (a conditional operation, a read-modify-write: several round trips); a
+        later operation on the key chains behind it with a pass-through
+        callback, so the earlier operation's own result is untouched.
+
+        A single-step operation (a read, a plain write or delete, sent to every
+        copy at once) registers nothing (``register=False``): its frames
+        reach each data node ahead of anything this connection sends later, on
+        the same ordered connection, so what comes after it sees it anyway.
+        That is what keeps pipelined reads and writes of one key pipelined.
         """
         tails = self._key_tail
         if len(keys) == 1:
@@ -178,6 +187,8 @@ class OrderedReplies(Protocol):
             waits = [tails[k] for k in keys if k in tails]
         if not waits:
             d = start()
+            if not register:
+                return d
         else:
             d = Deferred()
 
@@ -189,7 +200,7 @@ class OrderedReplies(Protocol):
                 waits[0].addBoth(go)
             else:
                 defer.DeferredList(waits).addBoth(go)
-        if not d.called:
+        if register and not d.called:
             for k in keys:
                 tails[k] = d
 

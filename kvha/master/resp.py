@@ -588,8 +588,14 @@ class RespProtocol(OrderedReplies):
             return E_OOM
         return error(f"ERR {failure.getErrorMessage()}")
 
-    def keyed(self, keys: list[bytes], start: Callable[[], Deferred]) -> Deferred:
-        return self.after(keys, start)
+    def keyed(
+        self, keys: list[bytes], start: Callable[[], Deferred], register: bool = True
+    ) -> Deferred:
+        return self.after(keys, start, register)
+
+    def single_step_writes(self) -> bool:
+        """Whether a plain SET here is one round trip (not decided at the primary first)."""
+        return not self.router.policy(self.partition).reject_at_primary
 
     # Helpers -----------------------------------------------------------------------
 
@@ -597,7 +603,7 @@ class RespProtocol(OrderedReplies):
         return int(self.clock.seconds() * 1000)
 
     def get(self, key: bytes) -> Deferred:
-        return self.keyed([key], lambda: self.router.get(self.partition, key))
+        return self.keyed([key], lambda: self.router.get(self.partition, key), register=False)
 
     def modify(
         self, key: bytes, fn: Callable[[Optional[Record]], tuple[Optional[Change], bytes]]
@@ -903,7 +909,7 @@ class RespProtocol(OrderedReplies):
 
     def c_mget(self, args: list[bytes]) -> Reply:
         keys = args[1:]
-        d = self.keyed(keys, lambda: self.router.get_many(self.partition, keys))
+        d = self.keyed(keys, lambda: self.router.get_many(self.partition, keys), register=False)
         return d.addCallback(
             lambda records: bulk_array(
                 [None if self.count_hit(r) is None else r.value for r in records]
@@ -941,7 +947,8 @@ class RespProtocol(OrderedReplies):
         if not keepttl and not get:
             if cond is None:
                 start = lambda: router.set(partition, key, value, 0, expires)  # noqa: E731
-                return self.keyed([key], start).addCallback(lambda _: ok)
+                d = self.keyed([key], start, register=not self.single_step_writes())
+                return d.addCallback(lambda _: ok)
             mode = StoreMode.CAS if cond == b"NX" else StoreMode.REPLACE
 
             def store() -> Deferred:
@@ -1019,7 +1026,9 @@ class RespProtocol(OrderedReplies):
             ds = [self.router.set(partition, k, v) for k, v in pairs]
             return defer.gatherResults(ds, consumeErrors=True).addErrback(_unwrap)
 
-        return self.keyed(keys, start).addCallback(lambda _: OK)
+        return self.keyed(keys, start, register=not self.single_step_writes()).addCallback(
+            lambda _: OK
+        )
 
     def c_msetnx(self, args: list[bytes]) -> Reply:
         if len(args) % 2 == 0:
@@ -1148,13 +1157,13 @@ class RespProtocol(OrderedReplies):
             ds = [self.router.delete(partition, k) for k in keys]
             return defer.gatherResults(ds, consumeErrors=True).addErrback(_unwrap)
 
-        return self.keyed(keys, start).addCallback(
+        return self.keyed(keys, start, register=False).addCallback(
             lambda results: integer(sum(1 for r in results if r.status is Status.DELETED))
         )
 
     def c_exists(self, args: list[bytes]) -> Reply:
         keys = args[1:]
-        d = self.keyed(keys, lambda: self.router.get_many(self.partition, keys))
+        d = self.keyed(keys, lambda: self.router.get_many(self.partition, keys), register=False)
         return d.addCallback(lambda records: integer(sum(1 for r in records if r is not None)))
 
     def c_type(self, args: list[bytes]) -> Reply:
