@@ -110,6 +110,28 @@ class Engine:
         return {}
 
 
+class CountedPartitions:
+    """count, bytes_used and tombstones of engines that keep
+    ``self._parts = {partition: [records, bytes, tombstones]}``."""
+
+    _parts: dict[bytes, list[int]]
+
+    def _total(self, partition: Optional[bytes], i: int) -> int:
+        if partition is not None:
+            counts = self._parts.get(partition)
+            return 0 if counts is None else counts[i]
+        return sum(c[i] for c in self._parts.values())
+
+    def count(self, partition: Optional[bytes] = None) -> int:
+        return self._total(partition, 0)
+
+    def bytes_used(self, partition: Optional[bytes] = None) -> int:
+        return self._total(partition, 1)
+
+    def tombstones(self, partition: Optional[bytes] = None) -> int:
+        return self._total(partition, 2)
+
+
 class MemoryEngine(Engine):
     """Records in nested dicts: ``{partition: {key: packed}}``.
 

@@ -25,7 +25,7 @@ from typing import Any, Optional
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from kvha.data.engine import Engine
+from kvha.data.engine import CountedPartitions, Engine
 from kvha.data.lmdbtables import CorruptStore, LmdbTables, quarantine
 from kvha.data.logengine import FSYNC_POLICIES
 from kvha.record import HEADER, HEADER_SIZE, TOMBSTONE
@@ -68,7 +68,7 @@ def open_tables(
     return tables, moved
 
 
-class MmapEngine(Engine):
+class MmapEngine(CountedPartitions, Engine):
     """Records in an LMDB environment; nothing to replay on open."""
 
     name = "mmap"
@@ -171,24 +171,6 @@ class MmapEngine(Engine):
         if partition not in self._parts:
             return iter(())
         return self._tables.iter_keys(partition)  # type: ignore[no-any-return]
-
-    def count(self, partition: Optional[bytes] = None) -> int:
-        if partition is not None:
-            counts = self._parts.get(partition)
-            return 0 if counts is None else counts[0]
-        return sum(c[0] for c in self._parts.values())
-
-    def bytes_used(self, partition: Optional[bytes] = None) -> int:
-        if partition is not None:
-            counts = self._parts.get(partition)
-            return 0 if counts is None else counts[1]
-        return sum(c[1] for c in self._parts.values())
-
-    def tombstones(self, partition: Optional[bytes] = None) -> int:
-        if partition is not None:
-            counts = self._parts.get(partition)
-            return 0 if counts is None else counts[2]
-        return sum(c[2] for c in self._parts.values())
 
     # Durability ---------------------------------------------------------------
 

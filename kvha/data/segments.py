@@ -37,7 +37,7 @@ from typing import Any, Optional
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from kvha.data.engine import Engine
+from kvha.data.engine import CountedPartitions, Engine
 from kvha.data.logengine import (
     ENTRY,
     FSYNC_POLICIES,
@@ -90,7 +90,7 @@ def segment_name(seq: int) -> str:
     return f"data-{seq:012d}.seg"
 
 
-class SegmentEngine(Engine):
+class SegmentEngine(CountedPartitions, Engine):
     """Values in append-only segments behind an index the subclass keeps."""
 
     durable = True
@@ -392,24 +392,6 @@ class SegmentEngine(Engine):
 
     def partitions(self) -> list[bytes]:
         return list(self._parts)
-
-    def count(self, partition: Optional[bytes] = None) -> int:
-        if partition is not None:
-            counts = self._parts.get(partition)
-            return 0 if counts is None else counts[0]
-        return sum(c[0] for c in self._parts.values())
-
-    def bytes_used(self, partition: Optional[bytes] = None) -> int:
-        if partition is not None:
-            counts = self._parts.get(partition)
-            return 0 if counts is None else counts[1]
-        return sum(c[1] for c in self._parts.values())
-
-    def tombstones(self, partition: Optional[bytes] = None) -> int:
-        if partition is not None:
-            counts = self._parts.get(partition)
-            return 0 if counts is None else counts[2]
-        return sum(c[2] for c in self._parts.values())
 
     @property
     def high_water(self) -> int:
