@@ -33,8 +33,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 from twisted.internet import defer, task  # noqa: E402
 
 from bench import protocols  # noqa: E402
+from bench.protocols import Server  # noqa: E402
+from bench.storage import pipelined  # noqa: E402
 from kvha.data.client import DataNodeClient  # noqa: E402
-from kvha.procs import NodeProcess, free_port, rss_bytes, wait_for_port  # noqa: E402
+from kvha.procs import NodeProcess, free_port, rss_bytes  # noqa: E402
 
 SECRET = "bench-cluster-secret-0123456789"
 
@@ -50,19 +52,6 @@ def data_config(
         )
 
 
-class Server:
-    """A real redis-server or memcached child on a free loopback port."""
-
-    def __init__(self, argv: list[str], port: int) -> None:
-        self.port = port
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port("127.0.0.1", port)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
 def start_kvha(workdir: str, name: str, engine: str, fsync: str = "everysec") -> NodeProcess:
     port = free_port()
     state = os.path.join(workdir, name)
@@ -74,36 +63,8 @@ def start_kvha(workdir: str, name: str, engine: str, fsync: str = "everysec") ->
     return node
 
 
-@defer.inlineCallbacks
-def pipelined(client: DataNodeClient, op: str, count: int, window: int, value: bytes) -> Any:
-    """Run ``count`` operations with up to ``window`` in flight; return ops/s."""
-    done = 0
-    issued = 0
-    finished: defer.Deferred = defer.Deferred()
-    began = time.perf_counter()
-
-    def issue() -> None:
-        nonlocal issued
-        key = b"key:%012d" % (issued % 100_000)
-        issued += 1
-        if op == "set":
-            d = client.set(b"bench", key, value)
-        else:
-            d = client.get(b"bench", key)
-        d.addCallbacks(complete, finished.errback)
-
-    def complete(_: Any) -> None:
-        nonlocal done
-        done += 1
-        if done == count:
-            finished.callback(None)
-        elif issued < count:
-            issue()
-
-    for _ in range(min(window, count)):
-        issue()
-    yield finished
-    return count / (time.perf_counter() - began)
+def _key(i: int) -> bytes:
+    return b"key:%012d" % (i % 100_000)
 
 
 @defer.inlineCallbacks
@@ -114,8 +75,8 @@ def bench_data_node(reactor: Any, workdir: str, engine: str, fsync: str, ops: in
     try:
         yield client.when_ready()
         value = b"v" * 100
-        set_rate = yield pipelined(client, "set", ops, 256, value)
-        get_rate = yield pipelined(client, "get", ops, 256, value)
+        set_rate = yield pipelined(client, lambda i: client.set(b"bench", _key(i), value), ops)
+        get_rate = yield pipelined(client, lambda i: client.get(b"bench", _key(i)), ops)
     finally:
         yield client.stop()
         node.stop()
