@@ -397,6 +397,7 @@ def up(config: LocalConfig, source: str, timeout: float = 60.0) -> int:
         argv = [
             twistd,
             "--nodaemon",
+            "--reactor=kvha",
             "--pidfile",
             pidfile,
             "--logfile",

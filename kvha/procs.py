@@ -78,6 +78,7 @@ class NodeProcess:
         cmd = [
             os.path.join(os.path.dirname(self.python), "twistd"),
             "--nodaemon",
+            "--reactor=kvha",
             "--pidfile=",
             "--logfile",
             self.log_path,

@@ -960,3 +960,81 @@ def test_stats_reply_lists_the_counters(node: DataNode) -> None:
     assert stats["cmd_apply"] == "1"
     assert stats["records"] == "1"
     assert stats["engine"] == "memory"
+
+
+# The callback hot path: requests answered by plain functions instead of Deferreds.
+
+
+def attached_client(client: DataClientProtocol, clock: Clock) -> Any:
+    """A DataNodeClient whose connection is ``client`` (its own service never starts)."""
+    from twisted.internet.testing import MemoryReactor
+
+    from kvha.data.client import DataNodeClient
+
+    owner = DataNodeClient(MemoryReactor(), "tcp:127.0.0.1:1", SECRET, clock=clock)
+    owner.protocol = client
+    return owner
+
+
+def test_callback_requests_store_and_read_through_iosim(node: DataNode, clock: Clock) -> None:
+    client, server, pump = connect(node, clock)
+    owner = attached_client(client, clock)
+    got: list[Any] = []
+    packed = pack(b"value", version_from_millis(NOW_MS), 7, 0)
+    owner.apply_cb(b"p", b"k", packed, got.append, got.append)
+    pump.flush()
+    owner.get_cb(b"p", b"k", got.append, got.append)
+    owner.get_cb(b"p", b"missing", got.append, got.append)
+    pump.flush()
+    assert got[0].status is Status.STORED
+    assert (got[1].value, got[1].flags) == (b"value", 7)
+    assert got[2] is None
+    assert client.pending == {}
+
+
+def test_callback_request_without_a_connection_fails_at_once(clock: Clock) -> None:
+    from twisted.internet.testing import MemoryReactor
+
+    from kvha.data.client import DataNodeClient
+
+    owner = DataNodeClient(MemoryReactor(), "tcp:127.0.0.1:1", SECRET, clock=clock)
+    errors: list[BaseException] = []
+    owner.get_cb(b"p", b"k", lambda r: None, errors.append)
+    owner.apply_cb(b"p", b"k", b"x" * HEADER_SIZE, lambda r: None, errors.append)
+    assert [type(e) for e in errors] == [NodeUnavailable, NodeUnavailable]
+
+
+def test_callback_requests_fail_on_error_timeout_and_loss(node: DataNode, clock: Clock) -> None:
+    client, server, pump = connect(node, clock)
+    owner = attached_client(client, clock)
+    errors: list[BaseException] = []
+    owner.apply_cb(b"p", b"k", b"short", lambda r: None, errors.append)  # shorter than a header
+    pump.flush()
+    assert isinstance(errors[0], DataNodeError) and errors[0].code == wire.E_BAD_REQUEST
+    bare, _ = bare_client(clock, 1.0, connected=True)
+    lonely = attached_client(bare, clock)
+    lonely.get_cb(b"p", b"k", lambda r: None, errors.append)
+    clock.advance(2.0)
+    assert isinstance(errors[1], RequestTimeout)
+    lonely.get_cb(b"p", b"k", lambda r: None, errors.append)
+    bare.connectionLost(None)
+    assert isinstance(errors[2], NodeUnavailable)
+
+
+def test_a_raising_reply_function_is_logged_and_spares_the_connection(
+    node: DataNode, clock: Clock
+) -> None:
+    client, server, pump = connect(node, clock)
+    owner = attached_client(client, clock)
+    got: list[Any] = []
+
+    def broken(result: Any) -> None:
+        raise RuntimeError("bug in a reply handler")
+
+    with captured_logs() as logs:
+        owner.get_cb(b"p", b"a", broken, got.append)
+        owner.get_cb(b"p", b"b", got.append, got.append)
+        pump.flush()
+    assert got == [None]  # the second request is still answered
+    assert client.connected_ok and client.pending == {}
+    assert any("reply handler failed" in formatEvent(e) for e in logs)

@@ -177,6 +177,51 @@ def test_parser_skips_oversized_args_in_any_chunking(commands: list[list[bytes]]
     assert out == expected
 
 
+ODD_PIECES = [
+    b"*0\r\n",
+    b"*-1\r\n",
+    b"PING\r\n",
+    b"set a 'b c'\r\n",
+    b"*02\r\n$3\r\nGET\r\n$1\r\na\r\n",  # a leading zero: a protocol error in Redis
+    b"*+1\r\n$4\r\nPING\r\n",
+    b"*1\r\n$04\r\nPING\r\n",
+    b"*1\r\n$-1\r\n",
+    b"*2\r\n$3\r\nGET\r\n$0\r\n\r\n",
+    b"*1\r\n+PING\r\n",
+    b"*99999999999999999999\r\n",
+    b"*2\r\n$3\r\nSET\r\n$20\r\n" + b"x" * 20 + b"\r\n",  # over max_bulk below
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(
+        st.one_of(
+            st.sampled_from(ODD_PIECES),
+            st.lists(st.binary(max_size=12), min_size=1, max_size=4).map(lambda c: encode(*c)),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_parser_whole_reads_parse_as_byte_by_byte(pieces: list[bytes]) -> None:
+    """Whole commands in one read take a fast path; it must agree with the general one.
+
+    Fed one byte at a time, every command goes through the general path;
+    fed at once, ordinary commands go through the fast path until the first
+    unusual one.  Errors and oversized arguments come out the same either way.
+    """
+    stream = b"".join(pieces)
+    whole = RespParser(max_bulk=16)
+    at_once = whole.feed(stream)
+    bytewise = RespParser(max_bulk=16)
+    one_by_one: list[list[bytes]] = []
+    for i in range(len(stream)):
+        one_by_one += bytewise.feed(stream[i : i + 1])
+    assert at_once == one_by_one
+    assert whole.failed == bytewise.failed
+
+
 def test_parser_inline_commands() -> None:
     """Inline commands split on whitespace and end at \\n or \\r\\n; blank lines are skipped."""
     parser = RespParser(max_bulk=100)

@@ -74,6 +74,30 @@ def drop_connection_quietly(cluster: Cluster, node_id: str) -> None:
     cluster.clients[node_id].protocol = None
 
 
+@pytest.fixture(params=["deferred", "callbacks"])
+def api(request: pytest.FixtureRequest) -> str:
+    """Each read/write test runs on the Deferred API and on the callback hot path."""
+    return str(request.param)
+
+
+def r_get(router: Any, api: str, partition: bytes, key: bytes) -> Deferred:
+    if api == "deferred":
+        return router.get(partition, key)
+    d: Deferred = Deferred()
+    router.get_cb(partition, key, d.callback, d.errback)
+    return d
+
+
+def r_set(
+    router: Any, api: str, partition: bytes, key: bytes, value: bytes, flags: int = 0
+) -> Deferred:
+    if api == "deferred":
+        return router.set(partition, key, value, flags)
+    d: Deferred = Deferred()
+    router.set_cb(partition, key, value, d.callback, d.errback, flags)
+    return d
+
+
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
     c = Cluster(n=3, replicas=1)
@@ -84,11 +108,11 @@ def cluster() -> Iterator[Cluster]:
 # Basic reads and writes -----------------------------------------------------------------------
 
 
-def test_set_then_get(cluster: Cluster) -> None:
+def test_set_then_get(cluster: Cluster, api: str) -> None:
     """A set is stored on both copies with one version and read back with flags and value."""
-    r = result_of(cluster.router.set(P, b"k", b"v", flags=7))
+    r = result_of(r_set(cluster.router, api, P, b"k", b"v", flags=7))
     assert r.status is Status.STORED
-    record = result_of(cluster.router.get(P, b"k"))
+    record = result_of(r_get(cluster.router, api, P, b"k"))
     assert (record.value, record.flags) == (b"v", 7)
     a, b = copy_ids(cluster, b"k")
     assert stored(cluster, a, b"k") == stored(cluster, b, b"k") == record
@@ -96,9 +120,9 @@ def test_set_then_get(cluster: Cluster) -> None:
     assert stored(cluster, third, b"k") is None
 
 
-def test_get_of_missing_key_is_none(cluster: Cluster) -> None:
+def test_get_of_missing_key_is_none(cluster: Cluster, api: str) -> None:
     """A key never written reads as None, not an error."""
-    assert result_of(cluster.router.get(P, b"nope")) is None
+    assert result_of(r_get(cluster.router, api, P, b"nope")) is None
 
 
 def test_unknown_partition_is_refused(cluster: Cluster) -> None:
@@ -110,29 +134,31 @@ def test_unknown_partition_is_refused(cluster: Cluster) -> None:
 # Read fail-over -------------------------------------------------------------------------------
 
 
-def test_read_falls_over_when_chosen_copy_has_lost_its_connection(cluster: Cluster) -> None:
+def test_read_falls_over_when_chosen_copy_has_lost_its_connection(
+    cluster: Cluster, api: str
+) -> None:
     """A read sent to a copy whose connection just dropped is retried on the next copy."""
     key = b"k"
-    result_of(cluster.router.set(P, key, b"v"))
+    result_of(r_set(cluster.router, api, P, key, b"v"))
     first, second = copy_ids(cluster, key)
     favour(cluster, first)
     drop_connection_quietly(cluster, first)
     assert cluster.links[first].state == "up"
-    record = result_of(cluster.router.get(P, key))
+    record = result_of(r_get(cluster.router, api, P, key))
     assert record.value == b"v"
     assert cluster.clients[first].calls["get"] == 1  # it was tried first
     assert cluster.nodes[second].get_hits == 1
     assert cluster.links[first].state == "down"  # and marked down by the failure
 
 
-def test_read_falls_over_when_held_copy_disconnects(cluster: Cluster) -> None:
+def test_read_falls_over_when_held_copy_disconnects(cluster: Cluster, api: str) -> None:
     """A read waiting on a slow copy completes from the next copy when that copy dies."""
     key = b"k"
-    result_of(cluster.router.set(P, key, b"v"))
+    result_of(r_set(cluster.router, api, P, key, b"v"))
     first, second = copy_ids(cluster, key)
     favour(cluster, second)
     cluster.clients[second].hold()
-    d = cluster.router.get(P, key)
+    d = r_get(cluster.router, api, P, key)
     assert not d.called
     cluster.kill(second)
     assert result_of(d).value == b"v"
@@ -140,13 +166,13 @@ def test_read_falls_over_when_held_copy_disconnects(cluster: Cluster) -> None:
     assert cluster.links[second].state == "down"
 
 
-def test_read_skips_a_down_copy(cluster: Cluster) -> None:
+def test_read_skips_a_down_copy(cluster: Cluster, api: str) -> None:
     """After a kill, reads go straight to the live copy."""
-    result_of(cluster.router.set(P, b"k", b"v"))
+    result_of(r_set(cluster.router, api, P, b"k", b"v"))
     first, second = copy_ids(cluster, b"k")
     cluster.kill(first)
     for _ in range(20):
-        assert result_of(cluster.router.get(P, b"k")).value == b"v"
+        assert result_of(r_get(cluster.router, api, P, b"k")).value == b"v"
     assert cluster.clients[first].calls.get("get", 0) == 0
 
 
@@ -193,13 +219,13 @@ def acks_cluster(write_acks: str) -> Cluster:
     return Cluster(n=3, replicas=2, partitions=[PartitionPolicy("default", write_acks=write_acks)])
 
 
-def test_write_acks_one_answers_before_slow_copies() -> None:
+def test_write_acks_one_answers_before_slow_copies(api: str) -> None:
     """write_acks one acknowledges on the first answer; held copies catch up on release."""
     c = acks_cluster("one")
     _a, b, d3 = copy_ids(c, b"k")
     c.clients[b].hold()
     c.clients[d3].hold()
-    d = c.router.set(P, b"k", b"v")
+    d = r_set(c.router, api, P, b"k", b"v")
     assert result_of(d).status is Status.STORED
     assert stored(c, b, b"k") is None
     c.clients[b].release()
@@ -207,52 +233,52 @@ def test_write_acks_one_answers_before_slow_copies() -> None:
     assert stored(c, b, b"k").value == stored(c, d3, b"k").value == b"v"
 
 
-def test_write_acks_all_waits_for_every_live_copy() -> None:
+def test_write_acks_all_waits_for_every_live_copy(api: str) -> None:
     """write_acks all does not answer while any live copy is still writing."""
     c = acks_cluster("all")
     held = copy_ids(c, b"k")[2]
     c.clients[held].hold()
-    d = c.router.set(P, b"k", b"v")
+    d = r_set(c.router, api, P, b"k", b"v")
     assert not d.called
     c.clients[held].release()
     assert result_of(d).status is Status.STORED
 
 
-def test_write_acks_quorum_needs_two_of_three() -> None:
+def test_write_acks_quorum_needs_two_of_three(api: str) -> None:
     """With three copies, quorum answers after two stores and not after one."""
     c = acks_cluster("quorum")
     a, b, d3 = copy_ids(c, b"k")
     c.clients[d3].hold()
-    assert result_of(c.router.set(P, b"k", b"v1")).status is Status.STORED
+    assert result_of(r_set(c.router, api, P, b"k", b"v1")).status is Status.STORED
     c.clients[d3].release()
     c.clients[b].hold()
     c.clients[d3].hold()
-    d = c.router.set(P, b"k", b"v2")
+    d = r_set(c.router, api, P, b"k", b"v2")
     assert not d.called
     c.clients[b].release()
     assert result_of(d).status is Status.STORED
     c.clients[d3].release()
 
 
-def test_write_acks_quorum_fails_without_a_majority_live() -> None:
+def test_write_acks_quorum_fails_without_a_majority_live(api: str) -> None:
     """Quorum writes are refused when only one of three copies is up; all accepts it."""
     c = acks_cluster("quorum")
     a, b, d3 = copy_ids(c, b"k")
     c.kill(b)
     c.kill(d3)
-    failure_of(c.router.set(P, b"k", b"v"), Unavailable)
+    failure_of(r_set(c.router, api, P, b"k", b"v"), Unavailable)
     c2 = acks_cluster("all")
     c2.kill(b)
     c2.kill(d3)
-    assert result_of(c2.router.set(P, b"k", b"v")).status is Status.STORED
+    assert result_of(r_set(c2.router, api, P, b"k", b"v")).status is Status.STORED
 
 
-def test_write_that_fails_on_every_copy_is_unavailable() -> None:
+def test_write_that_fails_on_every_copy_is_unavailable(api: str) -> None:
     """When every copy's connection drops mid-write the write fails with Unavailable."""
     c = acks_cluster("one")
     for nid in copy_ids(c, b"k"):
         c.clients[nid].hold()
-    d = c.router.set(P, b"k", b"v")
+    d = r_set(c.router, api, P, b"k", b"v")
     for nid in copy_ids(c, b"k"):
         c.kill(nid)
     failure_of(d, Unavailable)
@@ -261,15 +287,15 @@ def test_write_that_fails_on_every_copy_is_unavailable() -> None:
 # No live copy ---------------------------------------------------------------------------------
 
 
-def test_no_live_copy_is_unavailable(cluster: Cluster) -> None:
+def test_no_live_copy_is_unavailable(cluster: Cluster, api: str) -> None:
     """With both copies down, reads, writes, deletes and conditional ops fail with Unavailable."""
     key = b"k"
     for nid in copy_ids(cluster, key):
         cluster.kill(nid)
     router = cluster.router
-    failure_of(router.get(P, key), Unavailable)
+    failure_of(r_get(router, api, P, key), Unavailable)
     failure_of(router.get_many(P, [key, b"other"]), Unavailable)
-    failure_of(router.set(P, key, b"v"), Unavailable)
+    failure_of(r_set(router, api, P, key, b"v"), Unavailable)
     failure_of(router.delete(P, key), Unavailable)
     failure_of(
         router.conditional(P, key, lambda c: c.store(StoreMode.ADD, P, key, b"v")), Unavailable

@@ -31,7 +31,8 @@ from twisted.logger import Logger
 
 from kvha import wire
 from kvha.data.store import IncrMode, Result, Status, StoreMode
-from kvha.record import Record, pack, tombstone
+from kvha.flush import BufferedWrites, TurnFlusher
+from kvha.record import Record, pack, tombstone, unpack
 from kvha.ring import TokenRange
 
 log = Logger()
@@ -73,7 +74,7 @@ class _StreamState:
         self.end: Optional[tuple[int, int]] = None  # StreamEnd's totals, once received
 
 
-class DataClientProtocol(Protocol):
+class DataClientProtocol(BufferedWrites, Protocol):
     """One authenticated, pipelined connection to a data node."""
 
     def __init__(
@@ -207,7 +208,7 @@ class DataClientProtocol(Protocol):
     # Requests ----------------------------------------------------------------------
 
     def _send(self, msg: wire.Message, request_id: int) -> None:
-        self.transport.write(msg.frame(request_id))
+        self.out(msg.frame(request_id))
 
     def request_frame(self, build: Callable[..., bytes], *args: Any) -> Deferred:
         """Like request(), with the frame built by ``build(request_id, *args)``."""
@@ -215,8 +216,21 @@ class DataClientProtocol(Protocol):
         self._next_id = (request_id + 1) & 0xFFFFFFFF or 1
         d: Deferred = Deferred()
         self.pending[request_id] = (d, self.clock.seconds())
-        self.transport.write(build(request_id, *args))
+        self.out(build(request_id, *args))
         return d
+
+    def request_cb(
+        self,
+        build: Callable[..., bytes],
+        on_reply: Callable[[Any], None],
+        on_error: Callable[[BaseException], None],
+        *args: Any,
+    ) -> None:
+        """Like request_frame(), answered by plain functions instead of a Deferred."""
+        request_id = self._next_id
+        self._next_id = (request_id + 1) & 0xFFFFFFFF or 1
+        self.pending[request_id] = (_Callbacks(on_reply, on_error), self.clock.seconds())
+        self.out(build(request_id, *args))
 
     def request(self, msg: wire.Message) -> Deferred:
         """Send ``msg``; the Deferred fires with the reply message."""
@@ -224,7 +238,7 @@ class DataClientProtocol(Protocol):
         self._next_id = (request_id + 1) & 0xFFFFFFFF or 1
         d: Deferred = Deferred()
         self.pending[request_id] = (d, self.clock.seconds())
-        self.transport.write(msg.frame(request_id))
+        self.out(msg.frame(request_id))
         return d
 
     def stream(
@@ -301,9 +315,40 @@ class DataClientProtocol(Protocol):
             state.done.errback(failure)
 
 
+class _Callbacks:
+    """A pending request's outcome as two plain functions: what a Deferred does, cheaper.
+
+    Duck-types the two methods of Deferred that the protocol calls.  A
+    function that raises is logged; the error must not reach the protocol,
+    whose other requests would be lost with it.
+    """
+
+    __slots__ = ("on_reply", "on_error")
+
+    def __init__(
+        self, on_reply: Callable[[Any], None], on_error: Callable[[BaseException], None]
+    ) -> None:
+        self.on_reply = on_reply
+        self.on_error = on_error
+
+    def callback(self, msg: Any) -> None:
+        try:
+            self.on_reply(msg)
+        except Exception:
+            log.failure("a data-node reply handler failed")
+
+    def errback(self, error: BaseException) -> None:
+        try:
+            self.on_error(error)
+        except Exception:
+            log.failure("a data-node error handler failed")
+
+
 class DataClientFactory(Factory):
     noisy = False
     protocol = DataClientProtocol
+    #: Set by the owner: gathers request frames into one send per reactor turn.
+    flusher: Optional[TurnFlusher] = None
 
     def __init__(
         self,
@@ -324,6 +369,7 @@ class DataClientFactory(Factory):
             self.secret, self.client_id, self.clock, self.request_timeout, self.max_frame
         )
         proto.factory = self
+        proto.flusher = self.flusher
         return proto
 
 
@@ -367,6 +413,7 @@ class DataNodeClient:
         max_frame: int = wire.DEFAULT_MAX_FRAME,
         clock: Optional[IReactorTime] = None,
         retry_max_delay: float = 2.0,
+        flusher: Optional[TurnFlusher] = None,
     ) -> None:
         self.endpoint = endpoint
         self.clock = clock if clock is not None else reactor
@@ -384,6 +431,7 @@ class DataNodeClient:
             request_timeout,
             max_frame,
         )
+        factory.flusher = flusher
         self._service = ClientService(
             endpoints.clientFromString(reactor, endpoint),
             factory,
@@ -449,6 +497,44 @@ class DataNodeClient:
             return defer.fail(NodeUnavailable(f"not connected to {self.endpoint}"))
         d = proto.request_frame(wire.get_frame, partition, key, 1 if tombstones else 0)
         return d.addCallback(_record)
+
+    def get_cb(
+        self,
+        partition: bytes,
+        key: bytes,
+        on_done: Callable[[Optional[Record]], None],
+        on_fail: Callable[[BaseException], None],
+    ) -> None:
+        """:meth:`get` without a Deferred: ``on_done(record or None)`` or ``on_fail(error)``."""
+        proto = self.protocol
+        if proto is None:
+            on_fail(NodeUnavailable(f"not connected to {self.endpoint}"))
+            return
+        proto.request_cb(
+            wire.get_frame,
+            lambda msg: on_done(unpack(msg.packed) if msg.packed else None),
+            on_fail,
+            partition,
+            key,
+            0,
+        )
+
+    def apply_cb(
+        self,
+        partition: bytes,
+        key: bytes,
+        packed: bytes,
+        on_done: Callable[[Result], None],
+        on_fail: Callable[[BaseException], None],
+    ) -> None:
+        """:meth:`apply` without a Deferred."""
+        proto = self.protocol
+        if proto is None:
+            on_fail(NodeUnavailable(f"not connected to {self.endpoint}"))
+            return
+        proto.request_cb(
+            wire.apply_frame, lambda msg: on_done(_result(msg)), on_fail, partition, key, packed
+        )
 
     def mget(self, partition: bytes, keys: Sequence[bytes], tombstones: bool = False) -> Deferred:
         """Fires with a list of Record-or-None, in the order of ``keys``."""

@@ -104,6 +104,25 @@ class LocalDataClient:
 
         return self._call("get", work)
 
+    def get_cb(
+        self,
+        partition: bytes,
+        key: bytes,
+        on_done: Callable[[Any], None],
+        on_fail: Callable[[BaseException], None],
+    ) -> None:
+        self.get(partition, key).addCallbacks(on_done, lambda f: on_fail(f.value))
+
+    def apply_cb(
+        self,
+        partition: bytes,
+        key: bytes,
+        packed: bytes,
+        on_done: Callable[[Any], None],
+        on_fail: Callable[[BaseException], None],
+    ) -> None:
+        self.apply(partition, key, packed).addCallbacks(on_done, lambda f: on_fail(f.value))
+
     def mget(self, partition: bytes, keys: Sequence[bytes], tombstones: bool = False) -> Deferred:
         store = self.node.store
 

@@ -29,6 +29,7 @@ from kvha import __version__, wire
 from kvha.data.engine import Engine
 from kvha.data.quota import PartitionRule
 from kvha.data.store import IncrMode, Result, Status, Store, StoreMode
+from kvha.flush import direct_socket, send_now
 from kvha.record import HEADER_SIZE
 
 log = Logger()
@@ -427,6 +428,7 @@ class DataServerProtocol(Protocol):
         self.streams: dict[int, StreamSender] = {}
         self.paused = False
         self.closing = False
+        self.sock: Any = None  # the TCP socket, for replies without a reactor round (kvha.flush)
 
     # Connection -----------------------------------------------------------------
 
@@ -443,6 +445,7 @@ class DataServerProtocol(Protocol):
             self._fatal(wire.E_LIMIT, "too many connections")
             return
         node.connections.add(self)
+        self.sock = direct_socket(self.transport)
         if not interfaces.ISSLTransport.providedBy(self.transport):
             self.transport.registerProducer(self, True)
         # Over TLS, not before the handshake is done: TLS pauses a registered
@@ -551,7 +554,7 @@ class DataServerProtocol(Protocol):
         if self.out and not self.closing:
             data = b"".join(self.out) if len(self.out) > 1 else self.out[0]
             self.out.clear()
-            self.transport.write(data)
+            send_now(self.transport, self.sock, data)
 
     def abort_pending(self) -> None:
         self.out.clear()

@@ -17,12 +17,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from kvha.flush import BufferedWrites
 from kvha.lb.pool import Backend, Pool
 
 log = Logger()
 
 
-class ClientSide(Protocol):
+class ClientSide(BufferedWrites, Protocol):
     """The client's connection to the VIP."""
 
     def __init__(self, factory: ForwardFactory) -> None:
@@ -92,7 +93,7 @@ class ClientSide(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self.peer is not None:
-            self.peer.transport.write(data)
+            self.peer.write_now(data)
         else:
             self.pending.append(data)
 
@@ -116,7 +117,7 @@ class ClientSide(Protocol):
             self.peer.transport.loseConnection()
 
 
-class BackendSide(Protocol):
+class BackendSide(BufferedWrites, Protocol):
     """The load balancer's connection to the chosen master."""
 
     def __init__(self, client: ClientSide) -> None:
@@ -125,7 +126,7 @@ class BackendSide(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.got_data = True
-        self.client.transport.write(data)
+        self.client.write_now(data)
 
     def connectionLost(self, reason: Any = None) -> None:
         client = self.client

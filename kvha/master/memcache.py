@@ -39,6 +39,7 @@ from twisted.logger import Logger
 
 from kvha import __version__
 from kvha.data.store import IncrMode, Result, Status, StoreMode
+from kvha.flush import TurnFlusher
 from kvha.master.auth import NO_PARTITION, Authenticator
 from kvha.master.limits import ConnectionBudget
 from kvha.master.pipeline import OrderedReplies
@@ -169,6 +170,10 @@ class MemcacheStats:
                 setattr(self, name, 0)
 
 
+def _stored(_result: Any) -> bytes:
+    return STORED
+
+
 class MemcacheProtocol(OrderedReplies):
     """One memcached client connection."""
 
@@ -177,6 +182,7 @@ class MemcacheProtocol(OrderedReplies):
     def __init__(self, factory: MemcacheFactory) -> None:
         super().__init__()
         self.factory = factory
+        self.flusher = factory.flusher
         self.router: Router = factory.router
         partition = factory.partition
         if not factory.bound and not factory.authenticator.anonymous(factory.partition):
@@ -237,10 +243,13 @@ class MemcacheProtocol(OrderedReplies):
             self._process()  # no-op when called from within _process: its loop goes on
 
     def _server_error(self, failure: Any) -> bytes:
-        self.stats.server_errors += 1
-        message = failure.getErrorMessage().replace("\r", " ").replace("\n", " ")
         if not failure.check(Exception):
             log.failure("unexpected failure", failure)
+        return self._error_reply(failure.value)
+
+    def _error_reply(self, e: BaseException) -> bytes:
+        self.stats.server_errors += 1
+        message = str(e).replace("\r", " ").replace("\n", " ")
         return f"SERVER_ERROR {message}\r\n".encode()
 
     # Input ---------------------------------------------------------------------------
@@ -425,6 +434,29 @@ class MemcacheProtocol(OrderedReplies):
                 ]
                 return defer.gatherResults(ds, consumeErrors=True).addErrback(_unwrap)
 
+        elif len(keys) == 1 and not self.gated(keys[0]):
+            # The hot path: one key, no Deferred.
+            key = keys[0]
+
+            def render_one(record: Optional[Record]) -> bytes:
+                if record is None:
+                    stats.get_misses += 1
+                    return END
+                stats.get_hits += 1
+                value = record.value
+                if with_cas:
+                    return b"VALUE %s %d %d %d\r\n%s\r\nEND\r\n" % (
+                        key,
+                        record.flags,
+                        len(value),
+                        record.version,
+                        value,
+                    )
+                return b"VALUE %s %d %d\r\n%s\r\nEND\r\n" % (key, record.flags, len(value), value)
+
+            done, fail = self.reply_later(render_one, self._error_reply)
+            router.get_cb(partition, key, done, fail)
+            return
         else:
 
             def start() -> Deferred:
@@ -519,6 +551,11 @@ class MemcacheProtocol(OrderedReplies):
         partition = self.partition
         router = self.router
         stats = self.stats
+        if cmd == b"set" and not self.gated(key) and not router.policy(partition).reject_at_primary:
+            # The hot path: one round trip, no Deferred.
+            done, fail = self.reply_later(_stored, self._error_reply, noreply)
+            router.set_cb(partition, key, value, done, fail, flags, expires)
+            return True
         if cmd == b"set":
 
             def start() -> Deferred:
@@ -831,8 +868,11 @@ class MemcacheFactory(Factory):
         authenticator: Optional[Authenticator] = None,
         budget: Optional[ConnectionBudget] = None,
         bound: bool = False,
+        flusher: Optional[TurnFlusher] = None,
     ) -> None:
         self.router = router
+        #: Gathers each connection's replies into one send per reactor turn (None: write at once).
+        self.flusher = flusher
         #: The partition a connection starts in, if it allows anonymous access or
         #: the port is ``bound``; otherwise connections must authenticate first.
         self.partition = partition

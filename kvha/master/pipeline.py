@@ -19,10 +19,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
+from kvha.flush import BufferedWrites
+
 log = Logger()
 
 
-class OrderedReplies(Protocol):
+class OrderedReplies(BufferedWrites, Protocol):
     """Base for client protocols: slots, per-key ordering and back-pressure."""
 
     max_in_flight = 256
@@ -61,6 +63,7 @@ class OrderedReplies(Protocol):
             self.touch_idle()
             return
         log.info("closing idle {kind} client {peer}", kind=self.kind, peer=self.transport.getPeer())
+        self.flush_out()
         self.transport.loseConnection()
 
     # Hooks ------------------------------------------------------------------
@@ -75,7 +78,7 @@ class OrderedReplies(Protocol):
         if self._slots:
             self._slots.append([data])
         elif not self._closed:
-            self.transport.write(data)
+            self.out(data)
 
     def slot(self) -> list[Optional[bytes]]:
         slot: list[Optional[bytes]] = [None]
@@ -95,12 +98,13 @@ class OrderedReplies(Protocol):
             out.append(slots.popleft()[0])
         if self._closed:
             return
-        self.transport.write(b"".join(out))  # type: ignore[arg-type]
+        self.out(b"".join(out) if len(out) > 1 else out[0])  # type: ignore[arg-type]
         if self._paused and len(slots) < max(1, self.max_in_flight // 2) and not self._held:
             self._paused = False
             self.transport.resumeProducing()
             self.resume_input()
         if self._quitting and not slots:
+            self.flush_out()
             self.transport.loseConnection()
 
     def deferred_reply(
@@ -127,6 +131,37 @@ class OrderedReplies(Protocol):
 
         d.addCallbacks(done, lambda failure: fill(slot, on_error(failure)))
 
+    def reply_later(
+        self,
+        render: Callable[[Any], bytes],
+        on_error: Callable[[BaseException], bytes],
+        silent: bool = False,
+    ) -> tuple[Callable[[Any], None], Callable[[BaseException], None]]:
+        """A slot, and two functions that fill it: the hot path's :meth:`deferred_reply`.
+
+        For operations that report to plain functions (``Router.get_cb``,
+        ``Router.set_cb``) instead of returning a Deferred.
+        """
+        slot = self.slot()
+        fill = self.fill
+        if silent:
+            is_error = self.is_error
+
+            def done(result: Any) -> None:
+                data = render(result)
+                fill(slot, data if is_error(data) else b"")
+
+        else:
+
+            def done(result: Any) -> None:
+                fill(slot, render(result))
+
+        return done, lambda error: fill(slot, on_error(error))
+
+    def gated(self, key: bytes) -> bool:
+        """Whether a multi-step operation on ``key`` is still running (see :meth:`after`)."""
+        return key in self._key_tail
+
     def is_error(self, data: bytes) -> bool:
         return False
 
@@ -152,6 +187,7 @@ class OrderedReplies(Protocol):
         """Close once every pending reply is written (QUIT, fatal errors)."""
         self._quitting = True
         if not self._slots:
+            self.flush_out()
             self.transport.loseConnection()
 
     def pending_replies(self) -> int:
@@ -160,6 +196,7 @@ class OrderedReplies(Protocol):
     def forget_replies(self) -> None:
         self._closed = True
         self._slots.clear()
+        self._out = None
 
     # Per-key order ------------------------------------------------------------
 

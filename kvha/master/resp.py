@@ -29,6 +29,7 @@ from twisted.logger import Logger
 
 from kvha import __version__
 from kvha.data.store import IncrMode, Result, Status, StoreMode
+from kvha.flush import TurnFlusher
 from kvha.master.auth import NO_PARTITION, Authenticator
 from kvha.master.limits import ConnectionBudget
 from kvha.master.pipeline import OrderedReplies
@@ -96,6 +97,10 @@ def error(text: str) -> bytes:
 
 def integer(n: int) -> bytes:
     return b":%d\r\n" % n
+
+
+def _ok(_result: Any) -> bytes:
+    return OK
 
 
 def bulk(data: Optional[bytes]) -> bytes:
@@ -178,6 +183,15 @@ class RespParser:
         if self.failed:
             return []
         buf = self._buf
+        if not buf and not self._left and not self._skip and not self._args:
+            # The common case: whole commands at the start of a read.  Parse
+            # them straight from ``data``; the general path below takes over
+            # at the first thing that is not a complete, ordinary command.
+            out, pos = self._whole_commands(data)
+            if pos == len(data):
+                return out
+            buf += data[pos:] if pos else data
+            return out + self._feed_buffered()
         if self._skip:
             n = min(self._skip, len(data))
             self._skip -= n
@@ -185,6 +199,58 @@ class RespParser:
             if self._skip == 0:
                 self._arg_done(None)
         buf += data
+        return self._feed_buffered()
+
+    def _whole_commands(self, data: bytes) -> tuple[list[list[bytes]], int]:
+        """Complete multibulk commands at the start of ``data``, and where they end.
+
+        Stops, consuming nothing of it, at the first command that is
+        incomplete or in any way unusual (inline, an argument too large, a
+        count with a sign or a leading zero): :meth:`_feed_buffered` handles
+        those, with every check and error of Redis.
+        """
+        out: list[list[bytes]] = []
+        pos = 0
+        end = len(data)
+        find = data.find
+        max_bulk = self.max_bulk
+        while pos < end and data[pos] == 42:  # '*'
+            nl = find(b"\r\n", pos, pos + 16)
+            if nl < 0:
+                break
+            head = data[pos + 1 : nl]
+            if not head.isdigit() or head[0] == 48:  # no sign, no leading zero, not 0
+                break
+            n = int(head)
+            if n > MAX_MULTIBULK:
+                break
+            p = nl + 2
+            args = []
+            for _ in range(n):
+                if p >= end or data[p] != 36:  # '$'
+                    break
+                nl = find(b"\r\n", p, p + 16)
+                if nl < 0:
+                    break
+                head = data[p + 1 : nl]
+                if not head.isdigit() or (head[0] == 48 and len(head) > 1):
+                    break
+                length = int(head)
+                start = nl + 2
+                stop = start + length
+                if length > max_bulk or stop + 2 > end:
+                    break
+                args.append(data[start:stop])
+                p = stop + 2
+            else:
+                out.append(args)
+                pos = p
+                continue
+            break
+        return out, pos
+
+    def _feed_buffered(self) -> list[list[bytes]]:
+        buf = self._buf
         out: list[list[bytes]] = []
         pos = 0
         end = len(buf)
@@ -454,6 +520,7 @@ class RespProtocol(OrderedReplies):
     def __init__(self, factory: RespFactory) -> None:
         super().__init__()
         self.factory = factory
+        self.flusher = factory.flusher
         self.router: Router = factory.router
         partition = factory.partition
         if not factory.bound and not factory.authenticator.anonymous(partition):
@@ -583,10 +650,21 @@ class RespProtocol(OrderedReplies):
         return to_resp3(data) if self.resp3 else data
 
     def _server_error(self, failure: Any) -> bytes:
+        return self._error_reply(failure.value)
+
+    def _error_reply(self, e: BaseException) -> bytes:
         self.factory.errors += 1
-        if failure.check(OutOfSpace):
+        if isinstance(e, OutOfSpace):
             return E_OOM
-        return error(f"ERR {failure.getErrorMessage()}")
+        return error(f"ERR {e}")
+
+    def _render_get(self, record: Optional[Record]) -> bytes:
+        if record is None:
+            self.factory.misses += 1
+            return to_resp3(NULL) if self.resp3 else NULL
+        self.factory.hits += 1
+        value = record.value
+        return b"$%d\r\n%s\r\n" % (len(value), value)
 
     def keyed(
         self, keys: list[bytes], start: Callable[[], Deferred], register: bool = True
@@ -903,9 +981,14 @@ class RespProtocol(OrderedReplies):
         return record
 
     def c_get(self, args: list[bytes]) -> Reply:
-        return self.get(args[1]).addCallback(
-            lambda r: bulk(None if self.count_hit(r) is None else r.value)
-        )
+        key = args[1]
+        if self.gated(key):
+            return self.get(key).addCallback(
+                lambda r: bulk(None if self.count_hit(r) is None else r.value)
+            )
+        done, fail = self.reply_later(self._render_get, self._error_reply)
+        self.router.get_cb(self.partition, key, done, fail)
+        return b""  # the reply is in its slot
 
     def c_mget(self, args: list[bytes]) -> Reply:
         keys = args[1:]
@@ -918,6 +1001,10 @@ class RespProtocol(OrderedReplies):
 
     def c_set(self, args: list[bytes]) -> Reply:
         key, value = args[1], args[2]
+        if len(args) == 3 and not self.gated(key) and self.single_step_writes():
+            done, fail = self.reply_later(_ok, self._error_reply)
+            self.router.set_cb(self.partition, key, value, done, fail)
+            return b""  # the reply is in its slot
         options = _string_options(args, 3, set_command=True)
         if options is None:
             return E_SYNTAX
@@ -1569,8 +1656,11 @@ class RespFactory(Factory):
         authenticator: Optional[Authenticator] = None,
         budget: Optional[ConnectionBudget] = None,
         bound: bool = False,
+        flusher: Optional[TurnFlusher] = None,
     ) -> None:
         self.router = router
+        #: Gathers each connection's replies into one send per reactor turn (None: write at once).
+        self.flusher = flusher
         #: The partition a connection starts in, if it allows anonymous access or
         #: the port is ``bound``; otherwise connections must AUTH first.
         self.partition = partition

@@ -119,12 +119,40 @@ class PartitionPolicy:
 
 
 class _Fanout:
-    """Counts answers to one write sent to several copies."""
+    """Counts answers to one write sent to several copies.
 
-    __slots__ = ("d", "required", "wait_all", "pending", "ok", "errors", "first", "fired")
+    The outcome goes to ``on_done(result)`` / ``on_fail(exception)``; without
+    them, to the Deferred ``d``.
+    """
 
-    def __init__(self, required: int, pending: int, wait_all: bool) -> None:
-        self.d: Deferred = Deferred()
+    __slots__ = (
+        "d",
+        "on_done",
+        "on_fail",
+        "required",
+        "wait_all",
+        "pending",
+        "ok",
+        "errors",
+        "first",
+        "fired",
+    )
+
+    def __init__(
+        self,
+        required: int,
+        pending: int,
+        wait_all: bool,
+        on_done: Optional[Callable[[Any], None]] = None,
+        on_fail: Optional[Callable[[BaseException], None]] = None,
+    ) -> None:
+        if on_done is None or on_fail is None:
+            self.d: Optional[Deferred] = Deferred()
+            on_done, on_fail = self.d.callback, self.d.errback
+        else:
+            self.d = None
+        self.on_done = on_done
+        self.on_fail = on_fail
         self.required = required
         self.wait_all = wait_all
         self.pending = pending
@@ -145,13 +173,16 @@ class _Fanout:
             return
         if self.ok >= self.required and (not self.wait_all or self.pending == 0):
             self.fired = True
-            self.d.callback(self.first)
+            self.on_done(self.first)
         elif self.pending == 0:
             self.fired = True
-            why = self.errors[0].getErrorMessage() if self.errors else "no live copy"
-            self.d.errback(
+            why = str(self.errors[0]) if self.errors else "no live copy"
+            self.on_fail(
                 Unavailable(f"{self.ok} of {self.required} required copies stored it ({why})")
             )
+
+    def stored(self, result: Any) -> None:
+        self.answer(result, True)
 
 
 class Router:
@@ -250,6 +281,50 @@ class Router:
         if not order:
             return defer.fail(Unavailable("no live copy of the key"))
         return self._read_from(order, 0, lambda c: c.get(partition, key))
+
+    def get_cb(
+        self,
+        partition: bytes,
+        key: bytes,
+        on_done: Callable[[Optional[Record]], None],
+        on_fail: Callable[[BaseException], None],
+    ) -> None:
+        """:meth:`get` reporting to plain functions (the read hot path: no Deferred).
+
+        Falls over to the next copy like :meth:`get`; ``on_done`` gets the live
+        Record or None, ``on_fail`` an exception; neither may raise.
+        """
+        if self.policy(partition).read == "quorum":
+            self.get(partition, key).addCallbacks(on_done, lambda f: on_fail(f.value))
+            return
+        order = self._read_order(self.copies_of(partition, key))
+        if not order:
+            on_fail(Unavailable("no live copy of the key"))
+            return
+        self._read_cb(order, 0, partition, key, on_done, on_fail)
+
+    def _read_cb(
+        self,
+        order: list[NodeLink],
+        i: int,
+        partition: bytes,
+        key: bytes,
+        on_done: Callable[[Optional[Record]], None],
+        on_fail: Callable[[BaseException], None],
+    ) -> None:
+        link = order[i]
+        if i + 1 == len(order):
+            failed = on_fail
+        else:
+
+            def failed(error: BaseException) -> None:
+                if not isinstance(error, RETRYABLE):
+                    on_fail(error)
+                    return
+                link.mark_failed(str(error))
+                self._read_cb(order, i + 1, partition, key, on_done, on_fail)
+
+        link.client.get_cb(partition, key, on_done, failed)
 
     def _read_from(
         self, order: list[NodeLink], i: int, op: Callable[[DataNodeClient], Deferred]
@@ -371,6 +446,28 @@ class Router:
         send: Callable[[DataNodeClient], Deferred],
         done_already: Optional[Result] = None,
     ) -> Deferred:
+        d: Deferred = Deferred()
+
+        def send_cb(client: DataNodeClient, fan: _Fanout, link: NodeLink) -> None:
+            send(client).addCallbacks(fan.stored, lambda f: self._write_failed(f.value, fan, link))
+
+        self._fanout_cb(partition, targets, send_cb, d.callback, d.errback, done_already)
+        return d
+
+    def _fanout_cb(
+        self,
+        partition: bytes,
+        targets: list[NodeLink],
+        send: Callable[[DataNodeClient, _Fanout, NodeLink], None],
+        on_done: Callable[[Any], None],
+        on_fail: Callable[[BaseException], None],
+        done_already: Optional[Result] = None,
+    ) -> None:
+        """Send a write to every live copy of ``targets``; the outcome per ``write_acks``.
+
+        ``send(client, fan, link)`` sends it to one copy and reports the answer
+        with ``fan.stored(result)`` or ``self._write_failed(exception, fan, link)``.
+        """
         live = []
         for link in targets:
             if link.state != "down":
@@ -380,33 +477,28 @@ class Router:
         base = 1 if done_already is not None else 0
         required, wait_all = self._required(partition, len(live) + base)
         if len(live) + base < required or (not live and base == 0):
-            return defer.fail(
-                Unavailable(f"{len(live) + base} live copies; {required} required to write")
-            )
-        fan = _Fanout(required, len(live), wait_all)
+            on_fail(Unavailable(f"{len(live) + base} live copies; {required} required to write"))
+            return
+        fan = _Fanout(required, len(live), wait_all, on_done, on_fail)
         if done_already is not None:
             fan.ok = 1
             fan.first = done_already
             if fan.ok >= required and (not wait_all or not live):
                 fan.fired = True
-                fan.d.callback(done_already)
+                on_done(done_already)
         for link in live:
-            d = send(link.client)
-            d.addCallbacks(
-                fan.answer, self._write_failed, callbackArgs=(True,), errbackArgs=(fan, link)
-            )
-        return fan.d
+            send(link.client, fan, link)
 
-    def _write_failed(self, failure: Any, fan: _Fanout, link: NodeLink) -> None:
-        if failure.check(NodeUnavailable):
+    def _write_failed(self, error: BaseException, fan: _Fanout, link: NodeLink) -> None:
+        if isinstance(error, NodeUnavailable):
             # The copy went down with the write in flight: it is skipped like a
             # copy that was already down (merge repairs it), so `all` means all
             # copies still live, not all that were live when the write began.
             link.skipped_writes += 1
-            link.mark_failed(failure.getErrorMessage())
+            link.mark_failed(str(error))
             if fan.wait_all:
                 fan.required = max(1, fan.required - 1)
-        fan.answer(failure, False)
+        fan.answer(error, False)
 
     def set(
         self, partition: bytes, key: bytes, value: bytes, flags: int = 0, expires_ms: int = 0
@@ -428,6 +520,39 @@ class Router:
             )
         packed = pack(value, self.hlc.next(), flags, expires_ms)
         return self.replicate(partition, key, packed)
+
+    def set_cb(
+        self,
+        partition: bytes,
+        key: bytes,
+        value: bytes,
+        on_done: Callable[[Any], None],
+        on_fail: Callable[[BaseException], None],
+        flags: int = 0,
+        expires_ms: int = 0,
+    ) -> None:
+        """:meth:`set` reporting to plain functions: no Deferred per copy or per request.
+
+        ``on_done`` gets the first copy's Result, ``on_fail`` an exception;
+        neither may raise.
+        """
+        policy = self.policy(partition)
+        if policy.reject_at_primary:
+            self.set(partition, key, value, flags, expires_ms).addCallbacks(
+                on_done, lambda f: on_fail(f.value)
+            )
+            return
+        if not expires_ms and policy.default_ttl_ms:
+            expires_ms = int(self.clock.seconds() * 1000) + policy.default_ttl_ms
+        packed = pack(value, self.hlc.next(), flags, expires_ms)
+        write_failed = self._write_failed
+
+        def send(client: DataNodeClient, fan: _Fanout, link: NodeLink) -> None:
+            client.apply_cb(
+                partition, key, packed, fan.stored, lambda e: write_failed(e, fan, link)
+            )
+
+        self._fanout_cb(partition, self.write_copies_of(partition, key), send, on_done, on_fail)
 
     def replicate(
         self,

@@ -17,6 +17,7 @@ from twisted.web.resource import Resource
 
 from kvha.config import MasterConfig
 from kvha.data.client import DataNodeClient
+from kvha.flush import TurnFlusher
 from kvha.master.auth import Authenticator, thread_verifier
 from kvha.master.cluster import AdminResource, ClusterManager, initial_map, ring_of
 from kvha.master.health import DOWN, NodeLink
@@ -42,6 +43,8 @@ class MasterNode(service.MultiService):
         self.reactor = reactor
         cluster = config.cluster
         health = config.health
+        #: One send per connection per reactor turn, for clients and data nodes alike.
+        self.flusher = TurnFlusher(reactor)
         self.links: dict[str, NodeLink] = {}
         for node in cluster.nodes:
             self._link(node.id, node.address, node.read_weight)
@@ -153,6 +156,7 @@ class MasterNode(service.MultiService):
             authenticator=self.authenticator,
             budget=self.budget,
             bound=bound,
+            flusher=self.flusher,
         )
 
     def _resp_factory(self, partition: str, listen: str, bound: bool) -> RespFactory:
@@ -170,6 +174,7 @@ class MasterNode(service.MultiService):
             authenticator=self.authenticator,
             budget=self.budget,
             bound=bound,
+            flusher=self.flusher,
         )
 
     # Partitions ----------------------------------------------------------------------
@@ -218,6 +223,7 @@ class MasterNode(service.MultiService):
             client_id=config.id,
             request_timeout=health.request_timeout,
             retry_max_delay=max(health.ping_interval * 4, 0.5),
+            flusher=self.flusher,
         )
         link = self.links[node_id] = NodeLink(
             node_id,

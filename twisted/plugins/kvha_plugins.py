@@ -22,3 +22,14 @@ kvha_lb = ServiceMaker(
     "kvha load balancer: heartbeats, virtual IP and forwarding to masters",
     "kvha-lb",
 )
+
+# ``twistd --reactor=kvha``: the epoll reactor without the per-event legacy log
+# context (kvha/reactor.py).  Reactor plugins are found by their type, so this
+# needs no import of the module until it is chosen.
+from twisted.application.reactors import Reactor  # noqa: E402
+
+kvha_reactor = Reactor(
+    "kvha",
+    "kvha.reactor",
+    "epoll, dispatching events without the legacy log context (for kvha nodes)",
+)

@@ -1,0 +1,177 @@
+"""kvha.flush: direct sends that keep Twisted's order and back-pressure, one send per turn."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pytest
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+from kvha.flush import BufferedWrites, TurnFlusher, direct_socket, send_now
+from tests.inprocess import Cluster
+from tests.test_resp_protocol import encode
+
+
+class FakeSocket:
+    """A socket whose send() takes at most ``room`` bytes, or raises ``error``."""
+
+    def __init__(self, room: int = 1 << 20, error: Optional[OSError] = None) -> None:
+        self.room = room
+        self.error = error
+        self.sent = b""
+
+    def send(self, data: bytes) -> int:
+        if self.error is not None:
+            raise self.error
+        n = min(self.room, len(data))
+        self.room -= n
+        self.sent += data[:n]
+        return n
+
+
+class FakeTCP(StringTransport):
+    """What send_now reads of a twisted.internet.tcp.Connection, over a StringTransport."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tempDataLen = 0
+        self.dataBuffer = b""
+        self.offset = 0
+        self.connected = True
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self._tempDataLen += len(data)  # queued, as Twisted would until the next turn
+
+
+def test_send_now_goes_straight_to_the_socket_when_nothing_is_queued() -> None:
+    transport, sock = FakeTCP(), FakeSocket()
+    send_now(transport, sock, b"+OK\r\n")
+    assert sock.sent == b"+OK\r\n"
+    assert transport.value() == b""
+
+
+def test_a_partial_send_queues_the_rest_in_the_transport() -> None:
+    transport, sock = FakeTCP(), FakeSocket(room=3)
+    send_now(transport, sock, b"abcdefgh")
+    assert sock.sent == b"abc"
+    assert transport.value() == b"defgh"
+    # Later writes must queue behind the rest, never overtake it.
+    send_now(transport, sock, b"XYZ")
+    assert sock.sent == b"abc"
+    assert transport.value() == b"defghXYZ"
+
+
+def test_a_full_socket_queues_everything() -> None:
+    transport, sock = FakeTCP(), FakeSocket(error=BlockingIOError())
+    send_now(transport, sock, b"data")
+    assert transport.value() == b"data"
+
+
+def test_a_socket_error_is_left_to_the_transport() -> None:
+    transport, sock = FakeTCP(), FakeSocket(error=ConnectionResetError())
+    send_now(transport, sock, b"data")
+    assert transport.value() == b"data"  # its doWrite will see the error and close
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"dataBuffer": b"old", "offset": 0},  # unsent bytes from an earlier turn
+        {"connected": False},
+        {"disconnecting": True},
+    ],
+)
+def test_send_now_writes_through_the_transport_when_it_must(state: dict[str, Any]) -> None:
+    transport, sock = FakeTCP(), FakeSocket()
+    for name, value in state.items():
+        setattr(transport, name, value)
+    send_now(transport, sock, b"new")
+    assert sock.sent == b""
+    assert transport.value() == b"new"
+
+
+def test_only_plain_tcp_transports_expose_their_socket() -> None:
+    assert direct_socket(StringTransport()) is None
+    # A wrapping transport (TLS is one) forwards unknown attributes to the TCP
+    # transport under it; its socket would bypass the wrapper.
+    inner = StringTransport()
+    inner.socket = FakeSocket()  # type: ignore[attr-defined]
+    wrapper = ProtocolWrapper(WrappingFactory(Protocol), Protocol())
+    wrapper.makeConnection(inner)
+    assert wrapper.socket is inner.socket  # type: ignore[attr-defined]
+    assert direct_socket(wrapper) is None
+
+
+class Writer(BufferedWrites, Protocol):
+    pass
+
+
+def test_the_flusher_sends_each_connections_bytes_once_per_turn() -> None:
+    clock = Clock()
+    flusher = TurnFlusher(clock)
+    a, b = Writer(), Writer()
+    for proto in (a, b):
+        proto.flusher = flusher
+        proto.makeConnection(StringTransport())
+    a.out(b"1")
+    b.out(b"x")
+    a.out(b"2")
+    a.out(b"3")
+    assert a.transport.value() == b"" and b.transport.value() == b""
+    clock.advance(0)
+    assert a.transport.value() == b"123"
+    assert b.transport.value() == b"x"
+    assert (flusher.turns, flusher.flushes) == (1, 2)
+    a.out(b"4")
+    clock.advance(0)
+    assert a.transport.value() == b"1234"
+    assert (flusher.turns, flusher.flushes) == (2, 3)
+
+
+def test_without_a_flusher_out_writes_at_once() -> None:
+    w = Writer()
+    w.makeConnection(StringTransport())
+    w.out(b"now")
+    assert w.transport.value() == b"now"
+
+
+def test_quit_sends_the_gathered_replies_before_closing() -> None:
+    cluster = Cluster(n=3, replicas=1)
+    try:
+        factory = cluster.resp_factory()
+        factory.flusher = TurnFlusher(cluster.clock)
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(encode("SET", "a", "1") + encode("GET", "a") + encode("QUIT"))
+        assert transport.disconnecting
+        assert transport.value() == b"+OK\r\n$1\r\n1\r\n+OK\r\n"
+    finally:
+        cluster.stop()
+
+
+def test_pipelined_replies_leave_in_one_write() -> None:
+    cluster = Cluster(n=3, replicas=1)
+    try:
+        factory = cluster.resp_factory()
+        factory.flusher = TurnFlusher(cluster.clock)
+        proto = factory.buildProtocol(None)
+        writes: list[bytes] = []
+        transport = StringTransport()
+        real_write = transport.write
+        transport.write = lambda data: (writes.append(data), real_write(data))  # type: ignore[method-assign]
+        proto.makeConnection(transport)
+        proto.dataReceived(b"".join(encode("SET", f"k{i}", i) for i in range(16)))
+        proto.dataReceived(b"".join(encode("GET", f"k{i}") for i in range(16)))
+        assert writes == []
+        cluster.clock.advance(0)
+        assert len(writes) == 1
+        assert writes[0] == b"+OK\r\n" * 16 + b"".join(
+            b"$%d\r\n%d\r\n" % (len(str(i)), i) for i in range(16)
+        )
+    finally:
+        cluster.stop()
