@@ -37,6 +37,22 @@ def direct_socket(transport: Any) -> Any:
     return None
 
 
+def no_delay(transport: Any) -> None:
+    """Turn Nagle's algorithm off on a TCP connection (other transports: nothing).
+
+    kvha writes whole requests and replies, once per turn: holding a small
+    write back until the peer acknowledges the previous one (Nagle) only adds
+    a round trip, or a delayed-ACK timeout, to pipelined and multiplexed
+    connections.  Redis and memcached do the same for their clients.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass  # not a TCP socket after all (a UNIX socket)
+
+
 def send_now(transport: Any, sock: Any, data: bytes) -> None:
     """Write ``data``: straight to ``sock`` if nothing is queued, else via the transport.
 

@@ -722,3 +722,37 @@ def test_result_passthrough_type(cluster: Cluster) -> None:
     """Writes fire with a Result carrying the stored record."""
     r = result_of(cluster.router.set(P, b"k", b"v"))
     assert isinstance(r, Result) and r.record is not None and r.record.value == b"v"
+
+
+def test_set_many_cb_reports_once_when_every_key_is_stored(cluster: Cluster) -> None:
+    """set_many_cb stores every pair on its copies and calls on_done once, after the last."""
+    done: list[Any] = []
+    failed: list[BaseException] = []
+    pairs = [(b"m:%d" % i, b"v%d" % i) for i in range(20)]
+    cluster.router.set_many_cb(P, pairs, done.append, failed.append)
+    assert done == [None] and failed == []
+    for key, value in pairs:
+        for nid in copy_ids(cluster, key):
+            assert stored(cluster, nid, key).value == value
+
+
+def test_set_many_cb_reports_the_first_failure_only() -> None:
+    """With both copies of some keys down, on_fail is called once and on_done never."""
+    c = Cluster(n=3, replicas=1)
+    try:
+        dead = find_key(c, lambda ids: True, prefix="dead")
+        pair = set(copy_ids(c, dead))
+        also_dead = find_key(c, lambda ids: set(ids) == pair, prefix="also")
+        live = find_key(c, lambda ids: set(ids) != pair, prefix="live")
+        for nid in pair:
+            c.kill(nid)
+        done: list[Any] = []
+        failed: list[BaseException] = []
+        c.router.set_many_cb(
+            P, [(dead, b"1"), (live, b"2"), (also_dead, b"3")], done.append, failed.append
+        )
+        assert done == []
+        assert len(failed) == 1 and isinstance(failed[0], Unavailable)
+        assert result_of(c.router.get(P, live)).value == b"2"  # the other writes still ran
+    finally:
+        c.stop()

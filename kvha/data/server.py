@@ -29,7 +29,7 @@ from kvha import __version__, wire
 from kvha.data.engine import Engine
 from kvha.data.quota import PartitionRule
 from kvha.data.store import IncrMode, Result, Status, Store, StoreMode
-from kvha.flush import direct_socket, send_now
+from kvha.flush import direct_socket, no_delay, send_now
 from kvha.record import HEADER_SIZE
 
 log = Logger()
@@ -445,6 +445,7 @@ class DataServerProtocol(Protocol):
             self._fatal(wire.E_LIMIT, "too many connections")
             return
         node.connections.add(self)
+        no_delay(self.transport)
         self.sock = direct_socket(self.transport)
         if not interfaces.ISSLTransport.providedBy(self.transport):
             self.transport.registerProducer(self, True)

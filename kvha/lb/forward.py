@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from kvha.flush import BufferedWrites
+from kvha.flush import BufferedWrites, no_delay
 from kvha.lb.pool import Backend, Pool
 
 log = Logger()
@@ -36,6 +36,7 @@ class ClientSide(BufferedWrites, Protocol):
 
     def connectionMade(self) -> None:
         self.factory.accepted += 1
+        no_delay(self.transport)
         self.transport.pauseProducing()
         self._connect()
 
@@ -72,6 +73,7 @@ class ClientSide(BufferedWrites, Protocol):
             return
         assert self.backend is not None
         self.peer = peer
+        no_delay(peer.transport)
         self.backend.total[self.factory.proto] += 1
         self.backend.pairs.add(self)
         peer.transport.registerProducer(self.transport, True)

@@ -39,7 +39,7 @@ from twisted.logger import Logger
 
 from kvha import __version__
 from kvha.data.store import IncrMode, Result, Status, StoreMode
-from kvha.flush import TurnFlusher
+from kvha.flush import TurnFlusher, no_delay
 from kvha.master.auth import NO_PARTITION, Authenticator
 from kvha.master.limits import ConnectionBudget
 from kvha.master.pipeline import OrderedReplies
@@ -208,6 +208,7 @@ class MemcacheProtocol(OrderedReplies):
     # Connection -------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         stats = self.factory.stats
         stats.total_connections += 1
         if not self.factory.budget.acquire():

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 
 from kvha import __version__
 from kvha.data.store import IncrMode, Result, Status, StoreMode
-from kvha.flush import TurnFlusher
+from kvha.flush import TurnFlusher, no_delay
 from kvha.master.auth import NO_PARTITION, Authenticator
 from kvha.master.limits import ConnectionBudget
 from kvha.master.pipeline import OrderedReplies
@@ -544,6 +544,7 @@ class RespProtocol(OrderedReplies):
     # Connection --------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         factory = self.factory
         factory.total_connections += 1
         if not factory.budget.acquire():
@@ -1108,6 +1109,10 @@ class RespProtocol(OrderedReplies):
         pairs = [(args[i], args[i + 1]) for i in range(1, len(args), 2)]
         keys = [k for k, _ in pairs]
         partition = self.partition
+        if self.single_step_writes() and not any(self.gated(k) for k in keys):
+            done, fail = self.reply_later(_ok, self._error_reply)
+            self.router.set_many_cb(partition, pairs, done, fail)
+            return b""  # the reply is in its slot
 
         def start() -> Deferred:
             ds = [self.router.set(partition, k, v) for k, v in pairs]

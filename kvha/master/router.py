@@ -282,6 +282,33 @@ class Router:
             return defer.fail(Unavailable("no live copy of the key"))
         return self._read_from(order, 0, lambda c: c.get(partition, key))
 
+    def set_many_cb(
+        self,
+        partition: bytes,
+        pairs: Sequence[tuple[bytes, bytes]],
+        on_done: Callable[[None], None],
+        on_fail: Callable[[BaseException], None],
+    ) -> None:
+        """:meth:`set_cb` for each ``(key, value)``; ``on_done(None)`` once all are stored.
+
+        The first failure is reported at once (the other writes still run), and
+        only it.  All the frames of one call leave in one write per data node.
+        """
+        state = [len(pairs), False]  # writes left, failed already
+
+        def one_done(_result: Any) -> None:
+            state[0] -= 1
+            if state[0] == 0 and not state[1]:
+                on_done(None)
+
+        def one_failed(error: BaseException) -> None:
+            if not state[1]:
+                state[1] = True
+                on_fail(error)
+
+        for key, value in pairs:
+            self.set_cb(partition, key, value, one_done, one_failed)
+
     def get_cb(
         self,
         partition: bytes,
