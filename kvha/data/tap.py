@@ -10,6 +10,7 @@ from twisted.logger import Logger
 from kvha.config import DataConfig, warn_placeholders
 from kvha.data.engines import make_engine
 from kvha.data.server import DataNode, DataServerFactory
+from kvha.gctune import tune_gc
 from kvha.tapoptions import RoleOptions
 
 log = Logger()
@@ -52,4 +53,5 @@ def makeService(options: Options) -> service.MultiService:
     node = build_node(config)
     node.setServiceParent(top)  # opens the store before the port listens
     strports.service(config.listen, DataServerFactory(node)).setServiceParent(top)
+    tune_gc()
     return top

@@ -6,6 +6,7 @@ from twisted.application import service
 from twisted.logger import Logger
 
 from kvha.config import warn_placeholders
+from kvha.gctune import tune_gc
 from kvha.tapoptions import RoleOptions
 
 log = Logger()
@@ -21,4 +22,6 @@ def makeService(options: Options) -> service.IService:
     from kvha.lb.service import LoadBalancer
 
     warn_placeholders(options["lb"], "lb", log)
-    return LoadBalancer(options["lb"], reactor)
+    balancer = LoadBalancer(options["lb"], reactor)
+    tune_gc()
+    return balancer

@@ -6,6 +6,7 @@ from twisted.application import service
 from twisted.logger import Logger
 
 from kvha.config import warn_placeholders
+from kvha.gctune import tune_gc
 from kvha.master.service import MasterNode
 from kvha.tapoptions import RoleOptions
 
@@ -20,4 +21,6 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
     warn_placeholders(options["master"], "master", log)
-    return MasterNode(options["master"], reactor)
+    node = MasterNode(options["master"], reactor)
+    tune_gc()
+    return node
