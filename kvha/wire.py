@@ -317,9 +317,40 @@ class Ping(Message):
     __slots__ = ()
 
 
+def _two_bytes(body: bytes) -> tuple[bytes, bytes, int]:
+    """The two length-prefixed byte strings a body starts with, and where they end."""
+    size = len(body)
+    if size < 4:
+        raise WireError("message body is truncated")
+    (n,) = _U32.unpack_from(body, 0)
+    mid = 4 + n
+    if mid + 4 > size:
+        raise WireError("message body is truncated")
+    (m,) = _U32.unpack_from(body, mid)
+    end = mid + 4 + m
+    if end > size:
+        raise WireError("message body is truncated")
+    return body[4:mid], body[mid + 4 : end], end
+
+
 @message(3, ("partition", "bytes"), ("key", "bytes"), ("tombstones", "u8"))
 class Get(Message):
     __slots__ = ("partition", "key", "tombstones")
+
+    def __init__(self, partition: bytes, key: bytes, tombstones: int) -> None:
+        self.partition = partition
+        self.key = key
+        self.tombstones = tombstones
+
+    @classmethod
+    def decode(cls, body: bytes) -> Get:
+        """The generic decode, unrolled (a data node's hottest request); same errors."""
+        partition, key, end = _two_bytes(body)
+        if end >= len(body):
+            raise WireError("message body is truncated")
+        if end + 1 != len(body):
+            raise WireError(f"{len(body) - end - 1} stray bytes after Get")
+        return cls(partition, key, body[end])
 
 
 _GET_HEAD = struct.Struct("<IBII")
@@ -347,6 +378,20 @@ class Apply(Message):
     """Store a versioned record or tombstone if newer (version 0: node issues one)."""
 
     __slots__ = ("partition", "key", "packed")
+
+    def __init__(self, partition: bytes, key: bytes, packed: bytes) -> None:
+        self.partition = partition
+        self.key = key
+        self.packed = packed
+
+    @classmethod
+    def decode(cls, body: bytes) -> Apply:
+        """The generic decode, unrolled (a data node's hottest write); same errors."""
+        partition, key, end = _two_bytes(body)
+        packed, stop = _bytes_dec(body, end)
+        if stop != len(body):
+            raise WireError(f"{len(body) - stop} stray bytes after Apply")
+        return cls(partition, key, packed)
 
 
 def apply_frame(request_id: int, partition: bytes, key: bytes, packed: bytes) -> bytes:
@@ -513,6 +558,10 @@ class Result(Message):
     """A status (kvha.data.store.Status) and a packed record, empty for none."""
 
     __slots__ = ("status", "packed")
+
+    def __init__(self, status: int, packed: bytes) -> None:  # the reply hot path
+        self.status = status
+        self.packed = packed
 
 
 _RESULT_HEAD = struct.Struct("<IBIBI")
