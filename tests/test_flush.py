@@ -175,3 +175,37 @@ def test_pipelined_replies_leave_in_one_write() -> None:
         )
     finally:
         cluster.stop()
+
+
+def test_send_now_on_a_real_twisted_connection_keeps_order() -> None:
+    """Pins the Twisted internals send_now reads, on a real tcp.Connection over a socketpair."""
+    import socket
+
+    from twisted.internet import tcp
+
+    from kvha.reactor import KvhaEPollReactor
+
+    reactor = KvhaEPollReactor()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.settimeout(5)
+    try:
+        conn = tcp.Connection(ours, Protocol(), reactor)
+        conn.connected = True
+        sock = direct_socket(conn)
+        assert sock is ours
+        send_now(conn, sock, b"first ")
+        assert theirs.recv(100) == b"first "  # sent at once, nothing queued
+        conn.write(b"queued ")  # Twisted keeps this until the socket is writable
+        send_now(conn, sock, b"second")
+        theirs.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            theirs.recv(100)  # the second write did not overtake the queued one
+        conn.doWrite()
+        theirs.settimeout(5)
+        assert theirs.recv(100) == b"queued second"
+        reactor.removeAll()
+    finally:
+        ours.close()
+        theirs.close()
+        reactor._poller.close()  # type: ignore[attr-defined]
