@@ -648,3 +648,18 @@ def test_any_reply_writes_are_single_line_errors(cluster: Cluster, conn: Conn) -
     cluster.kill("data3")
     out: Any = conn.send(b"get a b c\r\n")
     assert out.startswith(b"SERVER_ERROR") and out.count(b"\n") == 1
+
+
+def test_a_partition_leaving_the_map_gets_server_errors_not_a_stalled_connection(
+    cluster: Cluster, conn: Conn
+) -> None:
+    """get and set (the callback hot path) answer SERVER_ERROR; later commands still run."""
+    from kvha.master.router import PartitionPolicy
+
+    assert conn.send(b"set k 0 0 1\r\nv\r\n") == b"STORED\r\n"
+    cluster.router.set_partitions([PartitionPolicy("other")])
+    out = conn.send(b"get k\r\nset k 0 0 1\r\nw\r\nversion\r\n")
+    lines = out.split(b"\r\n")
+    assert lines[0].startswith(b"SERVER_ERROR") and b"unknown partition" in lines[0]
+    assert lines[1].startswith(b"SERVER_ERROR")
+    assert lines[2].startswith(b"VERSION ")

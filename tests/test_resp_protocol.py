@@ -1344,3 +1344,17 @@ def test_hello_3_switches_the_connection_to_resp3(conn: Conn) -> None:
     assert conn.cmd("CONFIG", "GET", "appendonly").startswith(b"%1\r\n")
     assert b":2\r\n" in conn.cmd("HELLO", "2")
     assert conn.cmd("GET", "missing") == b"$-1\r\n"
+
+
+def test_a_partition_leaving_the_map_gets_errors_not_a_stalled_connection(
+    cluster: Cluster, conn: Conn
+) -> None:
+    """GET and SET (the callback hot path) answer with an error; later commands still run."""
+    from kvha.master.router import PartitionPolicy
+
+    assert conn.cmd("SET", "k", "v") == OK
+    cluster.router.set_partitions([PartitionPolicy("other")])
+    out = conn.send(encode("GET", "k") + encode("SET", "k", "w") + encode("PING"))
+    replies = parse_all(out)
+    assert [r[0] if isinstance(r, tuple) else r for r in replies] == ["ERR", "ERR", b"PONG"]
+    assert b"unknown partition" in replies[0][1]

@@ -131,6 +131,15 @@ def test_unknown_partition_is_refused(cluster: Cluster) -> None:
         cluster.router.get(b"other", b"k")
 
 
+def test_callback_api_reports_an_unknown_partition_instead_of_raising(cluster: Cluster) -> None:
+    """The callback entry points never raise: a protocol has already taken a reply slot."""
+    errors: list[BaseException] = []
+    cluster.router.get_cb(b"other", b"k", errors.append, errors.append)
+    cluster.router.set_cb(b"other", b"k", b"v", errors.append, errors.append)
+    cluster.router.set_many_cb(b"other", [(b"a", b"1"), (b"b", b"2")], errors.append, errors.append)
+    assert [type(e) for e in errors] == [KeyError, KeyError, KeyError]
+
+
 # Read fail-over -------------------------------------------------------------------------------
 
 

@@ -552,7 +552,12 @@ class MemcacheProtocol(OrderedReplies):
         partition = self.partition
         router = self.router
         stats = self.stats
-        if cmd == b"set" and not self.gated(key) and not router.policy(partition).reject_at_primary:
+        policy = router.policies.get(partition)
+        if policy is None:  # the partition left the cluster map
+            unknown = partition.decode(errors="replace")
+            self.reply(self._error_reply(KeyError(f"unknown partition {unknown!r}")))
+            return True
+        if cmd == b"set" and not self.gated(key) and not policy.reject_at_primary:
             # The hot path: one round trip, no Deferred.
             done, fail = self.reply_later(_stored, self._error_reply, noreply)
             router.set_cb(partition, key, value, done, fail, flags, expires)
@@ -595,7 +600,7 @@ class MemcacheProtocol(OrderedReplies):
                 return NOT_STORED
 
         # A plain set is one round trip unless the partition decides it at the primary.
-        multi_step = cmd != b"set" or router.policy(partition).reject_at_primary
+        multi_step = cmd != b"set" or policy.reject_at_primary
         d = self.after([key], start, register=multi_step)
         self.deferred_reply(d, render, self._server_error, noreply)
         return True

@@ -319,9 +319,15 @@ class Router:
         """:meth:`get` reporting to plain functions (the read hot path: no Deferred).
 
         Falls over to the next copy like :meth:`get`; ``on_done`` gets the live
-        Record or None, ``on_fail`` an exception; neither may raise.
+        Record or None, ``on_fail`` an exception (an unknown partition
+        included: this never raises); neither may raise.
         """
-        if self.policy(partition).read == "quorum":
+        try:
+            policy = self.policy(partition)
+        except KeyError as e:  # the partition left the map: an error reply, not a lost slot
+            on_fail(e)
+            return
+        if policy.read == "quorum":
             self.get(partition, key).addCallbacks(on_done, lambda f: on_fail(f.value))
             return
         order = self._read_order(self.copies_of(partition, key))
@@ -560,10 +566,14 @@ class Router:
     ) -> None:
         """:meth:`set` reporting to plain functions: no Deferred per copy or per request.
 
-        ``on_done`` gets the first copy's Result, ``on_fail`` an exception;
-        neither may raise.
+        ``on_done`` gets the first copy's Result, ``on_fail`` an exception
+        (an unknown partition included: this never raises); neither may raise.
         """
-        policy = self.policy(partition)
+        try:
+            policy = self.policy(partition)
+        except KeyError as e:  # the partition left the map: an error reply, not a lost slot
+            on_fail(e)
+            return
         if policy.reject_at_primary:
             self.set(partition, key, value, flags, expires_ms).addCallbacks(
                 on_done, lambda f: on_fail(f.value)
