@@ -8,6 +8,7 @@ it can be stopped cleanly or killed with SIGKILL in the middle of a load.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,8 +20,41 @@ from typing import Optional
 SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that nothing listens on right now."""
+_handed_out: set[int] = set()
+_port_rng = random.Random()
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel picks for outgoing connections (Linux), or 32768."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(host: str = "127.0.0.1", rng: Optional[random.Random] = None) -> int:
+    """A TCP port that nothing listens on right now, and that no other call returned.
+
+    Chosen below the kernel's ephemeral range: a port from that range (what
+    binding to port 0 gives) can be taken by any outgoing connection between
+    this call and the server's bind, which made tests fail now and then with
+    "Address already in use".
+    """
+    rng = rng if rng is not None else _port_rng
+    high = min(_ephemeral_low(), 65536) - 1
+    for _ in range(200):
+        port = rng.randint(10000, high) if high > 10000 else 0
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            port = int(s.getsockname()[1])
+        _handed_out.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

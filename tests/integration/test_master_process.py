@@ -448,3 +448,118 @@ def test_bad_master_config_exits_non_zero_naming_the_key(nodes, extra, expected)
     err = master.output()  # stdout and stderr
     assert code != 0
     assert expected in err + master.log(), err
+
+
+def test_free_port_stays_below_the_ephemeral_range_and_never_repeats() -> None:
+    """Ports handed to test servers cannot be taken by an outgoing connection meanwhile."""
+    from kvha.procs import _ephemeral_low, free_port
+
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(10000 <= p < _ephemeral_low() for p in ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[0]))  # and it really is free
+
+
+def test_kill_9_of_a_data_node_under_pipelined_redis_load(nodes, record_property):  # type: ignore[no-untyped-def]
+    """redis-py pipelines of SET and GET (the callback hot path) while a data node is killed.
+
+    Failures stop within a second, no read of an acknowledged key is wrong,
+    and every acknowledged SET is readable afterwards from the survivors.
+    """
+    import redis
+
+    from kvha.procs import free_port
+
+    redis_port = free_port()
+    master, data = nodes.cluster(
+        n_data=3, replicas=1, redis={"listen": f"tcp:{redis_port}:interface=127.0.0.1"}
+    )
+    acked: dict[bytes, bytes] = {}
+    failures: list[tuple[float, str]] = []
+    wrong: list[tuple[bytes, Any, bytes]] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    batches = [0] * LOAD_THREADS
+
+    def load(n: int) -> None:
+        rng = random.Random(n)
+        client = redis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=2.0)
+        mine: list[bytes] = []
+        i = 0
+        deadline = time.monotonic() + LOAD_SECONDS + 5
+        try:
+            while not stop.is_set() and time.monotonic() < deadline and i < 20_000:
+                pipe = client.pipeline(transaction=False)
+                keys = [b"pipe-%d-%d" % (n, i + j) for j in range(8)]
+                values = [b"v-%d-%d-" % (n, i + j) + b"x" * ((i + j) % 64) for j in range(8)]
+                for key, value in zip(keys, values):
+                    pipe.set(key, value)
+                olds = [mine[rng.randrange(len(mine))] for _ in range(8)] if mine else []
+                for old in olds:
+                    pipe.get(old)
+                i += 8
+                try:
+                    replies = pipe.execute(raise_on_error=False)
+                except redis.RedisError as e:
+                    failures.append((time.monotonic(), repr(e)))
+                    client.connection_pool.disconnect()
+                    continue
+                for key, value, reply in zip(keys, values, replies[:8]):
+                    if reply is True:
+                        with lock:
+                            acked[key] = value
+                        mine.append(key)
+                    else:
+                        failures.append((time.monotonic(), repr(reply)))
+                for old, reply in zip(olds, replies[8:]):
+                    if isinstance(reply, Exception):
+                        failures.append((time.monotonic(), repr(reply)))
+                    elif reply != acked[old]:
+                        wrong.append((old, reply, acked[old]))
+                batches[n] += 1
+                time.sleep(0.002)
+        finally:
+            client.close()
+
+    workers = [threading.Thread(target=load, args=(n,)) for n in range(LOAD_THREADS)]
+    began = time.monotonic()
+    for t in workers:
+        t.start()
+    try:
+        time.sleep(KILL_AT)
+        before_kill = len(acked)
+        killed_at = time.monotonic()
+        data[1].kill()
+        time.sleep(max(0.0, LOAD_SECONDS - (time.monotonic() - began)))
+    finally:
+        stop.set()
+        for t in workers:
+            t.join(15)
+    assert not any(t.is_alive() for t in workers), "load threads did not stop"
+
+    detection = max([t - killed_at for t, _ in failures] + [0.0])
+    record_property("detection_time_s", round(detection, 4))
+    record_property("failed_ops", len(failures))
+    print(
+        f"\npipelined kill -9: {len(failures)} failures, the last {detection * 1000:.1f} ms after "
+        f"the kill; {len(acked)} SETs acknowledged ({before_kill} before the kill)"
+    )
+    early = [f for f in failures if f[0] < killed_at]
+    assert not early, f"operations failed before the kill: {early[:5]}"
+    assert not wrong, f"reads of acknowledged keys returned the wrong value: {wrong[:5]}"
+    assert detection < DETECTION_LIMIT, f"failures went on for {detection:.3f}s: {failures[-5:]}"
+    assert len(acked) > before_kill + 500, "the load did not go on after the kill"
+
+    assert memcache_stats(master.port)["data_nodes_up"] == "2"  # the kill did happen
+    reader = redis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=5.0)
+    try:
+        keys = sorted(acked)
+        for start in range(0, len(keys), 200):
+            chunk = keys[start : start + 200]
+            got = reader.mget(chunk)
+            lost = [k for k, v in zip(chunk, got) if v != acked[k]]
+            assert not lost, f"acknowledged writes lost or wrong: {lost[:5]}"
+    finally:
+        reader.close()
+    assert "Traceback" not in master.log()
