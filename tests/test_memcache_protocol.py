@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -663,3 +665,51 @@ def test_a_partition_leaving_the_map_gets_server_errors_not_a_stalled_connection
     assert lines[0].startswith(b"SERVER_ERROR") and b"unknown partition" in lines[0]
     assert lines[1].startswith(b"SERVER_ERROR")
     assert lines[2].startswith(b"VERSION ")
+
+
+_MC_KEYS = [b"a", b"b", b"counter"]
+_MC_COMMAND = st.one_of(
+    st.tuples(
+        st.sampled_from([b"set", b"add", b"replace", b"append", b"prepend"]),
+        st.sampled_from(_MC_KEYS),
+        st.binary(max_size=20),
+        st.booleans(),
+    ).map(
+        lambda c: (
+            b"%s %s 5 0 %d%s\r\n%s\r\n"
+            % (c[0], c[1], len(c[2]), b" noreply" if c[3] else b"", c[2])
+        )
+    ),
+    st.lists(st.sampled_from(_MC_KEYS), min_size=1, max_size=3).map(
+        lambda keys: b"get " + b" ".join(keys) + b"\r\n"
+    ),
+    st.sampled_from(_MC_KEYS).map(lambda k: b"delete %s\r\n" % k),
+    st.sampled_from([b"incr counter 3\r\n", b"decr counter 1\r\n", b"version\r\n"]),
+    st.just(b"set big 0 0 50\r\n" + b"z" * 50 + b"\r\n"),  # over max_value_bytes below
+    st.just(b"set a 0 0 2\r\nxyz\r\n"),  # a bad data chunk
+    st.just(b"bogus command\r\n"),
+    st.just(b"get a b\n"),  # a bare newline ends a line too
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(commands=st.lists(_MC_COMMAND, min_size=1, max_size=12), data=st.data())
+def test_any_chunking_of_a_pipelined_stream_gives_the_same_replies(
+    commands: list[bytes],
+    data: st.DataObject,
+) -> None:
+    """One read with every command, or the same bytes cut anywhere: the same replies."""
+    stream = b"".join(commands)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
+    outputs = []
+    for pieces in ([stream], [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]):
+        cluster = Cluster(n=3, replicas=1)
+        try:
+            conn = Conn(cluster.memcache_factory(max_value_bytes=32))
+            out = b""
+            for piece in pieces:
+                out += conn.send(piece)
+            outputs.append(out)
+        finally:
+            cluster.stop()
+    assert outputs[0] == outputs[1]

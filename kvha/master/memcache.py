@@ -201,6 +201,10 @@ class MemcacheProtocol(OrderedReplies):
         self.max_value = factory.max_value_bytes
         self.max_in_flight = factory.max_in_flight
         self._buffer = b""
+        #: Where unread input starts in ``_buffer``: commands are consumed by
+        #: moving it, and the buffer is cut once per read, not once per command
+        #: (which copied the rest of a pipelined read for every line).
+        self._pos = 0
         self._pending_data: Optional[tuple[Any, ...]] = None  # a storage command awaiting data
         self._swallow = 0  # bytes of a refused data block still to discard
         self._processing = False
@@ -240,7 +244,7 @@ class MemcacheProtocol(OrderedReplies):
         return data.startswith((b"SERVER_ERROR", b"CLIENT_ERROR"))
 
     def resume_input(self) -> None:
-        if self._buffer:
+        if len(self._buffer) > self._pos:
             self._process()  # no-op when called from within _process: its loop goes on
 
     def _server_error(self, failure: Any) -> bytes:
@@ -256,6 +260,9 @@ class MemcacheProtocol(OrderedReplies):
     # Input ---------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._pos:
+            self._buffer = self._buffer[self._pos :]
+            self._pos = 0
         self._buffer = self._buffer + data if self._buffer else data
         if self.factory.idle_timeout:
             self.touch_idle()
@@ -270,35 +277,40 @@ class MemcacheProtocol(OrderedReplies):
             self._process_buffer()
         finally:
             self._processing = False
+            if self._pos:
+                self._buffer = self._buffer[self._pos :]
+                self._pos = 0
 
     def _process_buffer(self) -> None:
-        while self._buffer and not self._paused and not self._quitting:
+        while len(self._buffer) > self._pos and not self._paused and not self._quitting:
+            buf = self._buffer
+            pos = self._pos
             if self._swallow:
-                n = min(self._swallow, len(self._buffer))
-                self._buffer = self._buffer[n:]
+                n = min(self._swallow, len(buf) - pos)
+                self._pos = pos + n
                 self._swallow -= n
                 continue
             if self._pending_data is not None:
                 if not self._take_data():
                     return
                 continue
-            buf = self._buffer
-            end = buf.find(b"\n")
+            end = buf.find(b"\n", pos)
             if end < 0:
-                if len(buf) > self.max_line:
+                if len(buf) - pos > self.max_line:
                     self.reply(LINE_TOO_LONG)
                     self._quit()
                 return
-            if end > self.max_line:
+            if end - pos > self.max_line:
                 self.reply(LINE_TOO_LONG)
                 self._quit()
                 return
-            line = buf[: end - 1] if end and buf[end - 1] == 13 else buf[:end]
-            self._buffer = buf[end + 1 :]
+            line = buf[pos : end - 1] if end > pos and buf[end - 1] == 13 else buf[pos:end]
+            self._pos = end + 1
             self._command(line)
 
     def _quit(self) -> None:
         self._buffer = b""
+        self._pos = 0
         self.quit_after_replies()
 
     def _command(self, line: bytes) -> None:
@@ -531,12 +543,13 @@ class MemcacheProtocol(OrderedReplies):
         assert self._pending_data is not None
         cmd, key, flags, exptime, length, cas, noreply = self._pending_data
         buf = self._buffer
-        if len(buf) < length + 2:
+        start = self._pos
+        if len(buf) - start < length + 2:
             return False
         self._pending_data = None
-        value = buf[:length]
-        terminator = buf[length : length + 2]
-        self._buffer = buf[length + 2 :]
+        value = buf[start : start + length]
+        terminator = buf[start + length : start + length + 2]
+        self._pos = start + length + 2
         if self._auth_data:
             self._auth_data = False
             if terminator != b"\r\n":
