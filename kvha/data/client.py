@@ -499,6 +499,15 @@ class DataNodeClient:
         d = proto.request_frame(wire.get_frame, partition, key, 1 if tombstones else 0)
         return d.addCallback(_record)
 
+    def _connected_or_fail(
+        self, on_fail: Callable[[BaseException], None]
+    ) -> Optional[DataClientProtocol]:
+        """The connection, or None after telling ``on_fail`` there is none."""
+        proto = self.protocol
+        if proto is None:
+            on_fail(NodeUnavailable(f"not connected to {self.endpoint}"))
+        return proto
+
     def get_cb(
         self,
         partition: bytes,
@@ -507,9 +516,8 @@ class DataNodeClient:
         on_fail: Callable[[BaseException], None],
     ) -> None:
         """:meth:`get` without a Deferred: ``on_done(record or None)`` or ``on_fail(error)``."""
-        proto = self.protocol
+        proto = self._connected_or_fail(on_fail)
         if proto is None:
-            on_fail(NodeUnavailable(f"not connected to {self.endpoint}"))
             return
         proto.request_cb(
             wire.get_frame,
@@ -529,9 +537,8 @@ class DataNodeClient:
         on_fail: Callable[[BaseException], None],
     ) -> None:
         """:meth:`apply` without a Deferred."""
-        proto = self.protocol
+        proto = self._connected_or_fail(on_fail)
         if proto is None:
-            on_fail(NodeUnavailable(f"not connected to {self.endpoint}"))
             return
         proto.request_cb(
             wire.apply_frame, lambda msg: on_done(_result(msg)), on_fail, partition, key, packed

@@ -114,33 +114,24 @@ class OrderedReplies(BufferedWrites, Protocol):
         on_error: Callable[[Any], bytes],
         silent: bool = False,
     ) -> None:
-        """Route ``d``'s outcome into a slot; ``silent`` keeps only error replies."""
-        slot = self.slot()
-        fill = self.fill
-        if silent:
-            is_error = self.is_error
+        """Route ``d``'s outcome into a slot; ``silent`` keeps only error replies.
 
-            def done(result: Any) -> None:
-                data = render(result)
-                fill(slot, data if is_error(data) else b"")
-
-        else:
-
-            def done(result: Any) -> None:
-                fill(slot, render(result))
-
-        d.addCallbacks(done, lambda failure: fill(slot, on_error(failure)))
+        ``on_error`` gets the Failure.
+        """
+        done, fail = self.reply_later(render, on_error, silent)
+        d.addCallbacks(done, fail)
 
     def reply_later(
         self,
         render: Callable[[Any], bytes],
-        on_error: Callable[[BaseException], bytes],
+        on_error: Callable[[Any], bytes],
         silent: bool = False,
-    ) -> tuple[Callable[[Any], None], Callable[[BaseException], None]]:
-        """A slot, and two functions that fill it: the hot path's :meth:`deferred_reply`.
+    ) -> tuple[Callable[[Any], None], Callable[[Any], None]]:
+        """A slot, and two functions that fill it: with ``render(result)`` or ``on_error(error)``.
 
         For operations that report to plain functions (``Router.get_cb``,
-        ``Router.set_cb``) instead of returning a Deferred.
+        ``Router.set_cb``: the error is an exception) as well as, through
+        :meth:`deferred_reply`, a Deferred's outcome (a Failure).
         """
         slot = self.slot()
         fill = self.fill
