@@ -34,7 +34,6 @@ from typing import Any, Callable, Optional
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from kvha import __version__
@@ -42,7 +41,7 @@ from kvha.data.store import IncrMode, Result, Status, StoreMode
 from kvha.flush import TurnFlusher, no_delay
 from kvha.master.auth import NO_PARTITION, Authenticator
 from kvha.master.limits import ConnectionBudget
-from kvha.master.pipeline import OrderedReplies
+from kvha.master.pipeline import ClientFactory, OrderedReplies
 from kvha.master.router import Router
 from kvha.record import Record, absolute_expiry_ms
 
@@ -871,7 +870,7 @@ _COMMANDS: dict[bytes, Callable[[MemcacheProtocol, list[bytes]], None]] = {
 }
 
 
-class MemcacheFactory(Factory):
+class MemcacheFactory(ClientFactory):
     def __init__(
         self,
         router: Router,
@@ -889,24 +888,21 @@ class MemcacheFactory(Factory):
         bound: bool = False,
         flusher: Optional[TurnFlusher] = None,
     ) -> None:
-        self.router = router
-        #: Gathers each connection's replies into one send per reactor turn (None: write at once).
-        self.flusher = flusher
-        #: The partition a connection starts in, if it allows anonymous access or
-        #: the port is ``bound``; otherwise connections must authenticate first.
-        self.partition = partition
-        self.clock = clock
+        super().__init__(
+            router,
+            partition,
+            clock,
+            max_connections=max_connections,
+            max_in_flight=max_in_flight,
+            max_line_bytes=max_line_bytes,
+            max_value_bytes=max_value_bytes,
+            idle_timeout=idle_timeout,
+            authenticator=authenticator,
+            budget=budget,
+            bound=bound,
+            flusher=flusher,
+        )
         self.stats = stats if stats is not None else MemcacheStats(clock)
-        self.authenticator = authenticator if authenticator is not None else Authenticator(router)
-        #: Connection slots; one budget is shared by every port of a master.
-        self.budget = budget if budget is not None else ConnectionBudget(max_connections)
-        #: Every connection is in ``partition``, with no credentials and no authentication.
-        self.bound = bound
-        self.max_connections = max_connections
-        self.max_in_flight = max_in_flight
-        self.max_line_bytes = max_line_bytes
-        self.max_value_bytes = max_value_bytes
-        self.idle_timeout = idle_timeout
 
     def buildProtocol(self, addr: Any) -> MemcacheProtocol:
         return MemcacheProtocol(self)

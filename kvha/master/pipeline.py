@@ -16,12 +16,54 @@ from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from kvha.flush import BufferedWrites
+from kvha.flush import BufferedWrites, TurnFlusher
+from kvha.master.auth import Authenticator
+from kvha.master.limits import ConnectionBudget
+from kvha.master.router import Router
 
 log = Logger()
+
+
+class ClientFactory(Factory):
+    """What the memcached and Redis listeners share: routing, partition, limits, output."""
+
+    def __init__(
+        self,
+        router: Router,
+        partition: bytes,
+        clock: IReactorTime,
+        *,
+        max_connections: int,
+        max_in_flight: int,
+        max_line_bytes: int,
+        max_value_bytes: int,
+        idle_timeout: float,
+        authenticator: Optional[Authenticator],
+        budget: Optional[ConnectionBudget],
+        bound: bool,
+        flusher: Optional[TurnFlusher],
+    ) -> None:
+        self.router = router
+        #: Gathers each connection's replies into one send per reactor turn (None: write at once).
+        self.flusher = flusher
+        #: The partition a connection starts in, if it allows anonymous access or
+        #: the port is ``bound``; otherwise connections must authenticate first.
+        self.partition = partition
+        self.clock = clock
+        self.authenticator = authenticator if authenticator is not None else Authenticator(router)
+        #: Connection slots; one budget is shared by every port of a master.
+        self.budget = budget if budget is not None else ConnectionBudget(max_connections)
+        #: Every connection is in ``partition``: no other partition can be chosen.
+        self.bound = bound
+        self.max_connections = max_connections
+        self.max_in_flight = max_in_flight
+        self.max_line_bytes = max_line_bytes
+        self.max_value_bytes = max_value_bytes
+        self.idle_timeout = idle_timeout
 
 
 class OrderedReplies(BufferedWrites, Protocol):

@@ -24,7 +24,6 @@ from typing import Any, Callable, Optional, Union
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from kvha import __version__
@@ -32,7 +31,7 @@ from kvha.data.store import IncrMode, Result, Status, StoreMode
 from kvha.flush import TurnFlusher, no_delay
 from kvha.master.auth import NO_PARTITION, Authenticator
 from kvha.master.limits import ConnectionBudget
-from kvha.master.pipeline import OrderedReplies
+from kvha.master.pipeline import ClientFactory, OrderedReplies
 from kvha.master.resp3 import map_reply, to_resp3
 from kvha.master.router import Change, OutOfSpace, Router
 from kvha.record import Record
@@ -1645,7 +1644,7 @@ _UNIQUE_COMMANDS = [
 COMMANDS: dict[bytes, Command] = {c.name.encode(): c for c in _UNIQUE_COMMANDS}
 
 
-class RespFactory(Factory):
+class RespFactory(ClientFactory):
     def __init__(
         self,
         router: Router,
@@ -1663,24 +1662,21 @@ class RespFactory(Factory):
         bound: bool = False,
         flusher: Optional[TurnFlusher] = None,
     ) -> None:
-        self.router = router
-        #: Gathers each connection's replies into one send per reactor turn (None: write at once).
-        self.flusher = flusher
-        #: The partition a connection starts in, if it allows anonymous access or
-        #: the port is ``bound``; otherwise connections must AUTH first.
-        self.partition = partition
-        self.clock = clock
+        super().__init__(
+            router,
+            partition,
+            clock,
+            max_connections=max_connections,
+            max_in_flight=max_in_flight,
+            max_line_bytes=max_line_bytes,
+            max_value_bytes=max_value_bytes,
+            idle_timeout=idle_timeout,
+            authenticator=authenticator,
+            budget=budget,
+            bound=bound,
+            flusher=flusher,
+        )
         self.port = port
-        self.authenticator = authenticator if authenticator is not None else Authenticator(router)
-        #: Connection slots; one budget is shared by every port of a master.
-        self.budget = budget if budget is not None else ConnectionBudget(max_connections)
-        #: Every connection is in ``partition``; AUTH may not leave it.
-        self.bound = bound
-        self.max_line_bytes = max_line_bytes
-        self.idle_timeout = idle_timeout
-        self.max_connections = max_connections
-        self.max_in_flight = max_in_flight
-        self.max_value_bytes = max_value_bytes
         self.clients: dict[int, RespProtocol] = {}
         self.next_id = 0
         self.total_connections = 0
