@@ -52,6 +52,13 @@ SNAPSHOT_RE = re.compile(r"^snapshot-(\d{12})\.snap$")
 
 FSYNC_POLICIES = ("always", "everysec", "os")
 
+
+def check_fsync(fsync: str) -> None:
+    """Refuse an unknown fsync policy (every durable engine takes the same three)."""
+    if fsync not in FSYNC_POLICIES:
+        raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}; got {fsync!r}")
+
+
 #: Records written per snapshot step: small enough that a step takes a few
 #: milliseconds, so requests keep being served while a snapshot runs.
 SNAPSHOT_STEP = 2000
@@ -172,8 +179,7 @@ class LogEngine(MemoryEngine):
         snapshot_log_bytes: int = 64 << 20,
     ) -> None:
         super().__init__()
-        if fsync not in FSYNC_POLICIES:
-            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}; got {fsync!r}")
+        check_fsync(fsync)
         self.directory = directory
         self._clock = clock
         self.fsync = fsync

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 
 from kvha.data.engine import CountedPartitions, Engine
 from kvha.data.lmdbtables import CorruptStore, LmdbTables, quarantine
-from kvha.data.logengine import FSYNC_POLICIES
+from kvha.data.logengine import check_fsync
 from kvha.record import HEADER, HEADER_SIZE, TOMBSTONE
 
 log = Logger()
@@ -82,8 +82,7 @@ class MmapEngine(CountedPartitions, Engine):
         fsync: str = "everysec",
         map_size: int = 1 << 30,
     ) -> None:
-        if fsync not in FSYNC_POLICIES:
-            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}; got {fsync!r}")
+        check_fsync(fsync)
         self.directory = directory
         self._clock = clock
         self.fsync = fsync

@@ -40,11 +40,11 @@ from twisted.logger import Logger
 from kvha.data.engine import CountedPartitions, Engine
 from kvha.data.logengine import (
     ENTRY,
-    FSYNC_POLICIES,
     MAX_ENTRY,
     OP_PUT,
     PAYLOAD,
     CorruptLog,
+    check_fsync,
     encode_entry,
     fsync_dir,
     scan_entries,
@@ -105,8 +105,7 @@ class SegmentEngine(CountedPartitions, Engine):
         compaction_garbage_ratio: float = 0.5,
         compaction_min_bytes: int = 64 << 20,
     ) -> None:
-        if fsync not in FSYNC_POLICIES:
-            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}; got {fsync!r}")
+        check_fsync(fsync)
         if not 0.0 < compaction_garbage_ratio <= 1.0:
             raise ValueError(
                 f"compaction_garbage_ratio must be in (0, 1]; got {compaction_garbage_ratio!r}"
