@@ -211,13 +211,21 @@ class DataClientProtocol(BufferedWrites, Protocol):
     def _send(self, msg: wire.Message, request_id: int) -> None:
         self.out(msg.frame(request_id))
 
-    def request_frame(self, build: Callable[..., bytes], *args: Any) -> Deferred:
-        """Like request(), with the frame built by ``build(request_id, *args)``."""
+    def _new_id(self) -> int:
         request_id = self._next_id
         self._next_id = (request_id + 1) & 0xFFFFFFFF or 1
+        return request_id
+
+    def _pend(self, waiter: Any) -> int:
+        """A new request id whose reply goes to ``waiter`` (its ``callback``/``errback``)."""
+        request_id = self._new_id()
+        self.pending[request_id] = (waiter, self.clock.seconds())
+        return request_id
+
+    def request_frame(self, build: Callable[..., bytes], *args: Any) -> Deferred:
+        """Like request(), with the frame built by ``build(request_id, *args)``."""
         d: Deferred = Deferred()
-        self.pending[request_id] = (d, self.clock.seconds())
-        self.out(build(request_id, *args))
+        self.out(build(self._pend(d), *args))
         return d
 
     def request_cb(
@@ -228,18 +236,12 @@ class DataClientProtocol(BufferedWrites, Protocol):
         *args: Any,
     ) -> None:
         """Like request_frame(), answered by plain functions instead of a Deferred."""
-        request_id = self._next_id
-        self._next_id = (request_id + 1) & 0xFFFFFFFF or 1
-        self.pending[request_id] = (_Callbacks(on_reply, on_error), self.clock.seconds())
-        self.out(build(request_id, *args))
+        self.out(build(self._pend(_Callbacks(on_reply, on_error)), *args))
 
     def request(self, msg: wire.Message) -> Deferred:
         """Send ``msg``; the Deferred fires with the reply message."""
-        request_id = self._next_id
-        self._next_id = (request_id + 1) & 0xFFFFFFFF or 1
         d: Deferred = Deferred()
-        self.pending[request_id] = (d, self.clock.seconds())
-        self.out(msg.frame(request_id))
+        self.out(msg.frame(self._pend(d)))
         return d
 
     def stream(
@@ -257,8 +259,7 @@ class DataClientProtocol(BufferedWrites, Protocol):
         sender.  The result fires with ``(records, bytes)`` at the end, once
         the consumer has finished with every batch.
         """
-        request_id = self._next_id
-        self._next_id = (request_id + 1) & 0xFFFFFFFF or 1
+        request_id = self._new_id()
         done: Deferred = Deferred()
         self.streams[request_id] = _StreamState(consumer, done, self.clock.seconds(), window)
         self._send(wire.Stream(list(ranges), min_version, list(partitions), window), request_id)
