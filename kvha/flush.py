@@ -103,12 +103,23 @@ class TurnFlusher:
             self._call = self.clock.callLater(0, self.flush)
 
     def flush(self) -> None:
-        self._call = None
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()  # flushed early (shutdown): the turn's end has nothing left
         queued, self._queued = self._queued, []
         self.turns += 1
         self.flushes += len(queued)
         for proto in queued:
             proto.flush_out()
+
+    def flush_before_shutdown(self, reactor: Any) -> None:
+        """Send what this turn gathered when ``reactor`` stops, before connections close.
+
+        A reactor that is stopping closes every connection in its
+        ``during shutdown`` phase; without this the replies completed in
+        the last turn (and gathered for its end) would never leave.
+        """
+        reactor.addSystemEventTrigger("before", "shutdown", self.flush)
 
 
 class BufferedWrites:

@@ -132,6 +132,29 @@ def test_the_flusher_sends_each_connections_bytes_once_per_turn() -> None:
     assert (flusher.turns, flusher.flushes) == (2, 3)
 
 
+def test_a_stopping_reactor_sends_what_the_last_turn_gathered() -> None:
+    # Twisted closes every connection during shutdown; replies gathered for
+    # the end of the current turn must leave before that.
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    flusher = TurnFlusher(reactor)
+    flusher.flush_before_shutdown(reactor)
+    w = Writer()
+    w.flusher = flusher
+    w.makeConnection(StringTransport())
+    w.out(b"+OK\r\n")
+    assert w.transport.value() == b""
+    [(trigger, args, kwargs)] = reactor.triggers["before"]["shutdown"]
+    trigger(*args, **kwargs)
+    assert w.transport.value() == b"+OK\r\n"
+    # The end-of-turn call is cancelled: nothing is sent twice, nothing is pending.
+    assert not reactor.getDelayedCalls()
+    reactor.advance(0)
+    assert w.transport.value() == b"+OK\r\n"
+    assert (flusher.turns, flusher.flushes) == (1, 1)
+
+
 def test_without_a_flusher_out_writes_at_once() -> None:
     w = Writer()
     w.makeConnection(StringTransport())

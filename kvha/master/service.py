@@ -45,6 +45,7 @@ class MasterNode(service.MultiService):
         health = config.health
         #: One send per connection per reactor turn, for clients and data nodes alike.
         self.flusher = TurnFlusher(reactor)
+        self.flusher.flush_before_shutdown(reactor)
         self.links: dict[str, NodeLink] = {}
         for node in cluster.nodes:
             self._link(node.id, node.address, node.read_weight)
