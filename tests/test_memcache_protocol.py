@@ -552,6 +552,22 @@ def test_read_your_writes_with_held_writes(cluster: Cluster, conn: Conn) -> None
     assert conn.take() == b"VALUE k 0 3\r\nnew\r\nEND\r\n"
 
 
+def test_pipelined_incr_and_cas_reach_the_primary_without_waiting(
+    cluster: Cluster, conn: Conn
+) -> None:
+    """Operations decided at the primary are sent at once; a get after them waits."""
+    conn.send(b"set n 0 0 1\r\n1\r\n")
+    primary, replica = (cluster.clients[i] for i in copy_ids(cluster, b"n"))
+    replica.hold()
+    stream = b"incr n 5\r\ndecr n 2\r\nappend n 0 0 1\r\n0\r\nincr n 1\r\nget n\r\n"
+    assert conn.send(stream) == b""
+    assert (primary.calls["incr"], primary.calls["store"]) == (3, 1)
+    assert primary.calls.get("get", 0) == 0 and replica.calls.get("get", 0) == 0
+    for _ in range(5):
+        replica.release()
+    assert conn.take() == b"6\r\n4\r\nSTORED\r\n41\r\nVALUE n 0 2\r\n41\r\nEND\r\n"
+
+
 def test_max_in_flight_pauses_and_resumes_reading(cluster: Cluster) -> None:
     """With max_in_flight pending replies the transport is paused, and resumed as they drain."""
     conn = Conn(cluster.memcache_factory(max_in_flight=4))

@@ -1282,6 +1282,68 @@ def test_reads_wait_behind_multi_step_operations(cluster: Cluster, conn: Conn) -
     assert conn.take() == b":2\r\n" + bulk(b"2")
 
 
+def test_pipelined_incrs_on_one_key_reach_the_primary_without_waiting(
+    cluster: Cluster, conn: Conn
+) -> None:
+    """INCRs are decided at the primary in the order sent, so they are not held back.
+
+    Each one's replication to the other copy is still outstanding when the
+    next is sent; the replies leave in order once the copy answers.
+    """
+    ids = copy_ids(cluster, b"n")
+    primary, replica = cluster.clients[ids[0]], cluster.clients[ids[1]]
+    replica.hold()
+    assert conn.send(b"".join(encode("INCR", "n") for _ in range(5))) == b""
+    assert primary.calls["incr"] == 5
+    assert cluster.nodes[ids[0]].store.get(P, b"n").value == b"5"
+    replica.release()
+    assert conn.take() == b"".join(b":%d\r\n" % i for i in range(1, 6))
+    assert cluster.nodes[ids[1]].store.get(P, b"n").value == b"5"
+
+
+def test_a_read_after_pipelined_incrs_waits_for_them(cluster: Cluster, conn: Conn) -> None:
+    ids = copy_ids(cluster, b"n")
+    replica = cluster.clients[ids[1]]
+    replica.hold()
+    gets = {i: cluster.clients[i].calls.get("get", 0) for i in ids}
+    assert conn.send(encode("INCR", "n") + encode("INCRBY", "n", "10") + encode("GET", "n")) == b""
+    assert {i: cluster.clients[i].calls.get("get", 0) for i in ids} == gets
+    replica.release()
+    assert conn.take() == b":1\r\n:11\r\n" + bulk(b"11")
+
+
+def test_an_incr_waits_when_the_primary_connection_changed(cluster: Cluster, conn: Conn) -> None:
+    """After a reconnect, order on the old connection says nothing: wait as before."""
+    ids = copy_ids(cluster, b"n")
+    primary, replica = cluster.clients[ids[0]], cluster.clients[ids[1]]
+    replica.hold()
+    assert conn.send(encode("INCR", "n")) == b""
+    primary.disconnect()
+    primary.reconnect()
+    assert conn.send(encode("INCR", "n")) == b""
+    assert primary.calls["incr"] == 1
+    replica.release()  # the first INCR is replicated; the second one is sent now
+    replica.release()
+    assert primary.calls["incr"] == 2
+    assert conn.take() == b":1\r\n:2\r\n"
+
+
+def test_an_incr_after_a_write_of_the_key_is_not_pipelined_past_it(
+    cluster: Cluster, conn: Conn
+) -> None:
+    """A read-modify-write (APPEND) between INCRs keeps them apart: its result is read."""
+    conn.cmd("SET", "n", "1")
+    ids = copy_ids(cluster, b"n")
+    replica = cluster.clients[ids[1]]
+    replica.hold()
+    stream = encode("INCR", "n") + encode("APPEND", "n", "0") + encode("INCR", "n")
+    assert conn.send(stream) == b""
+    assert cluster.clients[ids[0]].calls["incr"] == 1
+    for _ in range(4):
+        replica.release()
+    assert conn.take() == b":2\r\n:2\r\n:21\r\n"
+
+
 def test_max_in_flight_pauses_and_resumes_reading(cluster: Cluster) -> None:
     """With max_in_flight pending replies the transport is paused, and resumed as they drain."""
     conn = Conn(cluster.resp_factory(max_in_flight=4))

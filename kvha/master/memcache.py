@@ -612,8 +612,10 @@ class MemcacheProtocol(OrderedReplies):
                 return NOT_STORED
 
         # A plain set is one round trip unless the partition decides it at the primary.
-        multi_step = cmd != b"set" or policy.reject_at_primary
-        d = self.after([key], start, register=multi_step)
+        if cmd != b"set" or policy.reject_at_primary:
+            d = self.at_primary(partition, key, start)
+        else:
+            d = self.after([key], start, register=False)
         self.deferred_reply(d, render, self._server_error, noreply)
         return True
 
@@ -698,7 +700,8 @@ class MemcacheProtocol(OrderedReplies):
             assert record is not None
             return record.value + b"\r\n"
 
-        self.deferred_reply(self.after([key], start), render, self._server_error, noreply)
+        d = self.at_primary(partition, key, start)
+        self.deferred_reply(d, render, self._server_error, noreply)
 
     def _touch(self, tokens: list[bytes]) -> None:
         noreply = self._noreply(tokens, 3)
@@ -725,10 +728,12 @@ class MemcacheProtocol(OrderedReplies):
             stats.touch_misses += 1
             return NOT_FOUND
 
-        start = lambda: self.router.conditional(  # noqa: E731
+        router = self.router
+        start = lambda: router.conditional(  # noqa: E731
             partition, key, lambda c: c.touch(partition, key, expires)
         )
-        self.deferred_reply(self.after([key], start), render, self._server_error, noreply)
+        d = self.at_primary(partition, key, start)
+        self.deferred_reply(d, render, self._server_error, noreply)
 
     # Whole-server commands -----------------------------------------------------------------
 

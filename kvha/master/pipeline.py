@@ -74,6 +74,8 @@ class OrderedReplies(BufferedWrites, Protocol):
     def __init__(self) -> None:
         self._slots: deque[list[Optional[bytes]]] = deque()
         self._key_tail: dict[bytes, Deferred] = {}
+        #: Per key, the last operation decided at the primary: [connection, Deferred].
+        self._primary_chain: dict[bytes, list[Any]] = {}
         self._paused = False
         self._held = False
         self._quitting = False
@@ -270,18 +272,80 @@ class OrderedReplies(BufferedWrites, Protocol):
                 waits[0].addBoth(go)
             else:
                 defer.DeferredList(waits).addBoth(go)
-        if register and not d.called:
-            for k in keys:
-                tails[k] = d
-
-            def release(result: Any) -> Any:
-                for k in keys:
-                    if tails.get(k) is d:
-                        del tails[k]
-                return result
-
-            d.addBoth(release)
+        if register:
+            # Even a Deferred that has fired may still be waiting on a chained
+            # one (a primary's answer waiting for its replication); one that
+            # is truly done releases the keys at once.
+            self._register(keys, d)
         return d
+
+    def _register(self, keys: list[bytes], d: Deferred) -> None:
+        """Make ``d`` the last multi-step operation on ``keys`` until it is done."""
+        tails = self._key_tail
+        for k in keys:
+            tails[k] = d
+
+        def release(result: Any) -> Any:
+            for k in keys:
+                if tails.get(k) is d:
+                    del tails[k]
+            return result
+
+        d.addBoth(release)
+
+    def after_at_primary(
+        self, key: bytes, primary_of: Callable[[], Any], start: Callable[[], Deferred]
+    ) -> Deferred:
+        """:meth:`after` for an operation decided at the key's primary (INCR, CAS, ADD...).
+
+        Such an operation runs at the primary, which applies what one
+        connection sends in order, and is then replicated.  When the last
+        multi-step operation on ``key`` is one of these, sent on the same
+        data-node connection that ``primary_of()`` names now, a new one is
+        sent at once instead of after the earlier one's replication: the
+        primary applies them in order either way, and replies still leave in
+        order.  That is what makes pipelined INCRs on one key pipelined.
+        Anything else (a read, a read-modify-write, or a primary that changed
+        or reconnected meanwhile) waits, as with :meth:`after`.
+        """
+        chains = self._primary_chain
+        entry = chains.get(key)
+        if entry is not None and self._key_tail.get(key) is entry[1]:
+            conn = primary_of()
+            if conn is not None and conn is entry[0]:
+                d = start()
+                self._chain(key, [conn, d])
+                return d
+        new: list[Any] = [None, None]
+
+        def start_at_primary() -> Deferred:
+            new[0] = primary_of()  # what ``start`` is about to use
+            return start()
+
+        d = self.after([key], start_at_primary)
+        new[1] = d
+        self._chain(key, new)
+        return d
+
+    def at_primary(self, partition: bytes, key: bytes, start: Callable[[], Deferred]) -> Deferred:
+        """:meth:`after_at_primary` for ``start`` = a ``Router.conditional`` on ``key``."""
+        router: Router = self.router  # type: ignore[attr-defined]
+        return self.after_at_primary(key, lambda: router.primary_connection(partition, key), start)
+
+    def _chain(self, key: bytes, entry: list[Any]) -> None:
+        """``entry`` = [data-node connection or None until started, Deferred]."""
+        d = entry[1]
+        if self._key_tail.get(key) is not d:
+            self._register([key], d)
+        chains = self._primary_chain
+        chains[key] = entry
+
+        def release(result: Any) -> Any:
+            if chains.get(key) is entry:
+                del chains[key]
+            return result
+
+        d.addBoth(release)
 
     def after_all(self, start: Callable[[], Deferred]) -> Deferred:
         """Run ``start`` once every operation this connection started is done."""

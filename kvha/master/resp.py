@@ -1209,10 +1209,11 @@ class RespProtocol(OrderedReplies):
                 bulk(record.value) if mode is IncrMode.REDIS_FLOAT else integer(int(record.value))
             )
 
-        start = lambda: self.router.conditional(  # noqa: E731
+        router = self.router
+        start = lambda: router.conditional(  # noqa: E731
             partition, key, lambda c: c.incr(partition, key, mode, delta)
         )
-        return self.keyed([key], start).addCallback(render)
+        return self.at_primary(partition, key, start).addCallback(render)
 
     def c_incr(self, args: list[bytes]) -> Reply:
         return self._incr(args[1], IncrMode.REDIS_INT, b"1")

@@ -650,6 +650,11 @@ class Router:
         d = self.replicate(partition, key, result.packed, skip=primary, done_already=result)
         return d.addCallback(lambda _: result)
 
+    def primary_connection(self, partition: bytes, key: bytes) -> Any:
+        """The data-node connection :meth:`conditional` would use for ``key`` now, or None."""
+        link = self._primary(partition, key)
+        return link.client.protocol if link is not None else None
+
     def _primary(self, partition: bytes, key: bytes) -> Optional[NodeLink]:
         for link in self.copies_of(partition, key):
             if link.state == "up" and link.client.connected:
