@@ -992,6 +992,36 @@ def test_callback_requests_store_and_read_through_iosim(node: DataNode, clock: C
     assert client.pending == {}
 
 
+def test_an_apply_stored_as_sent_is_not_sent_back(node: DataNode, clock: Clock) -> None:
+    """The Result of an Apply carries no record when the node stored the one it was sent.
+
+    The client gives its caller the record it sent; a STALE reply still
+    carries the newer record the node kept, and a version-0 record the one
+    the node versioned.
+    """
+    conn = authed(node)
+    value = b"v" * 10_000
+    sent = pack(value, version_from_millis(NOW_MS), 3, 0)
+    reply = conn.call(wire.Apply(b"p", b"k", sent))
+    assert (reply.status, reply.packed) == (Status.STORED, b"")
+    older = pack(b"old", version_from_millis(NOW_MS - 1000), 0, 0)
+    reply = conn.call(wire.Apply(b"p", b"k", older))
+    assert reply.status == Status.STALE and reply.packed == sent
+    reply = conn.call(wire.Apply(b"p", b"fresh", pack(b"x", 0)))
+    assert reply.status == Status.STORED and unpack(reply.packed).version > 0
+
+    client, server, pump = connect(node, clock)
+    owner = attached_client(client, clock)
+    got: list[Any] = []
+    newer = pack(value, version_from_millis(NOW_MS + 1), 4, 0)
+    owner.apply_cb(b"p", b"k", newer, got.append, got.append)
+    d = owner.apply(b"p", b"k2", sent)
+    pump.flush()
+    assert got[0].status is Status.STORED and got[0].packed is newer
+    assert d.result.status is Status.STORED and d.result.record.flags == 3
+    assert d.result.packed is sent
+
+
 def test_callback_request_without_a_connection_fails_at_once(clock: Clock) -> None:
     from twisted.internet.testing import MemoryReactor
 

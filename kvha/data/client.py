@@ -393,6 +393,14 @@ def _result(msg: wire.Message) -> Result:
     return Result(_STATUSES[msg.status], msg.packed or None)
 
 
+def _applied(msg: wire.Message, sent: bytes) -> Result:
+    """An Apply's Result.  A record stored as sent is not sent back: it is ``sent``."""
+    status = _STATUSES[msg.status]
+    if not msg.packed and status is Status.STORED:
+        return Result(status, sent)
+    return Result(status, msg.packed or None)
+
+
 def _record(msg: wire.Message) -> Optional[Record]:
     return _result(msg).record
 
@@ -542,7 +550,12 @@ class DataNodeClient:
         if proto is None:
             return
         proto.request_cb(
-            wire.apply_frame, lambda msg: on_done(_result(msg)), on_fail, partition, key, packed
+            wire.apply_frame,
+            lambda msg: on_done(_applied(msg, packed)),
+            on_fail,
+            partition,
+            key,
+            packed,
         )
 
     def mget(self, partition: bytes, keys: Sequence[bytes], tombstones: bool = False) -> Deferred:
@@ -557,7 +570,8 @@ class DataNodeClient:
         proto = self.protocol
         if proto is None:
             return defer.fail(NodeUnavailable(f"not connected to {self.endpoint}"))
-        return proto.request_frame(wire.apply_frame, partition, key, packed).addCallback(_result)
+        d = proto.request_frame(wire.apply_frame, partition, key, packed)
+        return d.addCallback(_applied, packed)
 
     def set(
         self,

@@ -629,9 +629,13 @@ class DataServerProtocol(Protocol):
     def _apply(self, msg: wire.Apply, request_id: int) -> Any:
         if len(msg.packed) < HEADER_SIZE:
             return wire.Error(wire.E_BAD_REQUEST, "packed record is shorter than its header")
-        result = self.node.store.apply(msg.partition, msg.key, msg.packed)
-        if result.status is Status.TOO_LARGE:
-            return wire.result_frame(request_id, Status.TOO_LARGE, b"")
+        packed = msg.packed
+        result = self.node.store.apply(msg.partition, msg.key, packed)
+        if result.status is Status.TOO_LARGE or result.packed is packed:
+            # Stored as sent: the sender has the record, so it does not come
+            # back (the client fills it in).  A record the store re-versioned,
+            # or the newer one it kept (STALE), does.
+            return wire.result_frame(request_id, result.status, b"")
         return wire.result_frame(request_id, result.status, result.packed or b"")
 
     def _store(self, msg: wire.Store, request_id: int) -> wire.Message:
