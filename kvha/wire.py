@@ -177,6 +177,39 @@ def _bytes_dec(data: bytes, offset: int) -> tuple[bytes, int]:
     return data[end:stop], stop
 
 
+def _list_enc(value: list[bytes], out: list[bytes]) -> None:
+    pack = _U32.pack
+    append = out.append
+    append(pack(len(value)))
+    for item in value:
+        append(pack(len(item)))
+        append(item)
+
+
+def _list_dec(data: bytes, offset: int) -> tuple[list[bytes], int]:
+    """``list``, unrolled (multi-key requests and replies); same errors as :func:`_dec`."""
+    size = len(data)
+    end = offset + 4
+    if end > size:
+        raise WireError("message body is truncated")
+    (count,) = _U32.unpack_from(data, offset)
+    if end + count * 4 > size:  # refuse absurd counts before allocating
+        raise WireError("message body is truncated")
+    unpack = _U32.unpack_from
+    items = []
+    append = items.append
+    for _ in range(count):
+        start = end + 4
+        if start > size:
+            raise WireError("message body is truncated")
+        stop = start + unpack(data, end)[0]
+        if stop > size:
+            raise WireError("message body is truncated")
+        append(data[start:stop])
+        end = stop
+    return items, end
+
+
 def _fixed_dec(codec: struct.Struct) -> Any:
     size = codec.size
     unpack = codec.unpack_from
@@ -222,7 +255,9 @@ _DECODERS: dict[str, Any] = {
     "u32": _fixed_dec(_U32),
     "u64": _fixed_dec(_U64),
 }
-for _kind in ("str", "list", "u64s", "ranges", "records"):
+_ENCODERS["list"] = _list_enc
+_DECODERS["list"] = _list_dec
+for _kind in ("str", "u64s", "ranges", "records"):
     _ENCODERS[_kind] = _generic_enc(_kind)
     _DECODERS[_kind] = _generic_dec(_kind)
 
@@ -407,6 +442,17 @@ def apply_frame(request_id: int, partition: bytes, key: bytes, packed: bytes) ->
             packed,
         )
     )
+
+
+@message(19, ("partition", "bytes"), ("keys", "list"), ("packed", "list"))
+class ApplyMany(Message):
+    """Apply for several keys of one partition, in order: one frame, one Results reply.
+
+    A master sends one per data node for a multi-key write (MSET) instead of
+    one Apply per key.  ``keys`` and ``packed`` are parallel.
+    """
+
+    __slots__ = ("partition", "keys", "packed")
 
 
 @message(
@@ -614,6 +660,15 @@ class ScanReply(Message):
 @message(74, ("granted", "u8"), ("state", "str"), ("high_water", "u64"))
 class ControlReply(Message):
     __slots__ = ("granted", "state", "high_water")
+
+
+@message(75, ("statuses", "bytes"), ("packed", "list"))
+class Results(Message):
+    """ApplyMany reply: a status byte per record, in order, and per record the
+    record the node holds where it is not the one sent (else empty), as in Result.
+    """
+
+    __slots__ = ("statuses", "packed")
 
 
 # Error codes carried by Error.

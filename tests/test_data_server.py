@@ -1022,6 +1022,92 @@ def test_an_apply_stored_as_sent_is_not_sent_back(node: DataNode, clock: Clock) 
     assert d.result.packed is sent
 
 
+def test_apply_many_applies_every_record_in_order(node: DataNode) -> None:
+    conn = authed(node)
+    v1, v2 = version_from_millis(NOW_MS), version_from_millis(NOW_MS + 1)
+    keep = pack(b"newer", v2)
+    node.store.apply(b"p", b"kept", keep)
+    records = [pack(b"a", v1), pack(b"b", v1), pack(b"first", v1), pack(b"second", v2)]
+    records.append(pack(b"old", v1))
+    keys = [b"a", b"b", b"dup", b"dup", b"kept"]
+    reply = conn.call(wire.ApplyMany(b"p", keys, records))
+    assert isinstance(reply, wire.Results)
+    assert list(reply.statuses) == [Status.STORED] * 4 + [Status.STALE]
+    assert reply.packed == [b"", b"", b"", b"", keep]  # only the record the node kept instead
+    store = node.store
+    assert [store.get(b"p", k).value for k in (b"a", b"b", b"dup", b"kept")] == [
+        b"a",
+        b"b",
+        b"second",
+        b"newer",
+    ]
+
+
+@pytest.mark.parametrize(
+    "keys, records, why",
+    [
+        ([b"a", b"b"], [b"x" * HEADER_SIZE], "2 keys but 1 records"),
+        ([b"a", b"b"], [b"x" * HEADER_SIZE, b"short"], "shorter than its header"),
+    ],
+)
+def test_a_bad_apply_many_stores_nothing(
+    node: DataNode, keys: list[bytes], records: list[bytes], why: str
+) -> None:
+    conn = authed(node)
+    v = pack(b"v", version_from_millis(NOW_MS))
+    records = [v if len(r) == HEADER_SIZE else r for r in records]
+    reply = conn.call(wire.ApplyMany(b"p", keys, records))
+    assert_error(reply, wire.E_BAD_REQUEST)
+    assert why in reply.message
+    assert node.store.get(b"p", b"a") is None
+    assert conn.call(wire.Ping()).__class__ is wire.Pong  # the connection stays usable
+
+
+def test_apply_many_through_the_client(node: DataNode, clock: Clock) -> None:
+    client, server, pump = connect(node, clock)
+    owner = attached_client(client, clock)
+    got: list[Any] = []
+    records = [pack(b"v%d" % i, version_from_millis(NOW_MS, i)) for i in range(3)]
+    owner.apply_many_cb(b"p", [b"k0", b"k1", b"k2"], records, got.append, got.append)
+    pump.flush()
+    [results] = got
+    assert [r.status for r in results] == [Status.STORED] * 3
+    assert [r.packed for r in results] == records
+    assert node.store.get(b"p", b"k2").value == b"v2"
+    assert node.ops["apply_many"] == 1 and "apply" not in node.ops
+
+
+def test_apply_many_falls_back_to_one_apply_each_on_an_older_node(
+    node: DataNode, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node that answers "unknown opcode" gets single Applies, now and later."""
+    from kvha.data import server as server_module
+
+    handlers = dict(server_module._HANDLERS)
+    del handlers[wire.ApplyMany.OPCODE]
+    monkeypatch.setattr(server_module, "_HANDLERS", handlers)
+    client, server, pump = connect(node, clock)
+    owner = attached_client(client, clock)
+    got: list[Any] = []
+    for round_ in range(2):
+        records = [pack(b"r%d" % round_, version_from_millis(NOW_MS, round_))] * 2
+        owner.apply_many_cb(b"p", [b"a", b"b"], records, got.append, got.append)
+        pump.flush()
+        assert [r.status for r in got[-1]] == [Status.STORED] * 2
+    assert not owner.apply_many_supported
+    assert node.store.get(b"p", b"b").value == b"r1"
+    assert node.ops["apply"] == 4
+
+
+def test_apply_many_fails_every_record_when_the_connection_is_lost(clock: Clock) -> None:
+    bare, _ = bare_client(clock, 5.0, connected=True)
+    owner = attached_client(bare, clock)
+    errors: list[BaseException] = []
+    owner.apply_many_cb(b"p", [b"a"], [b"x" * HEADER_SIZE], errors.append, errors.append)
+    bare.connectionLost(None)
+    assert [type(e) for e in errors] == [NodeUnavailable]
+
+
 def test_callback_request_without_a_connection_fails_at_once(clock: Clock) -> None:
     from twisted.internet.testing import MemoryReactor
 

@@ -697,6 +697,36 @@ def test_mget_mset_docs_examples(conn: Conn) -> None:
     assert conn.cmd("GET", "d") == bulk(b"2")
 
 
+def test_mset_sends_one_request_per_data_node(cluster: Cluster, conn: Conn) -> None:
+    keys = [f"key{i}" for i in range(30)]
+    args: list[str] = []
+    for i, k in enumerate(keys):
+        args += [k, f"v{i}"]
+    assert conn.cmd("MSET", *args) == OK
+    for client in cluster.clients.values():
+        assert client.calls.get("apply_many") == 1
+        assert client.calls.get("apply", 0) == 0
+    for i, k in enumerate(keys):
+        for node_id in copy_ids(cluster, k.encode()):
+            assert cluster.nodes[node_id].store.get(P, k.encode()).value == f"v{i}".encode()
+
+
+def test_mset_survives_a_copy_lost_in_flight_and_fails_without_enough_copies(
+    cluster: Cluster, conn: Conn
+) -> None:
+    """write_acks all: a copy that goes down during the write is skipped (merge repairs it);
+    with every copy of a key down, MSET fails, and says why."""
+    cluster.clients["data1"].hold()
+    assert conn.send(encode("MSET", *[x for i in range(20) for x in (f"k{i}", "v")])) == b""
+    cluster.kill("data1")
+    assert conn.take() == OK
+    on_data1 = next(k for k in (b"k%d" % i for i in range(20)) if "data1" in copy_ids(cluster, k))
+    other = next(i for i in copy_ids(cluster, on_data1) if i != "data1")
+    cluster.kill(other)
+    reply = conn.cmd("MSET", "x", "1", on_data1, "2")
+    assert reply.startswith(b"-ERR") and b"live copies" in reply
+
+
 def test_msetnx_is_all_or_nothing(conn: Conn) -> None:
     """MSETNX key1 Hello key2 there is 1; MSETNX key2 new key3 world is 0 and sets nothing."""
     assert conn.cmd("MSETNX", "key1", "Hello", "key2", "there") == b":1\r\n"

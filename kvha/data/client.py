@@ -401,6 +401,27 @@ def _applied(msg: wire.Message, sent: bytes) -> Result:
     return Result(status, msg.packed or None)
 
 
+def _apply_many_frame(
+    request_id: int, partition: bytes, keys: Sequence[bytes], records: Sequence[bytes]
+) -> bytes:
+    return wire.ApplyMany(partition, list(keys), list(records)).frame(request_id)
+
+
+def _many_results(msg: wire.Message, sent: Sequence[bytes]) -> list[Result]:
+    """The Results of an ApplyMany, one per record sent (see :func:`_applied`)."""
+    if not isinstance(msg, wire.Results):
+        raise wire.WireError(f"expected Results, got {type(msg).__name__}")
+    statuses, back = msg.statuses, msg.packed
+    if len(statuses) != len(sent) or len(back) != len(sent):
+        raise wire.WireError(f"{len(statuses)} results for {len(sent)} records")
+    out = []
+    stored = Status.STORED
+    for status_byte, packed, mine in zip(statuses, back, sent):
+        status = _STATUSES[status_byte]
+        out.append(Result(status, mine if not packed and status is stored else packed or None))
+    return out
+
+
 def _record(msg: wire.Message) -> Optional[Record]:
     return _result(msg).record
 
@@ -427,6 +448,8 @@ class DataNodeClient:
     ) -> None:
         self.endpoint = endpoint
         self.clock = clock if clock is not None else reactor
+        #: Whether the node takes ApplyMany (False once it answered "unknown opcode").
+        self.apply_many_supported = True
         self.protocol: Optional[DataClientProtocol] = None
         self._waiting: list[Deferred] = []
         self._warned = False
@@ -557,6 +580,72 @@ class DataNodeClient:
             key,
             packed,
         )
+
+    def apply_many_cb(
+        self,
+        partition: bytes,
+        keys: Sequence[bytes],
+        records: Sequence[bytes],
+        on_done: Callable[[list[Result]], None],
+        on_fail: Callable[[BaseException], None],
+    ) -> None:
+        """Apply ``records[i]`` to ``keys[i]`` for every i, in one request.
+
+        ``on_done`` gets one Result per record, in order.  A data node that
+        does not know the request (an older version) gets one Apply per
+        record instead, from then on.
+        """
+        if not self.apply_many_supported:
+            self._apply_each(partition, keys, records, on_done, on_fail)
+            return
+        proto = self._connected_or_fail(on_fail)
+        if proto is None:
+            return
+
+        def replied(msg: wire.Message) -> None:
+            try:
+                results = _many_results(msg, records)
+            except (wire.WireError, KeyError) as e:
+                on_fail(wire.WireError(f"malformed Results from {self.endpoint}: {e}"))
+                return
+            on_done(results)
+
+        def failed(error: BaseException) -> None:
+            if isinstance(error, DataNodeError) and error.code == wire.E_UNKNOWN_OP:
+                self.apply_many_supported = False
+                self._apply_each(partition, keys, records, on_done, on_fail)
+                return
+            on_fail(error)
+
+        proto.request_cb(_apply_many_frame, replied, failed, partition, keys, records)
+
+    def _apply_each(
+        self,
+        partition: bytes,
+        keys: Sequence[bytes],
+        records: Sequence[bytes],
+        on_done: Callable[[list[Result]], None],
+        on_fail: Callable[[BaseException], None],
+    ) -> None:
+        results: list[Any] = [None] * len(keys)
+        state = [len(keys), False]  # answers left, failed already
+
+        def one(i: int) -> Callable[[Result], None]:
+            def done(result: Result) -> None:
+                results[i] = result
+                state[0] -= 1
+                if state[0] == 0 and not state[1]:
+                    on_done(results)
+
+            return done
+
+        def failed(error: BaseException) -> None:
+            if not state[1]:
+                state[1] = True
+                on_fail(error)
+
+        for i, (key, packed) in enumerate(zip(keys, records)):
+            self.apply_cb(partition, key, packed, one(i), failed)
 
     def mget(self, partition: bytes, keys: Sequence[bytes], tombstones: bool = False) -> Deferred:
         """Fires with a list of Record-or-None, in the order of ``keys``."""

@@ -123,6 +123,28 @@ class LocalDataClient:
     ) -> None:
         self.apply(partition, key, packed).addCallbacks(on_done, lambda f: on_fail(f.value))
 
+    def apply_many_cb(
+        self,
+        partition: bytes,
+        keys: Sequence[bytes],
+        records: Sequence[bytes],
+        on_done: Callable[[Any], None],
+        on_fail: Callable[[BaseException], None],
+    ) -> None:
+        def work() -> Any:
+            if len(keys) != len(records):
+                raise ValueError("as many records as keys are needed")
+            if any(len(packed) < HEADER_SIZE for packed in records):
+                raise ValueError("packed record is shorter than its header")
+            results = []
+            for key, packed in zip(keys, records):
+                result = self.node.store.apply(partition, key, packed)
+                too_large = result.status is Status.TOO_LARGE
+                results.append(Result(result.status, None if too_large else result.packed))
+            return results
+
+        self._call("apply_many", work).addCallbacks(on_done, lambda f: on_fail(f.value))
+
     def mget(self, partition: bytes, keys: Sequence[bytes], tombstones: bool = False) -> Deferred:
         store = self.node.store
 

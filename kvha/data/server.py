@@ -638,6 +638,26 @@ class DataServerProtocol(Protocol):
             return wire.result_frame(request_id, result.status, b"")
         return wire.result_frame(request_id, result.status, result.packed or b"")
 
+    def _apply_many(self, msg: wire.ApplyMany, request_id: int) -> wire.Message:
+        keys, records = msg.keys, msg.packed
+        if len(keys) != len(records):
+            return wire.Error(
+                wire.E_BAD_REQUEST, f"ApplyMany has {len(keys)} keys but {len(records)} records"
+            )
+        # Checked before anything is stored: a bad request stores nothing.
+        if any(len(packed) < HEADER_SIZE for packed in records):
+            return wire.Error(wire.E_BAD_REQUEST, "a packed record is shorter than its header")
+        apply = self.node.store.apply
+        partition = msg.partition
+        statuses = bytearray()
+        back = []
+        for key, packed in zip(keys, records):
+            result = apply(partition, key, packed)
+            statuses.append(result.status)
+            same = result.status is Status.TOO_LARGE or result.packed is packed
+            back.append(b"" if same else result.packed or b"")
+        return wire.Results(bytes(statuses), back)
+
     def _store(self, msg: wire.Store, request_id: int) -> wire.Message:
         try:
             mode = StoreMode(msg.mode)
@@ -740,6 +760,7 @@ _HANDLERS: dict[int, tuple[str, type[wire.Message], Callable[..., Any]]] = {
         ("get", wire.Get, DataServerProtocol._get),
         ("mget", wire.MultiGet, DataServerProtocol._mget),
         ("apply", wire.Apply, DataServerProtocol._apply),
+        ("apply_many", wire.ApplyMany, DataServerProtocol._apply_many),
         ("store", wire.Store, DataServerProtocol._store),
         ("incr", wire.Incr, DataServerProtocol._incr),
         ("touch", wire.Touch, DataServerProtocol._touch),

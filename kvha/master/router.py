@@ -292,7 +292,8 @@ class Router:
         """:meth:`set_cb` for each ``(key, value)``; ``on_done(None)`` once all are stored.
 
         The first failure is reported at once (the other writes still run), and
-        only it.  All the frames of one call leave in one write per data node.
+        only it.  Each data node gets one ApplyMany with its share of the
+        records; ``write_acks`` is counted per key, as for :meth:`set_cb`.
         """
         state = [len(pairs), False]  # writes left, failed already
 
@@ -306,8 +307,58 @@ class Router:
                 state[1] = True
                 on_fail(error)
 
+        try:
+            policy = self.policy(partition)
+        except KeyError as e:
+            on_fail(e)
+            return
+        if policy.reject_at_primary or len(pairs) == 1:
+            for key, value in pairs:
+                self.set_cb(partition, key, value, one_done, one_failed)
+            return
+        expires_ms = 0
+        if policy.default_ttl_ms:
+            expires_ms = int(self.clock.seconds() * 1000) + policy.default_ttl_ms
+        batches: dict[NodeLink, tuple[list[bytes], list[bytes], list[_Fanout]]] = {}
+        hlc = self.hlc
         for key, value in pairs:
-            self.set_cb(partition, key, value, one_done, one_failed)
+            packed = pack(value, hlc.next(), 0, expires_ms)
+
+            def queue(
+                client: DataNodeClient, fan: _Fanout, link: NodeLink, key=key, packed=packed
+            ) -> None:
+                batch = batches.get(link)
+                if batch is None:
+                    batch = batches[link] = ([], [], [])
+                batch[0].append(key)
+                batch[1].append(packed)
+                batch[2].append(fan)
+
+            self._fanout_cb(
+                partition, self.write_copies_of(partition, key), queue, one_done, one_failed
+            )
+        for link, (keys, records, fans) in batches.items():
+            self._apply_many(partition, link, keys, records, fans)
+
+    def _apply_many(
+        self,
+        partition: bytes,
+        link: NodeLink,
+        keys: list[bytes],
+        records: list[bytes],
+        fans: list[_Fanout],
+    ) -> None:
+        write_failed = self._write_failed
+
+        def done(results: list[Result]) -> None:
+            for fan, result in zip(fans, results):
+                fan.stored(result)
+
+        def failed(error: BaseException) -> None:
+            for fan in fans:
+                write_failed(error, fan, link)
+
+        link.client.apply_many_cb(partition, keys, records, done, failed)
 
     def get_cb(
         self,
