@@ -1342,6 +1342,18 @@ def test_a_read_after_pipelined_incrs_waits_for_them(cluster: Cluster, conn: Con
     assert conn.take() == b":1\r\n:11\r\n" + bulk(b"11")
 
 
+def test_an_incr_lost_with_its_primary_answers_an_error_and_frees_the_key(
+    cluster: Cluster, conn: Conn
+) -> None:
+    ids = copy_ids(cluster, b"n")
+    cluster.clients[ids[0]].hold()
+    assert conn.send(encode("INCR", "n") + encode("GET", "n")) == b""
+    cluster.kill(ids[0])
+    out = conn.take()
+    assert out.startswith(b"-ERR ") and out.endswith(NIL)  # the GET ran after it, on the copy
+    assert conn.cmd("INCR", "n") == b":1\r\n"  # the copy is the primary now
+
+
 def test_an_incr_waits_when_the_primary_connection_changed(cluster: Cluster, conn: Conn) -> None:
     """After a reconnect, order on the old connection says nothing: wait as before."""
     ids = copy_ids(cluster, b"n")

@@ -765,3 +765,59 @@ def test_set_many_cb_reports_the_first_failure_only() -> None:
         assert result_of(c.router.get(P, live)).value == b"2"  # the other writes still ran
     finally:
         c.stop()
+
+
+# Operations at the primary, reported to plain functions.
+
+
+def _incr_cb(cluster: Cluster, key: bytes, delta: bytes = b"1") -> list[Any]:
+    got: list[Any] = []
+    cluster.router.conditional_cb(
+        P,
+        key,
+        lambda c, ok, bad: c.incr_cb(P, key, IncrMode.REDIS_INT, delta, ok, bad),
+        got.append,
+        got.append,
+    )
+    return got
+
+
+def test_conditional_cb_replicates_the_primarys_record_then_reports() -> None:
+    cluster = Cluster(n=3, replicas=1)
+    primary, replica = copy_ids(cluster, b"n")
+    cluster.clients[replica].hold()
+    got = _incr_cb(cluster, b"n", b"41")
+    assert got == []  # write_acks all: waiting for the copy
+    cluster.clients[replica].release()
+    [result] = got
+    assert result.status is Status.STORED and result.record.value == b"41"
+    assert cluster.nodes[replica].store.get(P, b"n").value == b"41"
+    assert cluster.nodes[replica].store.get(P, b"n").version == result.record.version
+
+
+def test_conditional_cb_without_a_live_primary_fails_at_once() -> None:
+    cluster = Cluster(n=3, replicas=1)
+    for node_id in copy_ids(cluster, b"n"):
+        cluster.kill(node_id)
+    [error] = _incr_cb(cluster, b"n")
+    assert isinstance(error, Unavailable)
+
+
+def test_conditional_cb_fails_when_the_primary_is_lost_with_the_request_sent() -> None:
+    cluster = Cluster(n=3, replicas=1)
+    primary, replica = copy_ids(cluster, b"n")
+    cluster.clients[primary].hold()
+    got = _incr_cb(cluster, b"n")
+    cluster.kill(primary)
+    [error] = got
+    assert isinstance(error, NodeUnavailable)
+    assert cluster.nodes[replica].store.get(P, b"n") is None  # not tried elsewhere
+
+
+def test_conditional_cb_reports_a_malformed_record_instead_of_raising() -> None:
+    cluster = Cluster(n=3, replicas=1)
+    primary = copy_ids(cluster, b"n")[0]
+    client = cluster.clients[primary]
+    client.incr_cb = lambda p, k, m, d, ok, bad: ok(Result(Status.STORED, b"short"))  # type: ignore[method-assign]
+    [error] = _incr_cb(cluster, b"n")
+    assert isinstance(error, Exception) and not isinstance(error, Result)

@@ -422,6 +422,12 @@ def _many_results(msg: wire.Message, sent: Sequence[bytes]) -> list[Result]:
     return out
 
 
+def _incr_frame(
+    request_id: int, partition: bytes, key: bytes, mode: IncrMode, delta: bytes
+) -> bytes:
+    return wire.Incr(int(mode), partition, key, delta).frame(request_id)
+
+
 def _record(msg: wire.Message) -> Optional[Record]:
     return _result(msg).record
 
@@ -688,6 +694,23 @@ class DataNodeClient:
 
     def incr(self, partition: bytes, key: bytes, mode: IncrMode, delta: bytes) -> Deferred:
         return self._call(wire.Incr(int(mode), partition, key, delta)).addCallback(_result)
+
+    def incr_cb(
+        self,
+        partition: bytes,
+        key: bytes,
+        mode: IncrMode,
+        delta: bytes,
+        on_done: Callable[[Result], None],
+        on_fail: Callable[[BaseException], None],
+    ) -> None:
+        """:meth:`incr` without a Deferred."""
+        proto = self._connected_or_fail(on_fail)
+        if proto is None:
+            return
+        proto.request_cb(
+            _incr_frame, lambda msg: on_done(_result(msg)), on_fail, partition, key, mode, delta
+        )
 
     def touch(self, partition: bytes, key: bytes, expires_ms: int) -> Deferred:
         return self._call(wire.Touch(partition, key, expires_ms)).addCallback(_result)

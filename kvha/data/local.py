@@ -202,6 +202,17 @@ class LocalDataClient:
     def incr(self, partition: bytes, key: bytes, mode: IncrMode, delta: bytes) -> Deferred:
         return self._call("incr", lambda: _clean(self.node.store.incr(partition, key, mode, delta)))
 
+    def incr_cb(
+        self,
+        partition: bytes,
+        key: bytes,
+        mode: IncrMode,
+        delta: bytes,
+        on_done: Callable[[Any], None],
+        on_fail: Callable[[BaseException], None],
+    ) -> None:
+        self.incr(partition, key, mode, delta).addCallbacks(on_done, lambda f: on_fail(f.value))
+
     def touch(self, partition: bytes, key: bytes, expires_ms: int) -> Deferred:
         return self._call(
             "touch", lambda: _clean(self.node.store.touch(partition, key, expires_ms))

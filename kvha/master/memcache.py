@@ -677,9 +677,15 @@ class MemcacheProtocol(OrderedReplies):
         partition = self.partition
         stats = self.stats
 
-        def start() -> Deferred:
-            return self.router.conditional(
-                partition, key, lambda c: c.incr(partition, key, mode, delta)
+        router = self.router
+
+        def send(on_done: Callable[[Any], None], on_fail: Callable[[BaseException], None]) -> None:
+            router.conditional_cb(
+                partition,
+                key,
+                lambda c, ok, bad: c.incr_cb(partition, key, mode, delta, ok, bad),
+                on_done,
+                on_fail,
             )
 
         def render(result: Result) -> bytes:
@@ -700,8 +706,7 @@ class MemcacheProtocol(OrderedReplies):
             assert record is not None
             return record.value + b"\r\n"
 
-        d = self.at_primary(partition, key, start)
-        self.deferred_reply(d, render, self._server_error, noreply)
+        self.at_primary_cb(partition, key, send, render, self._error_reply, noreply)
 
     def _touch(self, tokens: list[bytes]) -> None:
         noreply = self._noreply(tokens, 3)

@@ -332,6 +332,53 @@ class OrderedReplies(BufferedWrites, Protocol):
         router: Router = self.router  # type: ignore[attr-defined]
         return self.after_at_primary(key, lambda: router.primary_connection(partition, key), start)
 
+    def at_primary_cb(
+        self,
+        partition: bytes,
+        key: bytes,
+        send: Callable[[Callable[[Any], None], Callable[[BaseException], None]], None],
+        render: Callable[[Any], bytes],
+        on_error: Callable[[BaseException], bytes],
+        silent: bool = False,
+    ) -> None:
+        """:meth:`at_primary` answered into a reply slot, without a Deferred per step.
+
+        ``send(on_done, on_fail)`` starts a ``Router.conditional_cb``;
+        ``render`` / ``on_error`` make the reply, as for :meth:`reply_later`.
+        When it may run at once (nothing earlier on ``key``, or only
+        operations at the same primary connection) the one Deferred left is
+        the key's gate for what comes after it; otherwise it waits as
+        :meth:`at_primary` does.
+        """
+        done, fail = self.reply_later(render, on_error, silent)
+        router: Router = self.router  # type: ignore[attr-defined]
+        tail = self._key_tail.get(key)
+        conn = router.primary_connection(partition, key)
+        if tail is not None:
+            entry = self._primary_chain.get(key)
+            if entry is None or tail is not entry[1] or conn is None or conn is not entry[0]:
+
+                def start() -> Deferred:
+                    d: Deferred = Deferred()
+                    send(d.callback, d.errback)
+                    return d
+
+                waited = self.at_primary(partition, key, start)
+                waited.addCallbacks(done, lambda f: fail(f.value))
+                return
+        gate: Deferred = Deferred()
+        self._chain(key, [conn, gate])
+
+        def ok(result: Any) -> None:
+            gate.callback(None)
+            done(result)
+
+        def failed(error: BaseException) -> None:
+            gate.callback(None)
+            fail(error)
+
+        send(ok, failed)
+
     def _chain(self, key: bytes, entry: list[Any]) -> None:
         """``entry`` = [data-node connection or None until started, Deferred]."""
         d = entry[1]

@@ -1194,7 +1194,7 @@ class RespProtocol(OrderedReplies):
 
     # Counters ------------------------------------------------------------------------------
 
-    def _incr(self, key: bytes, mode: IncrMode, delta: bytes) -> Deferred:
+    def _incr(self, key: bytes, mode: IncrMode, delta: bytes) -> bytes:
         partition = self.partition
 
         def render(result: Result) -> bytes:
@@ -1205,15 +1205,23 @@ class RespProtocol(OrderedReplies):
                 return E_NAN if mode is IncrMode.REDIS_FLOAT else E_OVERFLOW
             record = result.record
             assert record is not None
-            return (
-                bulk(record.value) if mode is IncrMode.REDIS_FLOAT else integer(int(record.value))
-            )
+            if mode is IncrMode.REDIS_FLOAT:
+                return bulk(record.value)  # never a null: the same in RESP3
+            return integer(int(record.value))
 
         router = self.router
-        start = lambda: router.conditional(  # noqa: E731
-            partition, key, lambda c: c.incr(partition, key, mode, delta)
-        )
-        return self.at_primary(partition, key, start).addCallback(render)
+
+        def send(on_done: Callable[[Any], None], on_fail: Callable[[BaseException], None]) -> None:
+            router.conditional_cb(
+                partition,
+                key,
+                lambda c, ok, bad: c.incr_cb(partition, key, mode, delta, ok, bad),
+                on_done,
+                on_fail,
+            )
+
+        self.at_primary_cb(partition, key, send, render, self._error_reply)
+        return b""  # the reply fills its slot
 
     def c_incr(self, args: list[bytes]) -> Reply:
         return self._incr(args[1], IncrMode.REDIS_INT, b"1")

@@ -118,6 +118,10 @@ class PartitionPolicy:
         self.verified: set[bytes] = set()
 
 
+#: Results of an operation at the primary that leave a record to copy to the others.
+_REPLICATED = frozenset((Status.STORED, Status.TOUCHED, Status.DELETED))
+
+
 class _Fanout:
     """Counts answers to one write sent to several copies.
 
@@ -679,27 +683,65 @@ class Router:
         connected when asked is passed over; a primary that fails once the
         request is sent fails the request, since it may have applied it.
         """
-        primary = self._primary(partition, key)
-        if primary is None:
-            return defer.fail(Unavailable("no live primary for the key"))
-        d = op(primary.client)
-        d.addCallback(self._replicate_result, partition, key, primary)
+        d: Deferred = Deferred()
+
+        def send(
+            client: DataNodeClient,
+            on_result: Callable[[Result], None],
+            on_error: Callable[[BaseException], None],
+        ) -> None:
+            op(client).addCallbacks(on_result, lambda f: on_error(f.value))
+
+        self.conditional_cb(partition, key, send, d.callback, d.errback)
         return d
 
-    def _replicate_result(
-        self, result: Result, partition: bytes, key: bytes, primary: NodeLink
-    ) -> Any:
-        if result.status is Status.NO_SPACE:
-            raise OutOfSpace()
-        if result.packed is None or result.status not in (
-            Status.STORED,
-            Status.TOUCHED,
-            Status.DELETED,
-        ):
-            return result
-        self.hlc.observe(HEADER.unpack_from(result.packed)[0])
-        d = self.replicate(partition, key, result.packed, skip=primary, done_already=result)
-        return d.addCallback(lambda _: result)
+    def conditional_cb(
+        self,
+        partition: bytes,
+        key: bytes,
+        send: Callable[
+            [DataNodeClient, Callable[[Result], None], Callable[[BaseException], None]], None
+        ],
+        on_done: Callable[[Result], None],
+        on_fail: Callable[[BaseException], None],
+    ) -> None:
+        """:meth:`conditional` reporting to plain functions (neither may raise).
+
+        ``send(client, on_result, on_error)`` sends the operation to the
+        primary's client (``client.incr_cb(...)``, say).
+        """
+        primary = self._primary(partition, key)
+        if primary is None:
+            on_fail(Unavailable("no live primary for the key"))
+            return
+        write_failed = self._write_failed
+
+        def decided(result: Result) -> None:
+            status = result.status
+            if status is Status.NO_SPACE:
+                on_fail(OutOfSpace())
+                return
+            packed = result.packed
+            if packed is None or status not in _REPLICATED:
+                on_done(result)
+                return
+            try:
+                self.hlc.observe(HEADER.unpack_from(packed)[0])
+                targets = [c for c in self.write_copies_of(partition, key) if c is not primary]
+            except Exception as e:  # a malformed record, an unknown partition: an error reply
+                on_fail(e)
+                return
+
+            def apply(client: DataNodeClient, fan: _Fanout, link: NodeLink) -> None:
+                client.apply_cb(
+                    partition, key, packed, fan.stored, lambda e: write_failed(e, fan, link)
+                )
+
+            self._fanout_cb(
+                partition, targets, apply, lambda _first: on_done(result), on_fail, result
+            )
+
+        send(primary.client, decided, on_fail)
 
     def primary_connection(self, partition: bytes, key: bytes) -> Any:
         """The data-node connection :meth:`conditional` would use for ``key`` now, or None."""
