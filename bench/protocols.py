@@ -6,8 +6,12 @@
 1. redis-server / memcached directly;
 2. one kvha master directly, in front of three ``memory`` data nodes, with
    ``replicas: 0`` and with ``replicas: 1``;
-3. the full path through the VIP (load balancer -> master -> data nodes) with
-   ``replicas: 1``: the local cluster of ``kvha up`` on free ports.
+3. the full path through the VIP (load balancer -> masters -> data nodes) with
+   ``replicas: 1``: the local cluster of ``kvha up`` (two masters behind the
+   load-balancer pair) on free ports.
+
+Each kvha run also records the CPU of every kvha process and the machine's
+idle share, which tells a saturated process from a saturated machine.
 
 Every kvha node runs under the interpreter running this script, so
 ``make bench PY=pypy3`` measures kvha on PyPy.
@@ -31,6 +35,8 @@ from kvha.procs import NodeProcess, free_port, wait_for_port
 SECRET = "bench-cluster-secret-0123456789"
 TOKEN = "bench-admin-token-0123456789"
 REDIS_TESTS = ("set", "get", "incr", "mset")
+#: Masters in the local cluster of ``kvha up`` (the VIP target runs that cluster).
+_DEFAULT_MASTERS = next(f.default for f in dataclasses.fields(LocalConfig) if f.name == "masters")
 
 
 class Server:
@@ -117,7 +123,7 @@ def memcslap(host: str, port: int, test: str, threads: int, execute: int) -> flo
     raise RuntimeError(f"unexpected memcslap output:\n{out}")
 
 
-def _free_base(vip: str, attempts: int = 50) -> LocalConfig:
+def _free_base(vip: str, masters: int, attempts: int = 50) -> LocalConfig:
     rng = random.Random()
     for _ in range(attempts):
         base = rng.randrange(20000, 60000, 100)
@@ -130,7 +136,7 @@ def _free_base(vip: str, attempts: int = 50) -> LocalConfig:
             memcached_port=ports[1],
             http_port=ports[2],
             base_port=base,
-            masters=1,
+            masters=masters,
             replicas=1,
             data=(
                 LocalDataNode(id="data1", engine="memory"),
@@ -144,10 +150,12 @@ def _free_base(vip: str, attempts: int = 50) -> LocalConfig:
 
 
 class Cluster:
-    """Three memory data nodes, one master, and (with the VIP) two load balancers."""
+    """Three memory data nodes, ``masters`` masters, and (with the VIP) two load balancers."""
 
-    def __init__(self, workdir: str, name: str, replicas: int, with_lbs: bool) -> None:
-        base = _free_base("127.0.0.101")
+    def __init__(
+        self, workdir: str, name: str, replicas: int, with_lbs: bool, masters: int = 1
+    ) -> None:
+        base = _free_base("127.0.0.101", masters)
         state = os.path.join(workdir, name)
         self.config = dataclasses.replace(base, replicas=replicas, state_dir=state)
         self.nodes = [n for n in plan(self.config) if with_lbs or n.role != "lb"]
@@ -190,6 +198,69 @@ class Cluster:
         for proc in reversed(self.procs):
             proc.stop()
 
+    def probe(self) -> CpuProbe:
+        return CpuProbe([(p.role, p.pid) for p in self.procs])
+
+
+class CpuProbe:
+    """CPU used by each kvha process, and the machine's idle share, over one run.
+
+    Percent of one core per process (from ``/proc/PID/stat``), and of the
+    whole machine for ``idle`` (from ``/proc/stat``): what tells a saturated
+    process from a saturated machine.
+    """
+
+    def __init__(self, procs: list[tuple[str, int]]) -> None:
+        self.procs = procs
+        self._start: Optional[tuple[float, list[int], tuple[int, int]]] = None
+
+    @staticmethod
+    def _ticks(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    @staticmethod
+    def _machine() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # all, idle + iowait
+
+    def start(self) -> None:
+        self._start = (
+            time.monotonic(),
+            [self._ticks(pid) for _, pid in self.procs],
+            self._machine(),
+        )
+
+    def stop(self) -> dict[str, Any]:
+        assert self._start is not None
+        began, ticks, (total0, idle0) = self._start
+        elapsed = max(time.monotonic() - began, 1e-9)
+        hz = os.sysconf("SC_CLK_TCK")
+        out: dict[str, Any] = {}
+        for (role, pid), before in zip(self.procs, ticks):
+            share = (self._ticks(pid) - before) / hz / elapsed * 100
+            out.setdefault(role, []).append(round(share))
+        total1, idle1 = self._machine()
+        out["idle"] = round((idle1 - idle0) / max(total1 - total0, 1) * 100)
+        return out
+
+
+def cpu_text(cpu: Optional[dict[str, Any]]) -> str:
+    """``master 98, data 20+1+0, lb 40+1, idle 24`` (percent of a core; idle: of the machine)."""
+    if not cpu:
+        return ""
+    parts = [
+        f"{role} {'+'.join(str(v) for v in shares)}"
+        for role, shares in cpu.items()
+        if role != "idle"
+    ]
+    return ", ".join(parts + [f"idle {cpu.get('idle', 0)}"])
+
 
 def _median_row(rows: list[dict[str, float]]) -> dict[str, Any]:
     """The run with the median ops/s (its own latencies), and every run's ops/s."""
@@ -200,25 +271,49 @@ def _median_row(rows: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def redis_suite(
-    host: str, port: int, requests: int, pipeline: int, repeats: int
+    host: str,
+    port: int,
+    requests: int,
+    pipeline: int,
+    repeats: int,
+    probe: Optional[CpuProbe] = None,
 ) -> dict[str, dict[str, Any]]:
-    """Each test ``repeats`` times, one test at a time; MSET (10 keys) gets a fifth as many."""
+    """Each test ``repeats`` times, one test at a time; MSET (10 keys) gets a fifth as many.
+
+    With a ``probe``, each run's row has the CPU of every kvha process (``cpu``).
+    """
     out: dict[str, dict[str, Any]] = {}
     for test in REDIS_TESTS:
         n = requests // 5 if test == "mset" else requests
         rows = []
         for _ in range(repeats):
-            rows.append(redis_benchmark(host, port, n, pipeline, tests=(test,))[test])
+            if probe is not None:
+                probe.start()
+            row = redis_benchmark(host, port, n, pipeline, tests=(test,))[test]
+            if probe is not None:
+                row["cpu"] = probe.stop()
+            rows.append(row)
         out[test] = _median_row(rows)
     return out
 
 
-def memcslap_suite(host: str, port: int, execute: int, repeats: int) -> dict[str, Any]:
+def memcslap_suite(
+    host: str, port: int, execute: int, repeats: int, probe: Optional[CpuProbe] = None
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for test in ("set", "get"):
-        runs = [memcslap(host, port, test, 50, execute) for _ in range(repeats)]
-        out[test] = sorted(runs)[len(runs) // 2]
+        runs = []
+        cpus = []
+        for _ in range(repeats):
+            if probe is not None:
+                probe.start()
+            runs.append(memcslap(host, port, test, 50, execute))
+            cpus.append(probe.stop() if probe is not None else None)
+        median = sorted(range(len(runs)), key=lambda i: runs[i])[len(runs) // 2]
+        out[test] = runs[median]
         out[f"{test}_runs"] = runs
+        if probe is not None:
+            out[f"{test}_cpu"] = cpus[median]
     return out
 
 
@@ -266,23 +361,30 @@ def run(
     finally:
         server.stop()
 
+    # One master directly; then the local cluster of ``kvha up`` (two masters
+    # behind the load-balancer pair) through the VIP.
     targets = [
-        ("master replicas 0", 0, False),
-        ("master replicas 1", 1, False),
-        ("VIP replicas 1", 1, True),
+        ("master replicas 0", 0, False, 1),
+        ("master replicas 1", 1, False, 1),
+        ("VIP replicas 1", 1, True, _DEFAULT_MASTERS),
     ]
     if quick:
         targets = targets[1:2]
-    for label, replicas, lbs in targets:
-        cluster = Cluster(workdir, label.replace(" ", "-"), replicas, lbs)
+    for label, replicas, lbs, masters in targets:
+        cluster = Cluster(workdir, label.replace(" ", "-"), replicas, lbs, masters)
         cluster.start()
         try:
+            probe = cluster.probe()
             host, port = cluster.redis
             warm_up(host, port, cluster.memcached[1], requests // 2)
             for p in (1, 16):
-                results["redis"][f"{label} P{p}"] = redis_suite(host, port, requests, p, repeats)
+                results["redis"][f"{label} P{p}"] = redis_suite(
+                    host, port, requests, p, repeats, probe
+                )
             host, port = cluster.memcached
-            results["memcached"][label] = memcslap_suite(host, port, memcslap_execute, repeats)
+            results["memcached"][label] = memcslap_suite(
+                host, port, memcslap_execute, repeats, probe
+            )
         finally:
             cluster.stop()
     return results
@@ -329,4 +431,28 @@ def render(results: dict[str, Any]) -> list[str]:
             f"| {label} | {row['set']:,.0f} | {row['get']:,.0f} | {sr:.2f} | {gr:.2f} | "
             f"{runs[0]} | {runs[1]} |"
         )
+    cpu_rows = [
+        (f"{label.rsplit(' P', 1)[0]}, -P {label.rsplit(' P', 1)[1]}", test.upper(), row["cpu"])
+        for label, tests in redis.items()
+        for test, row in tests.items()
+        if row.get("cpu")
+    ]
+    cpu_rows += [
+        (f"{label}, memcslap", test, row[f"{test}_cpu"])
+        for label, row in mc.items()
+        for test in ("set", "get")
+        if row.get(f"{test}_cpu")
+    ]
+    if cpu_rows:
+        lines += [
+            "",
+            "## CPU of each kvha process during the median run",
+            "",
+            "Percent of one core per process; idle is the whole machine's idle share "
+            "(load generator and kvha together on its cores).",
+            "",
+            "| target | test | CPU |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {target} | {test} | {cpu_text(cpu)} |" for target, test, cpu in cpu_rows]
     return lines
