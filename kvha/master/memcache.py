@@ -680,13 +680,7 @@ class MemcacheProtocol(OrderedReplies):
         router = self.router
 
         def send(on_done: Callable[[Any], None], on_fail: Callable[[BaseException], None]) -> None:
-            router.conditional_cb(
-                partition,
-                key,
-                lambda c, ok, bad: c.incr_cb(partition, key, mode, delta, ok, bad),
-                on_done,
-                on_fail,
-            )
+            router.incr_cb(partition, key, mode, delta, on_done, on_fail)
 
         def render(result: Result) -> bytes:
             status = result.status

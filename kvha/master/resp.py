@@ -1212,13 +1212,7 @@ class RespProtocol(OrderedReplies):
         router = self.router
 
         def send(on_done: Callable[[Any], None], on_fail: Callable[[BaseException], None]) -> None:
-            router.conditional_cb(
-                partition,
-                key,
-                lambda c, ok, bad: c.incr_cb(partition, key, mode, delta, ok, bad),
-                on_done,
-                on_fail,
-            )
+            router.incr_cb(partition, key, mode, delta, on_done, on_fail)
 
         self.at_primary_cb(partition, key, send, render, self._error_reply)
         return b""  # the reply fills its slot

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 
 from kvha.clock import HybridLogicalClock
 from kvha.data.client import DataNodeClient, DataNodeError, NodeUnavailable, RequestTimeout
-from kvha.data.store import Result, Status, StoreMode
+from kvha.data.store import IncrMode, Result, Status, StoreMode
 from kvha.master.health import NodeLink
 from kvha.record import HEADER, Record, pack
 from kvha.ring import Ring
@@ -742,6 +742,24 @@ class Router:
             )
 
         send(primary.client, decided, on_fail)
+
+    def incr_cb(
+        self,
+        partition: bytes,
+        key: bytes,
+        mode: IncrMode,
+        delta: bytes,
+        on_done: Callable[[Result], None],
+        on_fail: Callable[[BaseException], None],
+    ) -> None:
+        """INCR/DECR (Redis or memcached ``mode``) at the primary, then replicated."""
+        self.conditional_cb(
+            partition,
+            key,
+            lambda c, ok, bad: c.incr_cb(partition, key, mode, delta, ok, bad),
+            on_done,
+            on_fail,
+        )
 
     def primary_connection(self, partition: bytes, key: bytes) -> Any:
         """The data-node connection :meth:`conditional` would use for ``key`` now, or None."""
