@@ -196,7 +196,7 @@ def _list_dec(data: bytes, offset: int) -> tuple[list[bytes], int]:
     if end + count * 4 > size:  # refuse absurd counts before allocating
         raise WireError("message body is truncated")
     unpack = _U32.unpack_from
-    items = []
+    items: list[bytes] = []
     append = items.append
     for _ in range(count):
         start = end + 4

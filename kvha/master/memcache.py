@@ -542,13 +542,13 @@ class MemcacheProtocol(OrderedReplies):
         assert self._pending_data is not None
         cmd, key, flags, exptime, length, cas, noreply = self._pending_data
         buf = self._buffer
-        start = self._pos
-        if len(buf) - start < length + 2:
+        begin = self._pos
+        if len(buf) - begin < length + 2:
             return False
         self._pending_data = None
-        value = buf[start : start + length]
-        terminator = buf[start + length : start + length + 2]
-        self._pos = start + length + 2
+        value = buf[begin : begin + length]
+        terminator = buf[begin + length : begin + length + 2]
+        self._pos = begin + length + 2
         if self._auth_data:
             self._auth_data = False
             if terminator != b"\r\n":
