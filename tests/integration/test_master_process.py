@@ -563,3 +563,140 @@ def test_kill_9_of_a_data_node_under_pipelined_redis_load(nodes, record_property
     finally:
         reader.close()
     assert "Traceback" not in master.log()
+
+
+def test_kill_9_of_a_data_node_under_pipelined_incr_and_mset(nodes, record_property):  # type: ignore[no-untyped-def]
+    """redis-py pipelines of MSET and INCR (ApplyMany; INCRs pipelined to the primary).
+
+    Each thread pipelines four INCRs of its own counter with an MSET of
+    five keys and a read of an earlier one, while a data node is killed.
+    Every acknowledged INCR must count: a counter's acknowledged values rise
+    strictly, and its final value is at least the last one acknowledged.
+    Every acknowledged MSET is readable afterwards, and no read is wrong.
+    """
+    import dataclasses
+
+    import redis
+
+    from kvha.config import ClusterConfig
+    from kvha.procs import free_port
+    from kvha.ring import Ring
+
+    redis_port = free_port()
+    master, data = nodes.cluster(
+        n_data=3, replicas=1, redis={"listen": f"tcp:{redis_port}:interface=127.0.0.1"}
+    )
+    # The killed node (data2) is the primary of thread 0's counter, the other
+    # copy of thread 1's, and holds nothing of thread 2's: the ring the
+    # master builds from its configuration says which names do that.
+    vnodes = next(f.default for f in dataclasses.fields(ClusterConfig) if f.name == "vnodes")
+    ring = Ring.build([(f"data{i + 1}", 1.0) for i in range(3)], vnodes)
+    wanted = [lambda c: c[0] == "data2", lambda c: c[1] == "data2", lambda c: "data2" not in c]
+    counters = [
+        next(
+            name
+            for name in (b"counter-%d-%d" % (n, k) for k in range(1000))
+            if wanted[n % 3](ring.nodes_for(b"default", name, 2))
+        )
+        for n in range(LOAD_THREADS)
+    ]
+    acked: dict[bytes, bytes] = {}
+    counted: list[list[int]] = [[] for _ in range(LOAD_THREADS)]
+    failures: list[tuple[float, str]] = []
+    wrong: list[tuple[bytes, Any, bytes]] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def load(n: int) -> None:
+        rng = random.Random(n)
+        client = redis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=2.0)
+        counter = counters[n]
+        mine: list[bytes] = []
+        i = 0
+        deadline = time.monotonic() + LOAD_SECONDS + 5
+        try:
+            while not stop.is_set() and time.monotonic() < deadline and i < 20_000:
+                pipe = client.pipeline(transaction=False)
+                pairs = {b"mset-%d-%d" % (n, i + j): b"m-%d-%d" % (n, i + j) for j in range(5)}
+                i += 5
+                pipe.mset(pairs)
+                for _ in range(4):
+                    pipe.incr(counter)
+                old = mine[rng.randrange(len(mine))] if mine else None
+                if old is not None:
+                    pipe.get(old)
+                try:
+                    replies = pipe.execute(raise_on_error=False)
+                except redis.RedisError as e:
+                    failures.append((time.monotonic(), repr(e)))
+                    client.connection_pool.disconnect()
+                    continue
+                if replies[0] is True:
+                    with lock:
+                        acked.update(pairs)
+                    mine.extend(pairs)
+                else:
+                    failures.append((time.monotonic(), repr(replies[0])))
+                for reply in replies[1:5]:
+                    if isinstance(reply, int):
+                        counted[n].append(reply)
+                    else:
+                        failures.append((time.monotonic(), repr(reply)))
+                if old is not None:
+                    reply = replies[5]
+                    if isinstance(reply, Exception):
+                        failures.append((time.monotonic(), repr(reply)))
+                    elif reply != acked[old]:
+                        wrong.append((old, reply, acked[old]))
+                time.sleep(0.002)
+        finally:
+            client.close()
+
+    workers = [threading.Thread(target=load, args=(n,)) for n in range(LOAD_THREADS)]
+    began = time.monotonic()
+    for t in workers:
+        t.start()
+    try:
+        time.sleep(KILL_AT)
+        before_kill = sum(len(c) for c in counted)
+        killed_at = time.monotonic()
+        data[1].kill()
+        time.sleep(max(0.0, LOAD_SECONDS - (time.monotonic() - began)))
+    finally:
+        stop.set()
+        for t in workers:
+            t.join(15)
+    assert not any(t.is_alive() for t in workers), "load threads did not stop"
+
+    detection = max([t - killed_at for t, _ in failures] + [0.0])
+    incrs = sum(len(c) for c in counted)
+    record_property("detection_time_s", round(detection, 4))
+    record_property("failed_ops", len(failures))
+    print(
+        f"\nINCR/MSET kill -9: {len(failures)} failures, the last {detection * 1000:.1f} ms after "
+        f"the kill; {incrs} INCRs ({before_kill} before the kill) and {len(acked)} MSET keys "
+        "acknowledged"
+    )
+    early = [f for f in failures if f[0] < killed_at]
+    assert not early, f"operations failed before the kill: {early[:5]}"
+    assert not wrong, f"reads of acknowledged keys returned the wrong value: {wrong[:5]}"
+    assert detection < DETECTION_LIMIT, f"failures went on for {detection:.3f}s: {failures[-5:]}"
+    assert incrs > before_kill + 200, "the load did not go on after the kill"
+    for values in counted:
+        assert values == sorted(set(values)), "a counter's acknowledged values did not rise"
+
+    assert memcache_stats(master.port)["data_nodes_up"] == "2"  # the kill did happen
+    reader = redis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=5.0)
+    try:
+        for n, values in enumerate(counted):
+            final = int(reader.get(counters[n]))
+            assert values and final >= values[-1], (n, final, values[-3:])
+        keys = sorted(acked)
+        for start in range(0, len(keys), 200):
+            chunk = keys[start : start + 200]
+            got = reader.mget(chunk)
+            lost = [k for k, v in zip(chunk, got) if v != acked[k]]
+            assert not lost, f"acknowledged writes lost or wrong: {lost[:5]}"
+    finally:
+        reader.close()
+    assert "Traceback" not in master.log()
