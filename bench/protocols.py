@@ -29,7 +29,7 @@ import time
 from typing import Any, Optional
 
 from kvha.config import LocalConfig, LocalDataNode
-from kvha.local import plan, redis_ping, taken_ports, write_configs
+from kvha.local import node_healthy, plan, taken_ports, write_configs
 from kvha.procs import NodeProcess, free_port, wait_for_port
 
 SECRET = "bench-cluster-secret-0123456789"
@@ -179,17 +179,11 @@ class Cluster:
             )
             proc.start(wait=False)
             self.procs.append(proc)
+        # Every node serving, down to each load balancer seeing every master
+        # up: otherwise the first connections all go to the master that
+        # passed its health checks first.
         deadline = time.monotonic() + timeout
-        from kvha.local import memcached_stats
-
-        host, port = self.memcached
-        while True:
-            try:
-                stats = memcached_stats(host, port)
-                if stats.get("data_nodes_up") == "3" and redis_ping(*self.redis):
-                    return
-            except OSError:
-                pass
+        while not all(node_healthy(self.config, node) for node in self.nodes):
             if time.monotonic() > deadline:
                 raise TimeoutError("the benchmark cluster did not come up")
             time.sleep(0.2)

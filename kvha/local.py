@@ -437,7 +437,7 @@ def up(config: LocalConfig, source: str, timeout: float = 60.0) -> int:
             if time.monotonic() > deadline:
                 raise TimeoutError("not healthy in time: " + ", ".join(sorted(pending)))
             for node_id, node in list(pending.items()):
-                if _healthy(config, node):
+                if node_healthy(config, node):
                     del pending[node_id]
             time.sleep(0.2)
         # Through the VIP on every port: a load balancer counts as healthy before
@@ -515,7 +515,9 @@ def _wait_exit(reactor: Any, procs: list[Any], limit: float) -> Any:
     return check()
 
 
-def _healthy(config: LocalConfig, node: Node) -> bool:
+def node_healthy(config: LocalConfig, node: Node) -> bool:
+    """Whether ``node`` serves: a data node up, a master seeing every data node, and a
+    load balancer ACTIVE or BACKUP with every master up."""
     try:
         if node.role == "data":
             return data_stats(node.host, node.port, config.secret.encode()).get("state") == "up"
