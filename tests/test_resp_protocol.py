@@ -711,6 +711,27 @@ def test_mset_sends_one_request_per_data_node(cluster: Cluster, conn: Conn) -> N
             assert cluster.nodes[node_id].store.get(P, k.encode()).value == f"v{i}".encode()
 
 
+def test_mset_cuts_large_values_into_several_requests_per_node(
+    cluster: Cluster, conn: Conn
+) -> None:
+    """No ApplyMany grows past APPLY_MANY_BYTES, which any data node's frame limit allows."""
+    from kvha.master.router import APPLY_MANY_BYTES
+
+    big = b"x" * (APPLY_MANY_BYTES // 3)
+    keys = [f"big{i}" for i in range(12)]
+    assert conn.cmd("MSET", *[x for k in keys for x in (k, big)]) == OK
+    sizes = []
+    for node_id, client in cluster.clients.items():
+        held = sum(1 for k in keys if node_id in copy_ids(cluster, k.encode()))
+        # two records a request (a third would pass the limit), so about held / 2 requests
+        assert client.calls.get("apply_many", 0) == (held + 1) // 2, (node_id, held)
+        sizes.append(held)
+    assert sum(sizes) == 24
+    huge = b"y" * (APPLY_MANY_BYTES + 10)  # larger than the limit: alone, like an Apply
+    assert conn.cmd("MSET", "h1", huge, "h2", huge, "small", "1") == OK
+    assert conn.cmd("GET", "h2") == bulk(huge)
+
+
 def test_mset_survives_a_copy_lost_in_flight_and_fails_without_enough_copies(
     cluster: Cluster, conn: Conn
 ) -> None:

@@ -118,6 +118,10 @@ class PartitionPolicy:
         self.verified: set[bytes] = set()
 
 
+#: Bytes of keys and records one ApplyMany carries at most (a data node's
+#: max_frame_bytes leaves at least 64 KiB beside its largest value).
+APPLY_MANY_BYTES = 64 * 1024
+
 #: Results of an operation at the primary that leave a record to copy to the others.
 _REPLICATED = frozenset((Status.STORED, Status.TOUCHED, Status.DELETED))
 
@@ -323,7 +327,12 @@ class Router:
         expires_ms = 0
         if policy.default_ttl_ms:
             expires_ms = int(self.clock.seconds() * 1000) + policy.default_ttl_ms
-        batches: dict[NodeLink, tuple[list[bytes], list[bytes], list[_Fanout]]] = {}
+        # Per data node, its records in order, cut into requests of at most
+        # APPLY_MANY_BYTES (a record larger than that goes alone, as big as
+        # its own Apply would be): a node refuses a frame over its
+        # max_frame_bytes by closing the connection.
+        batches: dict[NodeLink, list[tuple[list[bytes], list[bytes], list[_Fanout], list[int]]]]
+        batches = {}
         hlc = self.hlc
         for key, value in pairs:
             packed = pack(value, hlc.next(), 0, expires_ms)
@@ -331,18 +340,24 @@ class Router:
             def queue(
                 client: DataNodeClient, fan: _Fanout, link: NodeLink, key=key, packed=packed
             ) -> None:
-                batch = batches.get(link)
-                if batch is None:
-                    batch = batches[link] = ([], [], [])
-                batch[0].append(key)
-                batch[1].append(packed)
-                batch[2].append(fan)
+                size = len(key) + len(packed)
+                mine = batches.get(link)
+                if mine is None:
+                    mine = batches[link] = []
+                if not mine or (mine[-1][0] and mine[-1][3][0] + size > APPLY_MANY_BYTES):
+                    mine.append(([], [], [], [0]))
+                keys, records, fans, total = mine[-1]
+                keys.append(key)
+                records.append(packed)
+                fans.append(fan)
+                total[0] += size
 
             self._fanout_cb(
                 partition, self.write_copies_of(partition, key), queue, one_done, one_failed
             )
-        for link, (keys, records, fans) in batches.items():
-            self._apply_many(partition, link, keys, records, fans)
+        for link, requests in batches.items():
+            for keys, records, fans, _total in requests:
+                self._apply_many(partition, link, keys, records, fans)
 
     def _apply_many(
         self,

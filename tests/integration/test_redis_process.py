@@ -24,7 +24,7 @@ import txredisapi
 from pymemcache.client.base import Client as MemcacheClient
 
 from kvha.procs import NodeProcess, free_port
-from tests.conftest import NodeFactory
+from tests.conftest import NodeFactory, memcache_stats
 
 pytestmark = pytest.mark.process
 
@@ -572,3 +572,22 @@ def test_memcached_and_redis_share_values(cluster: RedisCluster) -> None:
     finally:
         mc.close()
         r.close()
+
+
+def test_mset_of_60_mb_through_real_data_nodes(cluster: RedisCluster) -> None:
+    """One MSET larger than a data node's frame limit (32 MiB) in total is stored whole.
+
+    The master cuts each node's share into requests that any node's frame
+    limit allows; one request of it all would make the node close the
+    connection.
+    """
+    r = cluster.client(socket_timeout=60)
+    try:
+        values = {f"big-{i}".encode(): bytes([i]) * 1_000_000 for i in range(60)}
+        assert r.mset(values) is True
+        got = r.mget(list(values))
+        assert [g == v for g, v in zip(got, values.values())] == [True] * 60
+        assert r.delete(*values) == 60
+    finally:
+        r.close()
+    assert memcache_stats(cluster.memcache_port)["data_nodes_up"] == "3"
