@@ -568,6 +568,18 @@ def test_pipelined_incr_and_cas_reach_the_primary_without_waiting(
     assert conn.take() == b"6\r\n4\r\nSTORED\r\n41\r\nVALUE n 0 2\r\n41\r\nEND\r\n"
 
 
+def test_a_set_after_a_waiting_flush_all_is_kept(cluster: Cluster, conn: Conn) -> None:
+    conn.send(b"set n 0 0 1\r\n1\r\n")
+    replica = cluster.clients[copy_ids(cluster, b"n")[1]]
+    replica.hold()
+    stream = b"incr n 1\r\nflush_all\r\nset a 0 0 1\r\n2\r\nget a\r\n"
+    assert conn.send(stream) == b""
+    for _ in range(4):
+        replica.release()
+    assert conn.take() == b"2\r\nOK\r\nSTORED\r\nVALUE a 0 1\r\n2\r\nEND\r\n"
+    assert conn.send(b"get a\r\n") == b"VALUE a 0 1\r\n2\r\nEND\r\n"  # not flushed after all
+
+
 def test_max_in_flight_pauses_and_resumes_reading(cluster: Cluster) -> None:
     """With max_in_flight pending replies the transport is paused, and resumed as they drain."""
     conn = Conn(cluster.memcache_factory(max_in_flight=4))

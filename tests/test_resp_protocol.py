@@ -1375,6 +1375,33 @@ def test_an_incr_lost_with_its_primary_answers_an_error_and_frees_the_key(
     assert conn.cmd("INCR", "n") == b":1\r\n"  # the copy is the primary now
 
 
+def test_an_incr_is_not_sent_ahead_of_a_write_waiting_for_an_earlier_incr(
+    cluster: Cluster, conn: Conn
+) -> None:
+    """INCR, SET, INCR: the SET waits for the first INCR, and the second INCR for the SET."""
+    ids = copy_ids(cluster, b"n")
+    replica = cluster.clients[ids[1]]
+    replica.hold()
+    assert conn.send(encode("INCR", "n") + encode("SET", "n", "5") + encode("INCR", "n")) == b""
+    for _ in range(4):
+        replica.release()
+    assert conn.take() == b":1\r\n" + OK + b":6\r\n"
+    assert all(cluster.nodes[i].store.get(P, b"n").value == b"6" for i in ids)
+
+
+def test_writes_after_a_waiting_flushdb_are_not_flushed(cluster: Cluster, conn: Conn) -> None:
+    """FLUSHDB waits for the INCR before it; what comes after it waits for it in turn."""
+    ids = copy_ids(cluster, b"n")
+    cluster.clients[ids[1]].hold()
+    stream = encode("INCR", "n") + encode("FLUSHDB") + encode("SET", "a", "2")
+    stream += encode("INCR", "n") + encode("GET", "a")
+    assert conn.send(stream) == b""
+    for _ in range(4):
+        cluster.clients[ids[1]].release()
+    assert conn.take() == b":1\r\n" + OK + OK + b":1\r\n" + bulk(b"2")
+    assert conn.cmd("GET", "a") == bulk(b"2")
+
+
 def test_an_incr_waits_when_the_primary_connection_changed(cluster: Cluster, conn: Conn) -> None:
     """After a reconnect, order on the old connection says nothing: wait as before."""
     ids = copy_ids(cluster, b"n")

@@ -76,6 +76,8 @@ class OrderedReplies(BufferedWrites, Protocol):
         self._key_tail: dict[bytes, Deferred] = {}
         #: Per key, the last operation decided at the primary: [connection, Deferred].
         self._primary_chain: dict[bytes, list[Any]] = {}
+        #: Fires once a waiting whole-partition operation has been sent (after_all).
+        self._barrier: Optional[Deferred] = None
         self._paused = False
         self._held = False
         self._quitting = False
@@ -194,8 +196,9 @@ class OrderedReplies(BufferedWrites, Protocol):
         return done, lambda error: fill(slot, on_error(error))
 
     def gated(self, key: bytes) -> bool:
-        """Whether a multi-step operation on ``key`` is still running (see :meth:`after`)."""
-        return key in self._key_tail
+        """Whether a multi-step operation on ``key`` is still running (see :meth:`after`),
+        or a whole-partition one is waiting (see :meth:`after_all`)."""
+        return key in self._key_tail or self._barrier is not None
 
     def is_error(self, data: bytes) -> bool:
         return False
@@ -257,12 +260,19 @@ class OrderedReplies(BufferedWrites, Protocol):
             waits = [gate] if gate is not None else []
         else:
             waits = [tails[k] for k in keys if k in tails]
+        if self._barrier is not None:
+            waits.append(self._barrier)
         if not waits:
             d = start()
             if not register:
                 return d
         else:
             d = Deferred()
+            # Something now waits behind the last operation on these keys: a
+            # later operation at the primary must not be sent ahead of it.
+            chains = self._primary_chain
+            for k in keys:
+                chains.pop(k, None)
 
             def go(result: Any) -> Any:
                 defer.maybeDeferred(start).chainDeferred(d)
@@ -354,7 +364,7 @@ class OrderedReplies(BufferedWrites, Protocol):
         router: Router = self.router  # type: ignore[attr-defined]
         tail = self._key_tail.get(key)
         conn = router.primary_connection(partition, key)
-        if tail is not None:
+        if tail is not None or self._barrier is not None:
             entry = self._primary_chain.get(key)
             if entry is None or tail is not entry[1] or conn is None or conn is not entry[0]:
 
@@ -395,10 +405,28 @@ class OrderedReplies(BufferedWrites, Protocol):
         d.addBoth(release)
 
     def after_all(self, start: Callable[[], Deferred]) -> Deferred:
-        """Run ``start`` once every operation this connection started is done."""
+        """Run ``start`` once every operation this connection started is done.
+
+        Until ``start`` has been sent, it is a barrier: everything read after
+        it waits for it (:meth:`gated` is true for every key), so a write
+        that follows a FLUSHDB is not sent ahead of it and flushed.
+        """
+        self._primary_chain.clear()  # nothing at a primary may overtake it
         pending = list(set(self._key_tail.values()))
+        if self._barrier is not None:
+            pending.append(self._barrier)
         if not pending:
             return defer.maybeDeferred(start)
         d: Deferred = Deferred()
-        defer.DeferredList(pending).addBoth(lambda _: defer.maybeDeferred(start).chainDeferred(d))
+        sent: Deferred = Deferred()  # fires once ``start`` has run: the barrier lifts
+        self._barrier = sent
+
+        def go(_: Any) -> None:
+            if self._barrier is sent:
+                self._barrier = None
+            result = defer.maybeDeferred(start)
+            sent.callback(None)
+            result.chainDeferred(d)
+
+        defer.DeferredList(pending).addBoth(go)
         return d
