@@ -1389,6 +1389,21 @@ def test_an_incr_is_not_sent_ahead_of_a_write_waiting_for_an_earlier_incr(
     assert all(cluster.nodes[i].store.get(P, b"n").value == b"6" for i in ids)
 
 
+def test_a_write_is_not_sent_ahead_of_a_waiting_mset_of_its_key(
+    cluster: Cluster, conn: Conn
+) -> None:
+    """MSET a b waits for an INCR of a; a later SET of b must still land after it."""
+    ids = copy_ids(cluster, b"a")
+    cluster.clients[ids[1]].hold()
+    stream = encode("INCR", "a") + encode("MSET", "a", "10", "b", "1") + encode("SET", "b", "2")
+    assert conn.send(stream + encode("GET", "b")) == b""
+    for _ in range(6):
+        for client in cluster.clients.values():
+            client.release()
+    assert conn.take() == b":1\r\n" + OK + OK + bulk(b"2")
+    assert conn.cmd("GET", "b") == bulk(b"2")
+
+
 def test_writes_after_a_waiting_flushdb_are_not_flushed(cluster: Cluster, conn: Conn) -> None:
     """FLUSHDB waits for the INCR before it; what comes after it waits for it in turn."""
     ids = copy_ids(cluster, b"n")

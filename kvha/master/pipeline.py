@@ -249,10 +249,12 @@ class OrderedReplies(BufferedWrites, Protocol):
         callback, so the earlier operation's own result is untouched.
 
         A single-step operation (a read, a plain write or delete, sent to every
-        copy at once) registers nothing (``register=False``): its frames
-        reach each data node ahead of anything this connection sends later, on
-        the same ordered connection, so what comes after it sees it anyway.
-        That is what keeps pipelined reads and writes of one key pipelined.
+        copy at once) registers nothing (``register=False``) when it can be
+        sent at once: its frames reach each data node ahead of anything this
+        connection sends later, on the same ordered connection, so what comes
+        after it sees it anyway.  That is what keeps pipelined reads and writes
+        of one key pipelined.  One that has to wait is registered until done,
+        so that nothing on its keys overtakes it.
         """
         tails = self._key_tail
         if len(keys) == 1:
@@ -282,10 +284,12 @@ class OrderedReplies(BufferedWrites, Protocol):
                 waits[0].addBoth(go)
             else:
                 defer.DeferredList(waits).addBoth(go)
-        if register:
-            # Even a Deferred that has fired may still be waiting on a chained
-            # one (a primary's answer waiting for its replication); one that
-            # is truly done releases the keys at once.
+        if register or waits:
+            # A single-step operation that waits is registered too: a later
+            # one on any of its keys (one that was not gated, say) must not
+            # be sent ahead of it.  Even a Deferred that has fired may still
+            # be waiting on a chained one (a primary's answer waiting for its
+            # replication); one that is truly done releases the keys at once.
             self._register(keys, d)
         return d
 
