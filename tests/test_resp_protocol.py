@@ -1404,6 +1404,43 @@ def test_a_write_is_not_sent_ahead_of_a_waiting_mset_of_its_key(
     assert conn.cmd("GET", "b") == bulk(b"2")
 
 
+def test_write_acks_one_still_sends_the_copy_before_what_follows() -> None:
+    """With write_acks one the primary's answer is enough to reply, but a GET that
+    follows (read from the other copy) must find the INCR's result there."""
+    from kvha.master.router import PartitionPolicy
+
+    probe = Cluster(n=3, replicas=1)
+    primary, replica = copy_ids(probe, b"n")
+    probe.stop()
+    weights = [0.0 if f"data{i + 1}" == primary else 1.0 for i in range(3)]
+    cluster = Cluster(
+        n=3,
+        replicas=1,
+        partitions=[PartitionPolicy("default", write_acks="one")],
+        read_weights=weights,
+    )
+    try:
+        conn = Conn(cluster.resp_factory())
+        cluster.clients[primary].hold()
+        assert conn.send(encode("INCR", "n") + encode("GET", "n")) == b""
+        cluster.clients[primary].release()
+        assert conn.take() == b":1\r\n" + bulk(b"1")
+    finally:
+        cluster.stop()
+
+
+def test_keys_is_a_barrier_until_its_last_page(cluster: Cluster, conn: Conn) -> None:
+    """KEYS reads in pages; a SET sent after it must not show up in its later pages."""
+    conn.send(b"".join(encode("SET", f"k{i}", "v") for i in range(3000)))
+    cluster.clients["data1"].hold()
+    assert conn.send(encode("KEYS", "*") + encode("SET", "zzz-new", "1")) == b""
+    for _ in range(20):
+        cluster.clients["data1"].release()
+    keys, end = parse_reply(conn.take())
+    assert len(keys) == 3000 and b"zzz-new" not in keys
+    assert conn.cmd("GET", "zzz-new") == bulk(b"1")
+
+
 def test_writes_after_a_waiting_flushdb_are_not_flushed(cluster: Cluster, conn: Conn) -> None:
     """FLUSHDB waits for the INCR before it; what comes after it waits for it in turn."""
     ids = copy_ids(cluster, b"n")

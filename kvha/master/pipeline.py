@@ -76,7 +76,7 @@ class OrderedReplies(BufferedWrites, Protocol):
         self._key_tail: dict[bytes, Deferred] = {}
         #: Per key, the last operation decided at the primary: [connection, Deferred].
         self._primary_chain: dict[bytes, list[Any]] = {}
-        #: Fires once a waiting whole-partition operation has been sent (after_all).
+        #: Fires once a whole-partition operation (after_all) is done.
         self._barrier: Optional[Deferred] = None
         self._paused = False
         self._held = False
@@ -411,26 +411,30 @@ class OrderedReplies(BufferedWrites, Protocol):
     def after_all(self, start: Callable[[], Deferred]) -> Deferred:
         """Run ``start`` once every operation this connection started is done.
 
-        Until ``start`` has been sent, it is a barrier: everything read after
-        it waits for it (:meth:`gated` is true for every key), so a write
-        that follows a FLUSHDB is not sent ahead of it and flushed.
+        Until it is done, it is a barrier: everything read after it waits
+        for it (:meth:`gated` is true for every key).  A write that follows a
+        FLUSHDB is not sent ahead of it and flushed, and one that follows a
+        KEYS is not listed by the KEYS's later pages.
         """
         self._primary_chain.clear()  # nothing at a primary may overtake it
         pending = list(set(self._key_tail.values()))
         if self._barrier is not None:
             pending.append(self._barrier)
-        if not pending:
-            return defer.maybeDeferred(start)
-        d: Deferred = Deferred()
-        sent: Deferred = Deferred()  # fires once ``start`` has run: the barrier lifts
-        self._barrier = sent
+        barrier: Deferred = Deferred()
+        self._barrier = barrier
 
-        def go(_: Any) -> None:
-            if self._barrier is sent:
+        def lift(result: Any) -> Any:
+            if self._barrier is barrier:
                 self._barrier = None
-            result = defer.maybeDeferred(start)
-            sent.callback(None)
-            result.chainDeferred(d)
+            barrier.callback(None)
+            return result
 
-        defer.DeferredList(pending).addBoth(go)
+        if not pending:
+            d = defer.maybeDeferred(start)
+        else:
+            d = Deferred()
+            defer.DeferredList(pending).addBoth(
+                lambda _: defer.maybeDeferred(start).chainDeferred(d)
+            )
+        d.addBoth(lift)
         return d

@@ -586,11 +586,19 @@ class Router:
         if done_already is not None:
             fan.ok = 1
             fan.first = done_already
-            if fan.ok >= required and (not wait_all or not live):
-                fan.fired = True
-                on_done(done_already)
         for link in live:
             send(link.client, fan, link)
+        # Already enough (write_acks one, the primary's own answer): report it
+        # only now, once the copies' writes are sent.  Whatever the caller
+        # sends next on this key then reaches every copy behind them.
+        if (
+            done_already is not None
+            and not fan.fired
+            and fan.ok >= required
+            and (not wait_all or fan.pending == 0)
+        ):
+            fan.fired = True
+            on_done(done_already)
 
     def _write_failed(self, error: BaseException, fan: _Fanout, link: NodeLink) -> None:
         if isinstance(error, NodeUnavailable):
