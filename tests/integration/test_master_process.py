@@ -261,6 +261,58 @@ PERIOD = 0.002
 DETECTION_LIMIT = 1.0
 
 
+def _kill_under_load(
+    load: Any, stop: threading.Event, victim: Any, progress: Any, join_timeout: float
+) -> tuple[float, int]:
+    """``load(n)`` in LOAD_THREADS threads; kill -9 ``victim`` at KILL_AT; stop at LOAD_SECONDS.
+
+    Returns when the kill happened and ``progress()`` just before it.
+    """
+    workers = [threading.Thread(target=load, args=(n,)) for n in range(LOAD_THREADS)]
+    began = time.monotonic()
+    for t in workers:
+        t.start()
+    try:
+        time.sleep(KILL_AT)
+        before_kill = progress()
+        killed_at = time.monotonic()
+        victim.kill()
+        time.sleep(max(0.0, LOAD_SECONDS - (time.monotonic() - began)))
+    finally:
+        stop.set()
+        for t in workers:
+            t.join(join_timeout)
+    assert not any(t.is_alive() for t in workers), "load threads did not stop"
+    return killed_at, before_kill
+
+
+def _detection(failures: list[Any], killed_at: float, record_property: Any) -> float:
+    """How long after the kill failures went on (each failure starts with its time), recorded."""
+    detection = max((f[0] - killed_at for f in failures), default=0.0)
+    detection = max(detection, 0.0)
+    record_property("detection_time_s", round(detection, 4))
+    record_property("failed_ops", len(failures))
+    return detection
+
+
+def _assert_failover(
+    failures: list[Any], wrong: list[Any], killed_at: float, detection: float
+) -> None:
+    early = [f for f in failures if f[0] < killed_at]
+    assert not early, f"operations failed before the kill: {early[:5]}"
+    assert not wrong, f"reads of acknowledged keys returned the wrong value: {wrong[:5]}"
+    assert detection < DETECTION_LIMIT, f"failures went on for {detection:.3f}s: {failures[-5:]}"
+
+
+def _assert_readable_by_redis(reader: Any, acked: dict[bytes, bytes]) -> None:
+    keys = sorted(acked)
+    for start in range(0, len(keys), 200):
+        chunk = keys[start : start + 200]
+        got = reader.mget(chunk)
+        lost = [k for k, v in zip(chunk, got) if v != acked[k]]
+        assert not lost, f"acknowledged writes lost or wrong: {lost[:5]}"
+
+
 def test_kill_9_of_a_data_node_under_load(nodes, record_property):  # type: ignore[no-untyped-def]
     """kill -9 of one of 3 data nodes under load: failures stop within 1 s, no write is lost."""
     master, data = nodes.cluster(n_data=3, replicas=1)
@@ -310,35 +362,14 @@ def test_kill_9_of_a_data_node_under_load(nodes, record_property):  # type: igno
         finally:
             client.close()
 
-    workers = [threading.Thread(target=load, args=(n,)) for n in range(LOAD_THREADS)]
-    began = time.monotonic()
-    for t in workers:
-        t.start()
-    try:
-        time.sleep(KILL_AT)
-        before_kill = len(acked)
-        killed_at = time.monotonic()
-        victim.kill()
-        time.sleep(max(0.0, LOAD_SECONDS - (time.monotonic() - began)))
-    finally:
-        stop.set()
-        for t in workers:
-            t.join(10)
-    assert not any(t.is_alive() for t in workers), "load threads did not stop"
-
-    detection = max((t - killed_at for t, _, _ in failures), default=0.0)
-    detection = max(detection, 0.0)
-    record_property("detection_time_s", round(detection, 4))
-    record_property("failed_ops", len(failures))
+    killed_at, before_kill = _kill_under_load(load, stop, victim, lambda: len(acked), 10)
+    detection = _detection(failures, killed_at, record_property)
     record_property("ops", sum(counts))
     print(
         f"\nkill -9 detection: {detection * 1000:.1f} ms; {len(failures)} failed ops "
         f"of {sum(counts)}; {len(acked)} writes acknowledged ({before_kill} before the kill)"
     )
-    early = [f for f in failures if f[0] < killed_at]
-    assert not early, f"operations failed before the kill: {early[:5]}"
-    assert not wrong, f"reads of acknowledged keys returned the wrong value: {wrong[:5]}"
-    assert detection < DETECTION_LIMIT, f"failures went on for {detection:.3f}s: {failures[-5:]}"
+    _assert_failover(failures, wrong, killed_at, detection)
     assert len(acked) > before_kill + 500, "the load did not go on after the kill"
 
     # Every acknowledged write is readable, with its value, from the two survivors.
@@ -480,7 +511,6 @@ def test_kill_9_of_a_data_node_under_pipelined_redis_load(nodes, record_property
     wrong: list[tuple[bytes, Any, bytes]] = []
     lock = threading.Lock()
     stop = threading.Event()
-    batches = [0] * LOAD_THREADS
 
     def load(n: int) -> None:
         rng = random.Random(n)
@@ -517,49 +547,23 @@ def test_kill_9_of_a_data_node_under_pipelined_redis_load(nodes, record_property
                         failures.append((time.monotonic(), repr(reply)))
                     elif reply != acked[old]:
                         wrong.append((old, reply, acked[old]))
-                batches[n] += 1
                 time.sleep(0.002)
         finally:
             client.close()
 
-    workers = [threading.Thread(target=load, args=(n,)) for n in range(LOAD_THREADS)]
-    began = time.monotonic()
-    for t in workers:
-        t.start()
-    try:
-        time.sleep(KILL_AT)
-        before_kill = len(acked)
-        killed_at = time.monotonic()
-        data[1].kill()
-        time.sleep(max(0.0, LOAD_SECONDS - (time.monotonic() - began)))
-    finally:
-        stop.set()
-        for t in workers:
-            t.join(15)
-    assert not any(t.is_alive() for t in workers), "load threads did not stop"
-
-    detection = max([t - killed_at for t, _ in failures] + [0.0])
-    record_property("detection_time_s", round(detection, 4))
-    record_property("failed_ops", len(failures))
+    killed_at, before_kill = _kill_under_load(load, stop, data[1], lambda: len(acked), 15)
+    detection = _detection(failures, killed_at, record_property)
     print(
         f"\npipelined kill -9: {len(failures)} failures, the last {detection * 1000:.1f} ms after "
         f"the kill; {len(acked)} SETs acknowledged ({before_kill} before the kill)"
     )
-    early = [f for f in failures if f[0] < killed_at]
-    assert not early, f"operations failed before the kill: {early[:5]}"
-    assert not wrong, f"reads of acknowledged keys returned the wrong value: {wrong[:5]}"
-    assert detection < DETECTION_LIMIT, f"failures went on for {detection:.3f}s: {failures[-5:]}"
+    _assert_failover(failures, wrong, killed_at, detection)
     assert len(acked) > before_kill + 500, "the load did not go on after the kill"
 
     assert memcache_stats(master.port)["data_nodes_up"] == "2"  # the kill did happen
     reader = redis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=5.0)
     try:
-        keys = sorted(acked)
-        for start in range(0, len(keys), 200):
-            chunk = keys[start : start + 200]
-            got = reader.mget(chunk)
-            lost = [k for k, v in zip(chunk, got) if v != acked[k]]
-            assert not lost, f"acknowledged writes lost or wrong: {lost[:5]}"
+        _assert_readable_by_redis(reader, acked)
     finally:
         reader.close()
     assert "Traceback" not in master.log()
@@ -652,35 +656,17 @@ def test_kill_9_of_a_data_node_under_pipelined_incr_and_mset(nodes, record_prope
         finally:
             client.close()
 
-    workers = [threading.Thread(target=load, args=(n,)) for n in range(LOAD_THREADS)]
-    began = time.monotonic()
-    for t in workers:
-        t.start()
-    try:
-        time.sleep(KILL_AT)
-        before_kill = sum(len(c) for c in counted)
-        killed_at = time.monotonic()
-        data[1].kill()
-        time.sleep(max(0.0, LOAD_SECONDS - (time.monotonic() - began)))
-    finally:
-        stop.set()
-        for t in workers:
-            t.join(15)
-    assert not any(t.is_alive() for t in workers), "load threads did not stop"
-
-    detection = max([t - killed_at for t, _ in failures] + [0.0])
+    killed_at, before_kill = _kill_under_load(
+        load, stop, data[1], lambda: sum(len(c) for c in counted), 15
+    )
+    detection = _detection(failures, killed_at, record_property)
     incrs = sum(len(c) for c in counted)
-    record_property("detection_time_s", round(detection, 4))
-    record_property("failed_ops", len(failures))
     print(
         f"\nINCR/MSET kill -9: {len(failures)} failures, the last {detection * 1000:.1f} ms after "
         f"the kill; {incrs} INCRs ({before_kill} before the kill) and {len(acked)} MSET keys "
         "acknowledged"
     )
-    early = [f for f in failures if f[0] < killed_at]
-    assert not early, f"operations failed before the kill: {early[:5]}"
-    assert not wrong, f"reads of acknowledged keys returned the wrong value: {wrong[:5]}"
-    assert detection < DETECTION_LIMIT, f"failures went on for {detection:.3f}s: {failures[-5:]}"
+    _assert_failover(failures, wrong, killed_at, detection)
     assert incrs > before_kill + 200, "the load did not go on after the kill"
     for values in counted:
         assert values == sorted(set(values)), "a counter's acknowledged values did not rise"
@@ -691,12 +677,7 @@ def test_kill_9_of_a_data_node_under_pipelined_incr_and_mset(nodes, record_prope
         for n, values in enumerate(counted):
             final = int(reader.get(counters[n]))
             assert values and final >= values[-1], (n, final, values[-3:])
-        keys = sorted(acked)
-        for start in range(0, len(keys), 200):
-            chunk = keys[start : start + 200]
-            got = reader.mget(chunk)
-            lost = [k for k, v in zip(chunk, got) if v != acked[k]]
-            assert not lost, f"acknowledged writes lost or wrong: {lost[:5]}"
+        _assert_readable_by_redis(reader, acked)
     finally:
         reader.close()
     assert "Traceback" not in master.log()
