@@ -547,14 +547,13 @@ class Router:
         partition: bytes,
         targets: list[NodeLink],
         send: Callable[[DataNodeClient], Deferred],
-        done_already: Optional[Result] = None,
     ) -> Deferred:
         d: Deferred = Deferred()
 
         def send_cb(client: DataNodeClient, fan: _Fanout, link: NodeLink) -> None:
             send(client).addCallbacks(fan.stored, lambda f: self._write_failed(f.value, fan, link))
 
-        self._fanout_cb(partition, targets, send_cb, d.callback, d.errback, done_already)
+        self._fanout_cb(partition, targets, send_cb, d.callback, d.errback)
         return d
 
     def _fanout_cb(
@@ -620,17 +619,9 @@ class Router:
         partition that rejects writes when full, the primary stores it first
         (and may refuse it), then it is replicated.
         """
-        policy = self.policy(partition)
-        if not expires_ms and policy.default_ttl_ms:
-            expires_ms = int(self.clock.seconds() * 1000) + policy.default_ttl_ms
-        if policy.reject_at_primary:
-            return self.conditional(
-                partition,
-                key,
-                lambda c: c.store(StoreMode.SET, partition, key, value, flags, expires_ms, 0),
-            )
-        packed = pack(value, self.hlc.next(), flags, expires_ms)
-        return self.replicate(partition, key, packed)
+        d: Deferred = Deferred()
+        self.set_cb(partition, key, value, d.callback, d.errback, flags, expires_ms)
+        return d
 
     def set_cb(
         self,
@@ -652,14 +643,28 @@ class Router:
         except KeyError as e:  # the partition left the map: an error reply, not a lost slot
             on_fail(e)
             return
-        if policy.reject_at_primary:
-            self.set(partition, key, value, flags, expires_ms).addCallbacks(
-                on_done, lambda f: on_fail(f.value)
-            )
-            return
         if not expires_ms and policy.default_ttl_ms:
             expires_ms = int(self.clock.seconds() * 1000) + policy.default_ttl_ms
+        if policy.reject_at_primary:
+            self.conditional(
+                partition,
+                key,
+                lambda c: c.store(StoreMode.SET, partition, key, value, flags, expires_ms, 0),
+            ).addCallbacks(on_done, lambda f: on_fail(f.value))
+            return
         packed = pack(value, self.hlc.next(), flags, expires_ms)
+        self._fanout_cb(
+            partition,
+            self.write_copies_of(partition, key),
+            self._apply_sender(partition, key, packed),
+            on_done,
+            on_fail,
+        )
+
+    def _apply_sender(
+        self, partition: bytes, key: bytes, packed: bytes
+    ) -> Callable[[DataNodeClient, _Fanout, NodeLink], None]:
+        """A ``_fanout_cb`` sender of one Apply of ``packed`` to ``key``."""
         write_failed = self._write_failed
 
         def send(client: DataNodeClient, fan: _Fanout, link: NodeLink) -> None:
@@ -667,20 +672,7 @@ class Router:
                 partition, key, packed, fan.stored, lambda e: write_failed(e, fan, link)
             )
 
-        self._fanout_cb(partition, self.write_copies_of(partition, key), send, on_done, on_fail)
-
-    def replicate(
-        self,
-        partition: bytes,
-        key: bytes,
-        packed: bytes,
-        skip: Optional[NodeLink] = None,
-        done_already: Optional[Result] = None,
-    ) -> Deferred:
-        targets = [c for c in self.write_copies_of(partition, key) if c is not skip]
-        return self._fanout(
-            partition, targets, lambda c: c.apply(partition, key, packed), done_already
-        )
+        return send
 
     def delete(self, partition: bytes, key: bytes) -> Deferred:
         """Tombstone every live copy.  Fires with DELETED if any copy held the key."""
@@ -737,7 +729,6 @@ class Router:
         if primary is None:
             on_fail(Unavailable("no live primary for the key"))
             return
-        write_failed = self._write_failed
 
         def decided(result: Result) -> None:
             status = result.status
@@ -755,13 +746,13 @@ class Router:
                 on_fail(e)
                 return
 
-            def apply(client: DataNodeClient, fan: _Fanout, link: NodeLink) -> None:
-                client.apply_cb(
-                    partition, key, packed, fan.stored, lambda e: write_failed(e, fan, link)
-                )
-
             self._fanout_cb(
-                partition, targets, apply, lambda _first: on_done(result), on_fail, result
+                partition,
+                targets,
+                self._apply_sender(partition, key, packed),
+                lambda _first: on_done(result),
+                on_fail,
+                result,
             )
 
         send(primary.client, decided, on_fail)
