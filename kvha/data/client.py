@@ -537,14 +537,19 @@ class DataNodeClient:
         d = proto.request_frame(wire.get_frame, partition, key, 1 if tombstones else 0)
         return d.addCallback(_record)
 
-    def _connected_or_fail(
-        self, on_fail: Callable[[BaseException], None]
-    ) -> Optional[DataClientProtocol]:
-        """The connection, or None after telling ``on_fail`` there is none."""
+    def _request_cb(
+        self,
+        build: Callable[..., bytes],
+        on_reply: Callable[[Any], None],
+        on_fail: Callable[[BaseException], None],
+        *args: Any,
+    ) -> None:
+        """``request_cb`` on the connection, or ``on_fail`` at once if there is none."""
         proto = self.protocol
         if proto is None:
             on_fail(NodeUnavailable(f"not connected to {self.endpoint}"))
-        return proto
+            return
+        proto.request_cb(build, on_reply, on_fail, *args)
 
     def get_cb(
         self,
@@ -554,10 +559,7 @@ class DataNodeClient:
         on_fail: Callable[[BaseException], None],
     ) -> None:
         """:meth:`get` without a Deferred: ``on_done(record or None)`` or ``on_fail(error)``."""
-        proto = self._connected_or_fail(on_fail)
-        if proto is None:
-            return
-        proto.request_cb(
+        self._request_cb(
             wire.get_frame,
             lambda msg: on_done(unpack(msg.packed) if msg.packed else None),
             on_fail,
@@ -575,10 +577,7 @@ class DataNodeClient:
         on_fail: Callable[[BaseException], None],
     ) -> None:
         """:meth:`apply` without a Deferred."""
-        proto = self._connected_or_fail(on_fail)
-        if proto is None:
-            return
-        proto.request_cb(
+        self._request_cb(
             wire.apply_frame,
             lambda msg: on_done(_applied(msg, packed)),
             on_fail,
@@ -604,9 +603,6 @@ class DataNodeClient:
         if not self.apply_many_supported:
             self._apply_each(partition, keys, records, on_done, on_fail)
             return
-        proto = self._connected_or_fail(on_fail)
-        if proto is None:
-            return
 
         def replied(msg: wire.Message) -> None:
             try:
@@ -623,7 +619,7 @@ class DataNodeClient:
                 return
             on_fail(error)
 
-        proto.request_cb(_apply_many_frame, replied, failed, partition, keys, records)
+        self._request_cb(_apply_many_frame, replied, failed, partition, keys, records)
 
     def _apply_each(
         self,
@@ -705,10 +701,7 @@ class DataNodeClient:
         on_fail: Callable[[BaseException], None],
     ) -> None:
         """:meth:`incr` without a Deferred."""
-        proto = self._connected_or_fail(on_fail)
-        if proto is None:
-            return
-        proto.request_cb(
+        self._request_cb(
             _incr_frame, lambda msg: on_done(_result(msg)), on_fail, partition, key, mode, delta
         )
 
