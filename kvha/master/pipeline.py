@@ -322,11 +322,9 @@ class OrderedReplies(BufferedWrites, Protocol):
         Anything else (a read, a read-modify-write, or a primary that changed
         or reconnected meanwhile) waits, as with :meth:`after`.
         """
-        chains = self._primary_chain
-        entry = chains.get(key)
-        if entry is not None and self._key_tail.get(key) is entry[1]:
+        if key in self._primary_chain:
             conn = primary_of()
-            if conn is not None and conn is entry[0]:
+            if self._follows_primary(key, conn):
                 d = start()
                 self._chain(key, [conn, d])
                 return d
@@ -366,20 +364,19 @@ class OrderedReplies(BufferedWrites, Protocol):
         """
         done, fail = self.reply_later(render, on_error, silent)
         router: Router = self.router  # type: ignore[attr-defined]
-        tail = self._key_tail.get(key)
         conn = router.primary_connection(partition, key)
-        if tail is not None or self._barrier is not None:
-            entry = self._primary_chain.get(key)
-            if entry is None or tail is not entry[1] or conn is None or conn is not entry[0]:
+        if (key in self._key_tail or self._barrier is not None) and not self._follows_primary(
+            key, conn
+        ):
 
-                def start() -> Deferred:
-                    d: Deferred = Deferred()
-                    send(d.callback, d.errback)
-                    return d
+            def start() -> Deferred:
+                d: Deferred = Deferred()
+                send(d.callback, d.errback)
+                return d
 
-                waited = self.at_primary(partition, key, start)
-                waited.addCallbacks(done, lambda f: fail(f.value))
-                return
+            waited = self.at_primary(partition, key, start)
+            waited.addCallbacks(done, lambda f: fail(f.value))
+            return
         gate: Deferred = Deferred()
         self._chain(key, [conn, gate])
 
@@ -392,6 +389,19 @@ class OrderedReplies(BufferedWrites, Protocol):
             fail(error)
 
         send(ok, failed)
+
+    def _follows_primary(self, key: bytes, conn: Any) -> bool:
+        """Whether the last operation on ``key`` is one at the primary sent on ``conn``.
+
+        Then a new one on ``conn`` may be sent at once (see :meth:`after_at_primary`).
+        """
+        entry = self._primary_chain.get(key)
+        return (
+            entry is not None
+            and conn is not None
+            and conn is entry[0]
+            and self._key_tail.get(key) is entry[1]
+        )
 
     def _chain(self, key: bytes, entry: list[Any]) -> None:
         """``entry`` = [data-node connection or None until started, Deferred]."""
