@@ -126,6 +126,24 @@ APPLY_MANY_BYTES = 64 * 1024
 _REPLICATED = frozenset((Status.STORED, Status.TOUCHED, Status.DELETED))
 
 
+class _ApplyBatch:
+    """The records of one ApplyMany to one data node, and each one's fan-out."""
+
+    __slots__ = ("keys", "records", "fans", "size")
+
+    def __init__(self) -> None:
+        self.keys: list[bytes] = []
+        self.records: list[bytes] = []
+        self.fans: list[_Fanout] = []
+        self.size = 0
+
+    def add(self, key: bytes, packed: bytes, fan: _Fanout, size: int) -> None:
+        self.keys.append(key)
+        self.records.append(packed)
+        self.fans.append(fan)
+        self.size += size
+
+
 class _Fanout:
     """Counts answers to one write sent to several copies.
 
@@ -331,43 +349,30 @@ class Router:
         # APPLY_MANY_BYTES (a record larger than that goes alone, as big as
         # its own Apply would be): a node refuses a frame over its
         # max_frame_bytes by closing the connection.
-        batches: dict[NodeLink, list[tuple[list[bytes], list[bytes], list[_Fanout], list[int]]]]
-        batches = {}
+        batches: dict[NodeLink, list[_ApplyBatch]] = {}
+        key = packed = b""
+
+        def queue(client: DataNodeClient, fan: _Fanout, link: NodeLink) -> None:
+            # Called by _fanout_cb at once, for each copy of the current key.
+            size = len(key) + len(packed)
+            mine = batches.setdefault(link, [])
+            if not mine or mine[-1].size + size > APPLY_MANY_BYTES:
+                mine.append(_ApplyBatch())
+            mine[-1].add(key, packed, fan, size)
+
         hlc = self.hlc
         for key, value in pairs:
             packed = pack(value, hlc.next(), 0, expires_ms)
-
-            def queue(
-                client: DataNodeClient, fan: _Fanout, link: NodeLink, key=key, packed=packed
-            ) -> None:
-                size = len(key) + len(packed)
-                mine = batches.get(link)
-                if mine is None:
-                    mine = batches[link] = []
-                if not mine or (mine[-1][0] and mine[-1][3][0] + size > APPLY_MANY_BYTES):
-                    mine.append(([], [], [], [0]))
-                keys, records, fans, total = mine[-1]
-                keys.append(key)
-                records.append(packed)
-                fans.append(fan)
-                total[0] += size
-
             self._fanout_cb(
                 partition, self.write_copies_of(partition, key), queue, one_done, one_failed
             )
         for link, requests in batches.items():
-            for keys, records, fans, _total in requests:
-                self._apply_many(partition, link, keys, records, fans)
+            for batch in requests:
+                self._apply_many(partition, link, batch)
 
-    def _apply_many(
-        self,
-        partition: bytes,
-        link: NodeLink,
-        keys: list[bytes],
-        records: list[bytes],
-        fans: list[_Fanout],
-    ) -> None:
+    def _apply_many(self, partition: bytes, link: NodeLink, batch: _ApplyBatch) -> None:
         write_failed = self._write_failed
+        fans = batch.fans
 
         def done(results: list[Result]) -> None:
             for fan, result in zip(fans, results):
@@ -377,7 +382,7 @@ class Router:
             for fan in fans:
                 write_failed(error, fan, link)
 
-        link.client.apply_many_cb(partition, keys, records, done, failed)
+        link.client.apply_many_cb(partition, batch.keys, batch.records, done, failed)
 
     def get_cb(
         self,
