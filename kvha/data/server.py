@@ -631,12 +631,7 @@ class DataServerProtocol(Protocol):
             return wire.Error(wire.E_BAD_REQUEST, "packed record is shorter than its header")
         packed = msg.packed
         result = self.node.store.apply(msg.partition, msg.key, packed)
-        if result.status is Status.TOO_LARGE or result.packed is packed:
-            # Stored as sent: the sender has the record, so it does not come
-            # back (the client fills it in).  A record the store re-versioned,
-            # or the newer one it kept (STALE), does.
-            return wire.result_frame(request_id, result.status, b"")
-        return wire.result_frame(request_id, result.status, result.packed or b"")
+        return wire.result_frame(request_id, result.status, _sent_back(result, packed))
 
     def _apply_many(self, msg: wire.ApplyMany, request_id: int) -> wire.Message:
         keys, records = msg.keys, msg.packed
@@ -654,8 +649,7 @@ class DataServerProtocol(Protocol):
         for key, packed in zip(keys, records):
             result = apply(partition, key, packed)
             statuses.append(result.status)
-            same = result.status is Status.TOO_LARGE or result.packed is packed
-            back.append(b"" if same else result.packed or b"")
+            back.append(_sent_back(result, packed))
         return wire.Results(bytes(statuses), back)
 
     def _store(self, msg: wire.Store, request_id: int) -> wire.Message:
@@ -746,6 +740,17 @@ class DataServerProtocol(Protocol):
         if sender is not None:
             sender.cancel()
         return None
+
+
+def _sent_back(result: Result, sent: bytes) -> bytes:
+    """The record an Apply's reply carries: none when it was stored as sent.
+
+    The sender has that record (the client fills it in); a record the store
+    re-versioned, or the newer one it kept (STALE), comes back.
+    """
+    if result.status is Status.TOO_LARGE or result.packed is sent:
+        return b""
+    return result.packed or b""
 
 
 def _result(result: Result) -> wire.Message:
