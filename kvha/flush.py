@@ -12,14 +12,14 @@ showed them as its largest cost.
 transport, so order and back-pressure are unchanged.
 
 :class:`TurnFlusher` gathers what protocols write during one reactor turn and
-sends each connection's bytes once, at the start of the next turn (a
-``callLater(0)``), so the sixteen replies of a pipelined batch leave in one
-``send()`` even when they were completed one by one.
+sends each connection's bytes once, at the turn's end (:func:`at_turn_end`),
+so the sixteen replies of a pipelined batch leave in one ``send()`` even when
+they were completed one by one.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IReactorTime
@@ -81,6 +81,19 @@ def send_now(transport: Any, sock: Any, data: bytes) -> None:
         transport.write(data[sent:])
 
 
+def at_turn_end(clock: Any) -> Callable[[Callable[[], None]], Any]:
+    """How to run a call once the reactor turn is over, for ``clock``.
+
+    On :class:`kvha.reactor.KvhaEPollReactor` that is its turn-end list: no
+    timed call per turn.  Any other clock (another reactor, a test
+    :class:`~twisted.internet.task.Clock`) gets ``callLater(0, f)``.
+    """
+    hook = getattr(clock, "call_at_turn_end", None)
+    if hook is not None:
+        return hook  # type: ignore[no-any-return]
+    return lambda f: clock.callLater(0, f)
+
+
 class Flushable(Protocol):
     def flush_out(self) -> None: ...
 
@@ -90,7 +103,10 @@ class TurnFlusher:
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
+        self._at_end = at_turn_end(clock)
         self._queued: list[Flushable] = []
+        #: The pending turn-end flush: a DelayedCall, True (the reactor's
+        #: turn-end list), or None (none pending).
         self._call: Optional[Any] = None
         #: Turns that flushed something, and protocols flushed (for tests, metrics).
         self.turns = 0
@@ -100,12 +116,14 @@ class TurnFlusher:
         """``proto`` has bytes to write: its ``flush_out`` runs once this turn is over."""
         self._queued.append(proto)
         if self._call is None:
-            self._call = self.clock.callLater(0, self.flush)
+            self._call = self._at_end(self.flush) or True
 
     def flush(self) -> None:
         call, self._call = self._call, None
-        if call is not None and call.active():
+        if call is not None and call is not True and call.active():
             call.cancel()  # flushed early (shutdown): the turn's end has nothing left
+        if not self._queued:
+            return  # flushed early already; this was the turn-end call
         queued, self._queued = self._queued, []
         self.turns += 1
         self.flushes += len(queued)

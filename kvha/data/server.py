@@ -29,7 +29,7 @@ from kvha import __version__, wire
 from kvha.data.engine import Engine
 from kvha.data.quota import PartitionRule
 from kvha.data.store import IncrMode, Result, Status, Store, StoreMode
-from kvha.flush import direct_socket, no_delay, send_now
+from kvha.flush import at_turn_end, direct_socket, no_delay, send_now
 from kvha.record import HEADER_SIZE
 
 log = Logger()
@@ -99,7 +99,8 @@ class DataNode(service.Service):
         self.get_hits = 0
         self.get_misses = 0
         self._dirty: list[DataServerProtocol] = []
-        self._flush_call: Any = None
+        self._at_end = at_turn_end(self.clock)
+        self._flush_pending = False
         self._loops: list[LoopingCall] = []
         self._last_sweep = 0.0
 
@@ -295,11 +296,16 @@ class DataNode(service.Service):
     def reply_ready(self, proto: DataServerProtocol) -> None:
         """A connection has replies to send once the current turn is committed."""
         self._dirty.append(proto)
-        if self._flush_call is None:
-            self._flush_call = self.clock.callLater(0, self.flush)
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._at_end(self._turn_end)
+
+    def _turn_end(self) -> None:
+        if self._flush_pending:  # not flushed early (stopService)
+            self.flush()
 
     def flush(self) -> None:
-        self._flush_call = None
+        self._flush_pending = False
         try:
             self.store.engine.commit()
         except OSError:
