@@ -741,3 +741,22 @@ def test_any_chunking_of_a_pipelined_stream_gives_the_same_replies(
         finally:
             cluster.stop()
     assert outputs[0] == outputs[1]
+
+
+def test_a_retried_get_never_returns_a_set_sent_after_it() -> None:
+    """get k; set k pipelined, and the get's copy dies mid-read: SERVER_ERROR, not the new value."""
+    c = Cluster(n=3, replicas=1, read_weights=[1.0, 0.0, 0.0])
+    try:
+        copies = lambda k: [link.node_id for link in c.router.copies_of(b"default", k)]  # noqa: E731
+        key = next(k for k in (b"k%d" % i for i in range(100)) if "data1" in copies(k))
+        conn = Conn(c.memcache_factory())
+        assert conn.send(b"set " + key + b" 0 0 2\r\nv1\r\n") == b"STORED\r\n"
+        c.clients["data1"].hold()
+        assert conn.send(b"get " + key + b"\r\nset " + key + b" 0 0 2\r\nv2\r\n") == b""
+        c.kill("data1")
+        out = conn.take()
+        assert out.startswith(b"SERVER_ERROR ") and b"read it again" in out, out
+        assert out.endswith(b"\r\nSTORED\r\n")
+        assert conn.send(b"get " + key + b"\r\n") == b"VALUE " + key + b" 0 2\r\nv2\r\nEND\r\n"
+    finally:
+        c.stop()

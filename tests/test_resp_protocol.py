@@ -1562,3 +1562,84 @@ def test_a_partition_leaving_the_map_gets_errors_not_a_stalled_connection(
     replies = parse_all(out)
     assert [r[0] if isinstance(r, tuple) else r for r in replies] == ["ERR", "ERR", b"PONG"]
     assert b"unknown partition" in replies[0][1]
+
+
+# A read whose copy fails mid-read ------------------------------------------------
+# Reads go to data1 (the only copy with a read weight); data1 holds them, then
+# dies.  The read is retried on the key's other copy, which by then may hold a
+# write this connection sent after the read.
+
+
+def _read_from_data1() -> tuple[Cluster, Conn, bytes]:
+    c = Cluster(n=3, replicas=1, read_weights=[1.0, 0.0, 0.0])
+    key = next(k for k in (b"k%d" % i for i in range(100)) if "data1" in copy_ids(c, k))
+    return c, Conn(c.resp_factory()), key
+
+
+def test_a_retried_get_never_returns_a_later_write_from_its_own_connection() -> None:
+    """GET k; SET k v2 pipelined and the GET's copy dies: an error, not v2 (v2 on the next GET)."""
+    c, conn, key = _read_from_data1()
+    try:
+        assert conn.cmd("SET", key, "v1") == OK
+        c.clients["data1"].hold()
+        assert conn.send(encode("GET", key) + encode("SET", key, "v2")) == b""
+        c.kill("data1")
+        got, stored = parse_all(conn.take())
+        assert got[0] == "ERR" and b"read it again" in got[1], got
+        assert stored == b"OK"
+        assert conn.cmd("GET", key) == bulk(b"v2")
+    finally:
+        c.stop()
+
+
+def test_a_retried_get_never_returns_a_later_delete() -> None:
+    c, conn, key = _read_from_data1()
+    try:
+        assert conn.cmd("SET", key, "v1") == OK
+        c.clients["data1"].hold()
+        assert conn.send(encode("GET", key) + encode("DEL", key)) == b""
+        c.kill("data1")
+        got, deleted = parse_all(conn.take())
+        assert got[0] == "ERR" and b"read it again" in got[1], got
+        assert deleted == 1
+    finally:
+        c.stop()
+
+
+def test_a_retried_get_with_no_later_write_answers_from_the_other_copy() -> None:
+    c, conn, key = _read_from_data1()
+    try:
+        assert conn.cmd("SET", key, "v1") == OK
+        c.clients["data1"].hold()
+        assert conn.cmd("GET", key) == b""
+        c.kill("data1")
+        assert conn.take() == bulk(b"v1")
+        c.revive("data1")
+        c.clients["data1"].hold()
+        assert conn.cmd("GET", "never-set") == b""  # a miss, retried, is still a miss
+        c.kill("data1")
+        assert conn.take() == NIL
+    finally:
+        c.stop()
+
+
+def test_a_retried_mget_never_returns_a_later_write() -> None:
+    c, conn, key = _read_from_data1()
+    try:
+        other = next(
+            k for k in (b"o%d" % i for i in range(100)) if "data1" in copy_ids(c, k) and k != key
+        )
+        assert conn.cmd("MSET", key, "v1", other, "w1") == OK
+        c.clients["data1"].hold()
+        assert conn.send(encode("MGET", key, other) + encode("SET", key, "v2")) == b""
+        c.kill("data1")
+        got, stored = parse_all(conn.take())
+        assert got[0] == "ERR" and b"read it again" in got[1], got
+        assert stored == b"OK"
+        c.revive("data1")
+        c.clients["data1"].hold()
+        assert conn.cmd("MGET", key, other) == b""
+        c.kill("data1")
+        assert conn.take() == b"*2\r\n" + bulk(b"v2") + bulk(b"w1")
+    finally:
+        c.stop()

@@ -26,6 +26,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from kvha.clock import HybridLogicalClock
 from kvha.data.client import DataNodeClient, DataNodeError, NodeUnavailable, RequestTimeout
@@ -306,7 +307,11 @@ class Router:
         order = self._read_order(copies)
         if not order:
             return defer.fail(Unavailable("no live copy of the key"))
-        return self._read_from(order, 0, lambda c: c.get(partition, key))
+        if len(order) == 1:
+            return order[0].client.get(partition, key)
+        ceiling = self.hlc.last
+        d = order[0].client.get(partition, key)
+        return d.addErrback(self._reread, order, partition, key, ceiling)
 
     def set_many_cb(
         self,
@@ -409,30 +414,69 @@ class Router:
         if not order:
             on_fail(Unavailable("no live copy of the key"))
             return
-        self._read_cb(order, 0, partition, key, on_done, on_fail)
+        self._read_cb(order, partition, key, on_done, on_fail)
 
     def _read_cb(
         self,
         order: list[NodeLink],
-        i: int,
         partition: bytes,
         key: bytes,
         on_done: Callable[[Optional[Record]], None],
         on_fail: Callable[[BaseException], None],
     ) -> None:
-        link = order[i]
-        if i + 1 == len(order):
+        link = order[0]
+        if len(order) == 1:
             failed = on_fail
         else:
+            ceiling = self.hlc.last  # the newest version written before this read
 
             def failed(error: BaseException) -> None:
                 if not isinstance(error, RETRYABLE):
                     on_fail(error)
                     return
-                link.mark_failed(str(error))
-                self._read_cb(order, i + 1, partition, key, on_done, on_fail)
+                self._reread(error, order, partition, key, ceiling).addCallbacks(
+                    on_done, lambda f: on_fail(f.value)
+                )
 
         link.client.get_cb(partition, key, on_done, failed)
+
+    def _reread(
+        self,
+        error: Any,
+        order: list[NodeLink],
+        partition: bytes,
+        key: bytes,
+        ceiling: int,
+    ) -> Deferred:
+        """Read ``key`` from ``order[1:]`` after ``order[0]`` failed with ``error``.
+
+        Writes sent after the read (by this connection above all) may have
+        reached the other copies by now, while the failed copy's answer would
+        have come from before them.  A read must not return a write that was
+        sent after it: a pipelined ``GET k; SET k v2`` never reads ``v2``.
+        So the retry reads tombstones too, and refuses a record (or a
+        deletion) newer than ``ceiling``, the newest version this master had
+        issued when the read was sent: the client gets an error and reads
+        again, rather than a value from its future.
+        """
+        if isinstance(error, Failure):
+            error.trap(*RETRYABLE)
+            error = error.value
+        order[0].mark_failed(str(error))
+        d = self._read_from(order, 1, lambda c: c.get(partition, key, tombstones=True))
+        return d.addCallback(self._not_after, ceiling)
+
+    def _not_after(self, record: Optional[Record], ceiling: int) -> Optional[Record]:
+        if record is None:
+            return None
+        if record.version > ceiling:
+            raise Unavailable(
+                "the key's copy failed mid-read and a newer write has reached its other "
+                "copies; read it again"
+            )
+        if record.tombstone or record.expired(int(self.clock.seconds() * 1000)):
+            return None
+        return record
 
     def _read_from(
         self, order: list[NodeLink], i: int, op: Callable[[DataNodeClient], Deferred]
@@ -505,11 +549,12 @@ class Router:
             entry[1].append(key)
         out: list[Optional[Record]] = [None] * len(keys)
         ds = []
+        ceiling = self.hlc.last
         for node_id, (indexes, node_keys, _order) in by_node.items():
             d = self.links[node_id].client.mget(partition, node_keys)
             d.addCallback(_scatter, out, indexes)
             # A node failing its share: fetch those keys one by one from other copies.
-            d.addErrback(self._mget_fallback, partition, node_keys, indexes, out, node_id)
+            d.addErrback(self._mget_fallback, partition, node_keys, indexes, out, node_id, ceiling)
             ds.append(d)
         return (
             defer.gatherResults(ds, consumeErrors=True)
@@ -525,6 +570,7 @@ class Router:
         indexes: list[int],
         out: list[Optional[Record]],
         failed: str,
+        ceiling: int,
     ) -> Deferred:
         failure.trap(*RETRYABLE)
         self.links[failed].mark_failed(failure.getErrorMessage())
@@ -534,7 +580,9 @@ class Router:
             order = [c for c in order if c.node_id != failed]
             if not order:
                 return defer.fail(Unavailable("no other live copy of a key"))
-            ds.append(self._read_from(order, 0, lambda c, key=key: c.get(partition, key)))
+            # As _reread: nothing written after the MGET was sent.
+            d = self._read_from(order, 0, lambda c, key=key: c.get(partition, key, tombstones=True))
+            ds.append(d.addCallback(self._not_after, ceiling))
         return defer.gatherResults(ds, consumeErrors=True).addCallback(_scatter, out, indexes)
 
     # Writes -----------------------------------------------------------------------
