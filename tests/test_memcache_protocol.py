@@ -760,3 +760,13 @@ def test_a_retried_get_never_returns_a_set_sent_after_it() -> None:
         assert conn.send(b"get " + key + b"\r\n") == b"VALUE " + key + b" 0 2\r\nv2\r\nEND\r\n"
     finally:
         c.stop()
+
+
+def test_flush_all_with_a_data_node_down_is_a_server_error_and_flushes_nothing(
+    cluster: Cluster, conn: Conn
+) -> None:
+    assert conn.send(b"set a 0 0 1\r\n1\r\n") == b"STORED\r\n"
+    cluster.kill("data3")
+    reply = conn.send(b"flush_all\r\n")
+    assert reply.startswith(b"SERVER_ERROR data node data3 down: a flush must reach"), reply
+    assert conn.send(b"get a\r\n") == b"VALUE a 0 1\r\n1\r\nEND\r\n"

@@ -1643,3 +1643,14 @@ def test_a_retried_mget_never_returns_a_later_write() -> None:
         assert conn.take() == b"*2\r\n" + bulk(b"v2") + bulk(b"w1")
     finally:
         c.stop()
+
+
+def test_flushdb_with_a_data_node_down_is_an_error_and_flushes_nothing(
+    cluster: Cluster, conn: Conn
+) -> None:
+    assert conn.cmd("SET", "a", "1") == OK
+    cluster.kill("data2")
+    reply = conn.cmd("FLUSHDB")
+    assert reply.startswith(b"-ERR data node data2 down: a flush must reach every data node")
+    assert conn.cmd("GET", "a") == bulk(b"1")
+    assert conn.cmd("FLUSHALL").startswith(b"-ERR data node data2 down")

@@ -645,20 +645,46 @@ def test_delete_with_a_dead_copy_tombstones_the_live_one(cluster: Cluster) -> No
     assert cluster.links[a].skipped_writes == 1
 
 
-def test_flush_clears_the_partition_on_every_live_node() -> None:
-    """flush drops one partition's records on all live nodes and leaves other partitions."""
+def test_flush_clears_the_partition_on_every_node() -> None:
+    """flush drops one partition's records on every node and leaves other partitions."""
     c = Cluster(n=3, replicas=1, partitions=[PartitionPolicy("default"), PartitionPolicy("other")])
     for i in range(50):
         result_of(c.router.set(P, b"k%d" % i, b"v"))
         result_of(c.router.set(b"other", b"k%d" % i, b"w"))
-    c.kill("data3")
     assert result_of(c.router.flush(P)) is None
-    for nid in ("data1", "data2"):
+    for nid in c.nodes:
         assert c.nodes[nid].store.engine.count(P) == 0
         assert c.nodes[nid].store.engine.count(b"other") > 0
-    assert c.nodes["data3"].store.engine.count(P) > 0  # down: not reached
     for i in range(50):
         assert result_of(c.router.get(b"other", b"k%d" % i)).value == b"w"
+
+
+def test_flush_with_a_node_down_flushes_nothing_and_says_which() -> None:
+    """The node would come back with the records and serve them: all nodes or none.
+
+    Removing a deleted partition's records (``every_node=False``) flushes the
+    live nodes anyway.
+    """
+    c = Cluster(n=3, replicas=1)
+    for i in range(50):
+        result_of(c.router.set(P, b"k%d" % i, b"v"))
+    c.kill("data3")
+    error = failure_of(c.router.flush(P), Unavailable)
+    assert "data node data3 down" in str(error.value)
+    for nid in c.nodes:
+        assert c.nodes[nid].store.engine.count(P) > 0  # nothing flushed anywhere
+    for i in range(50):
+        assert result_of(c.router.get(P, b"k%d" % i)).value == b"v"
+    assert result_of(c.router.flush(P, every_node=False)) is None
+    for nid in ("data1", "data2"):
+        assert c.nodes[nid].store.engine.count(P) == 0
+    assert c.nodes["data3"].store.engine.count(P) > 0  # down: not reached
+    c.revive("data3")
+    for _ in range(3):
+        c.clock.advance(0.25)  # a ping brings it back
+    assert c.links["data3"].state != "down"
+    assert result_of(c.router.flush(P)) is None
+    assert c.nodes["data3"].store.engine.count(P) == 0
 
 
 def test_flush_with_every_node_down_is_unavailable(cluster: Cluster) -> None:

@@ -460,7 +460,7 @@ class ClusterManager:
 
         def flush(m: dict[str, Any]) -> Any:
             log.info("deleted partition {name}; removing its records", name=name)
-            d = self.master.router.flush(name.encode())
+            d = self.master.router.flush(name.encode(), every_node=False)
             d.addErrback(
                 lambda f: log.warn(
                     "records of deleted partition {name} not all removed: {why}",

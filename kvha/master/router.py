@@ -999,9 +999,25 @@ class Router:
         self.scan(partition, 0, page).addCallbacks(step, done.errback)
         return done
 
-    def flush(self, partition: bytes) -> Deferred:
-        """Remove every record of a partition from every live node."""
-        live = [link for link in self.links.values() if link.state != "down"]
+    def flush(self, partition: bytes, every_node: bool = True) -> Deferred:
+        """Remove every record of a partition from every data node.
+
+        With a node down nothing is flushed and the flush fails
+        (``every_node``): the node would come back with the flushed records
+        and serve them again, since merge only adds what it lacks.  Without
+        ``every_node`` (removing a deleted partition's records) the live nodes
+        are flushed.
+        """
+        links = self.links.values()
+        down = sorted(link.node_id for link in links if link.state == "down")
+        if every_node and down:
+            return defer.fail(
+                Unavailable(
+                    f"data node {', '.join(down)} down: a flush must reach every data node, "
+                    "or the flushed keys would come back with it"
+                )
+            )
+        live = [link for link in links if link.state != "down"]
         if not live:
             return defer.fail(Unavailable("no live data node"))
         return (
