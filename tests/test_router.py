@@ -847,3 +847,29 @@ def test_conditional_cb_reports_a_malformed_record_instead_of_raising() -> None:
     client.incr_cb = lambda p, k, m, d, ok, bad: ok(Result(Status.STORED, b"short"))  # type: ignore[method-assign]
     [error] = _incr_cb(cluster, b"n")
     assert isinstance(error, Exception) and not isinstance(error, Result)
+
+
+def test_a_quorum_read_does_not_repair_across_a_flush_sent_behind_it() -> None:
+    """GET (quorum) then FLUSHDB: the read's answers arrive after the flush; no repair then."""
+    c = quorum_cluster()
+    key = b"k"
+    a, b, d3 = copy_ids(c, key)
+    c.kill(d3)
+    result_of(c.router.set(P, key, b"v"))
+    c.revive(d3)
+    for _ in range(3):
+        c.clock.advance(0.25)
+    assert stored(c, d3, key) is None  # missed the write: a read would repair it
+    for nid in (a, b, d3):
+        c.clients[nid].hold()
+    read = c.router.get(P, key)  # sent first ...
+    flushed = c.router.flush(P)  # ... then the flush, on the same connections
+    for nid in (d3, a, b):
+        # d3 runs the read and the flush; b's answer completes the read, whose
+        # repair would reach d3 after its flush.
+        c.clients[nid].release()
+    assert result_of(read).value == b"v"  # from before the flush
+    assert result_of(flushed) is None
+    for nid in (a, b, d3):
+        assert stored(c, nid, key) is None, nid
+    assert result_of(c.router.get(P, key)) is None

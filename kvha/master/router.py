@@ -237,6 +237,8 @@ class Router:
         self.repairs = 0
         self._copies_cache: dict[tuple[str, ...], list[NodeLink]] = {}
         self._write_cache: dict[tuple[str, ...], list[NodeLink]] = {}
+        #: Flushes sent per partition: a quorum read does not repair across one.
+        self._flushes: dict[bytes, int] = {}
 
     def policy(self, partition: bytes) -> PartitionPolicy:
         policy = self.policies.get(partition)
@@ -501,7 +503,8 @@ class Router:
             return defer.fail(Unavailable(f"quorum read needs {needed} live copies"))
         ds = [c.client.get(partition, key, tombstones=True) for c in live]
         d = defer.DeferredList(ds, consumeErrors=True)
-        d.addCallback(self._quorum_done, partition, key, live, needed)
+        flushes = self._flushes.get(partition, 0)
+        d.addCallback(self._quorum_done, partition, key, live, needed, flushes)
         return d
 
     def _quorum_done(
@@ -511,6 +514,7 @@ class Router:
         key: bytes,
         live: list[NodeLink],
         needed: int,
+        flushes: int,
     ) -> Optional[Record]:
         answers = [(link, r) for link, (ok, r) in zip(live, results) if ok]
         if len(answers) < needed:
@@ -519,7 +523,10 @@ class Router:
         for _link, record in answers:
             if record is not None and (newest is None or record.version > newest.version):
                 newest = record
-        if newest is not None:
+        # A flush sent since the read began (FLUSHDB pipelined behind it):
+        # the answers are from before it, and a repair now would bring the
+        # flushed key back on the copies it reaches.
+        if newest is not None and self._flushes.get(partition, 0) == flushes:
             packed = newest.pack()
             for link, record in answers:
                 if record is None or record.version < newest.version:
@@ -1020,6 +1027,7 @@ class Router:
         live = [link for link in links if link.state != "down"]
         if not live:
             return defer.fail(Unavailable("no live data node"))
+        self._flushes[partition] = self._flushes.get(partition, 0) + 1
         return (
             defer.gatherResults([link.client.flush(partition) for link in live], consumeErrors=True)
             .addCallback(lambda _: None)
