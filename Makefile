@@ -44,10 +44,13 @@ lint: $(STAMP)
 
 # bench/storage.py loads every storage engine with 100,000 and 1,000,000
 # records (a few minutes); STORAGE_BENCH_ARGS=--big adds 1 GB of 10 KiB values
-# in mmap-index.
+# in mmap-index.  bench/hotpath.py measures the Python work per request in one
+# process, without sockets: the figure to compare before and after a change.
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/storage.py $(STORAGE_BENCH_ARGS)
+	PYTHONHASHSEED=0 $(BIN)/python bench/hotpath.py --replicas 0 --out bench/results/hotpath-r0.json
+	PYTHONHASHSEED=0 $(BIN)/python bench/hotpath.py --replicas 1 --out bench/results/hotpath-r1.json
 
 clean:
 	rm -rf $(VENV) .venv-pypy var build *.egg-info

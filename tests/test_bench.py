@@ -44,3 +44,19 @@ def test_the_median_run_keeps_its_own_latencies_and_cpu() -> None:
     row = _median_row(rows)
     assert (row["rps"], row["p50"], row["cpu"]) == (2.0, 2.0, {"idle": 2})
     assert row["runs"] == [3.0, 1.0, 2.0]
+
+
+def test_the_hot_path_benchmark_runs_every_command_through_real_nodes() -> None:
+    """Replies come back from real data nodes over the wire codec, and each figure is a time."""
+    from bench.hotpath import Master, measure
+
+    master = Master(replicas=1, clients=3)
+    assert master.turn(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n") == 3 * len(b"+OK\r\n")
+    assert master.turn(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n") == 3 * len(b"$1\r\nv\r\n")
+    stored = [node.store.get(b"default", b"k") for node in master.nodes]
+    assert sum(r is not None for r in stored) == 2  # replicas 1: two copies
+    figures = measure(replicas=0, clients=2, pipelines=(1, 2), rounds=2, repeats=2)
+    assert set(figures) == {"P1", "P2"}
+    for row in figures.values():
+        assert set(row) == {"SET", "GET", "INCR"}
+        assert all(0 < us < 100_000 for us in row.values())
