@@ -11,8 +11,9 @@ process: the figure is the CPU time per request of master and data node
 together, plus a constant for the in-memory transports.
 
 Each turn, ``--clients`` connections send one command each (``-P 1``) or
-``--pipeline`` commands each, like ``redis-benchmark -c 50`` on one key; the
-replies are read and thrown away.  Run it twice, before and after a change,
+sixteen (``-P 16``), like ``redis-benchmark -c 50`` on one key, or the
+memcached protocol's ``set`` and ``get`` (``mc``); the replies are read and
+thrown away.  Run it twice, before and after a change,
 and compare; each figure is the best of ``--repeats`` timed rounds.  Set
 ``PYTHONHASHSEED=0`` (``make bench`` does): with random hash seeds, runs of
 the same code differed by up to a third.
@@ -49,23 +50,27 @@ from kvha.data.server import DataNode, DataServerFactory  # noqa: E402
 from kvha.flush import TurnFlusher  # noqa: E402
 from kvha.gctune import tune_gc  # noqa: E402
 from kvha.master.health import NodeLink  # noqa: E402
+from kvha.master.memcache import MemcacheFactory  # noqa: E402
 from kvha.master.resp import RespFactory  # noqa: E402
 from kvha.master.router import PartitionPolicy, Router  # noqa: E402
 from kvha.ring import Ring  # noqa: E402
 
 SECRET = b"hot-path-benchmark-secret-0123"
 KEY = b"key:__rand_int__"  # redis-benchmark's key, without -r
+#: name: (protocol, one command)
 COMMANDS = {
-    "SET": b"*3\r\n$3\r\nSET\r\n$16\r\n" + KEY + b"\r\n$3\r\nxxx\r\n",
-    "GET": b"*2\r\n$3\r\nGET\r\n$16\r\n" + KEY + b"\r\n",
-    "INCR": b"*2\r\n$4\r\nINCR\r\n$7\r\ncounter\r\n",
+    "SET": ("redis", b"*3\r\n$3\r\nSET\r\n$16\r\n" + KEY + b"\r\n$3\r\nxxx\r\n"),
+    "GET": ("redis", b"*2\r\n$3\r\nGET\r\n$16\r\n" + KEY + b"\r\n"),
+    "INCR": ("redis", b"*2\r\n$4\r\nINCR\r\n$7\r\ncounter\r\n"),
+    "mc set": ("memcached", b"set " + KEY + b" 0 0 3\r\nxxx\r\n"),
+    "mc get": ("memcached", b"get " + KEY + b"\r\n"),
 }
 
 
 class Master:
     """A router over three data nodes, its Redis factory, and the pumps between them."""
 
-    def __init__(self, replicas: int, clients: int) -> None:
+    def __init__(self, replicas: int, clients: int, protocol: str = "redis") -> None:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         flusher = TurnFlusher(self.clock)
@@ -93,23 +98,19 @@ class Master:
         router = Router(
             ring, links, replicas, [PartitionPolicy("default")], self.clock, random.Random(1)
         )
-        resp = RespFactory(
+        kind = RespFactory if protocol == "redis" else MemcacheFactory
+        clients_factory = kind(
             router,
             b"default",
             self.clock,
             max_connections=clients + 10,
             max_in_flight=256,
-            max_line_bytes=65536,
             max_value_bytes=1 << 20,
-            idle_timeout=0.0,
-            authenticator=None,
-            budget=None,
-            bound=False,
             flusher=flusher,
         )
         self.conns: list[tuple[Any, StringTransport]] = []
         for _ in range(clients):
-            proto = resp.buildProtocol(None)
+            proto = clients_factory.buildProtocol(None)
             transport = StringTransport()
             proto.makeConnection(transport)
             self.conns.append((proto, transport))
@@ -153,8 +154,8 @@ def measure(
     """
     cases = []
     for pipeline in pipelines:
-        for name, command in COMMANDS.items():
-            master = Master(replicas, clients)
+        for name, (protocol, command) in COMMANDS.items():
+            master = Master(replicas, clients, protocol)
             data = command * pipeline
             if master.turn(data) == 0:  # warm-up, and a check that replies come back
                 raise RuntimeError(f"{name}: no reply")

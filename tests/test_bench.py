@@ -55,8 +55,12 @@ def test_the_hot_path_benchmark_runs_every_command_through_real_nodes() -> None:
     assert master.turn(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n") == 3 * len(b"$1\r\nv\r\n")
     stored = [node.store.get(b"default", b"k") for node in master.nodes]
     assert sum(r is not None for r in stored) == 2  # replicas 1: two copies
+    mc = Master(replicas=0, clients=2, protocol="memcached")
+    assert mc.turn(b"set k 0 0 1\r\nv\r\nget k\r\n") == 2 * len(
+        b"STORED\r\nVALUE k 0 1\r\nv\r\nEND\r\n"
+    )
     figures = measure(replicas=0, clients=2, pipelines=(1, 2), rounds=2, repeats=2)
     assert set(figures) == {"P1", "P2"}
     for row in figures.values():
-        assert set(row) == {"SET", "GET", "INCR"}
+        assert set(row) == {"SET", "GET", "INCR", "mc set", "mc get"}
         assert all(0 < us < 100_000 for us in row.values())
