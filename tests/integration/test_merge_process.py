@@ -194,3 +194,52 @@ def test_durable_merge_transfers_only_the_difference(nodes, record_property):  #
             assert record is not None and record.value == f"changed:{k}".encode(), k
     log = victim.log()
     assert re.search(r"opened log store: \d+ records", log)
+
+
+def _readable(port: int, keys: list[str]) -> int:
+    """How many of ``keys`` a master returns (reads spread over every live copy)."""
+    client = _client(port)
+    found = 0
+    for start in range(0, len(keys), 100):
+        found += len(client.get_many(keys[start : start + 100]))
+    client.close()
+    return found
+
+
+@pytest_twisted.inlineCallbacks
+def test_flush_all_with_a_durable_node_down_is_refused_and_nothing_comes_back(nodes):  # type: ignore[no-untyped-def]
+    """flush_all with a log node down flushes nothing; once it is back, a flush empties all.
+
+    Without the refusal the node came back from kill -9 with the flushed
+    keys, merge (which only adds) kept them, and reads served them again.
+    """
+    master, data = nodes.cluster(3, replicas=1, timeout=30, merge={"grace": "500ms"})
+    for node in data:  # restart every data node on the log engine
+        node.kill()
+    for node in data:
+        with open(node.config_path, "a") as f:
+            f.write("  storage: {engine: log, fsync: always}\n")
+        node.start(wait=False)
+    _wait_up(master.port, 3)
+    keys = [f"key-{i:04d}" for i in range(600)]
+    _load(master.port, keys, "v")
+    victim = data[2]
+    victim.kill()
+    client = _client(master.port)
+    deadline = time.monotonic() + 5
+    while memcache_stats(master.port).get("data_nodes_up") != "2":
+        assert time.monotonic() < deadline, "the master did not see the node go down"
+        time.sleep(0.05)
+    with pytest.raises(Exception, match="data node data3 down"):
+        client.flush_all(noreply=False)
+    client.close()
+    assert _readable(master.port, keys) == len(keys)  # nothing was flushed
+    victim.start()
+    _wait_up(master.port, 3)
+    client = _client(master.port)
+    assert client.flush_all(noreply=False)
+    client.close()
+    assert _readable(master.port, keys) == 0
+    for node in data:
+        records, _stats = yield _dump(node.port)
+        assert not records, f"{node.node_id} still holds {len(records)} records"
