@@ -64,3 +64,27 @@ def test_the_hot_path_benchmark_runs_every_command_through_real_nodes() -> None:
     for row in figures.values():
         assert set(row) == {"SET", "GET", "INCR", "mc set", "mc get"}
         assert all(0 < us < 100_000 for us in row.values())
+
+
+def test_interleaved_rounds_combine_into_the_median_run_of_each_test() -> None:
+    from bench.protocols import combine_memcslap, combine_redis
+
+    rounds = [
+        {"set": {"rps": 3.0, "p50": 1.0, "runs": [3.0]}, "get": {"rps": 9.0, "runs": [9.0]}},
+        {"set": {"rps": 1.0, "p50": 3.0, "runs": [1.0]}, "get": {"rps": 7.0, "runs": [7.0]}},
+        {"set": {"rps": 2.0, "p50": 2.0, "runs": [2.0]}, "get": {"rps": 8.0, "runs": [8.0]}},
+    ]
+    combined = combine_redis(rounds)
+    assert (combined["set"]["rps"], combined["set"]["p50"]) == (2.0, 2.0)
+    assert combined["set"]["runs"] == [3.0, 1.0, 2.0]
+    assert combined["get"]["rps"] == 8.0 and combined["get"]["runs"] == [9.0, 7.0, 8.0]
+    mc = combine_memcslap(
+        [
+            {"set": 5.0, "set_runs": [5.0], "set_cpu": {"idle": 5}, "get": 1.0, "get_runs": [1.0]},
+            {"set": 4.0, "set_runs": [4.0], "set_cpu": {"idle": 4}, "get": 3.0, "get_runs": [3.0]},
+            {"set": 6.0, "set_runs": [6.0], "set_cpu": {"idle": 6}, "get": 2.0, "get_runs": [2.0]},
+        ]
+    )
+    assert (mc["set"], mc["set_runs"], mc["set_cpu"]) == (5.0, [5.0, 4.0, 6.0], {"idle": 5})
+    assert (mc["get"], mc["get_runs"]) == (2.0, [1.0, 3.0, 2.0])
+    assert "get_cpu" not in mc
