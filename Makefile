@@ -2,14 +2,17 @@
 # virtual environment first when it is missing or older than pyproject.toml.
 
 # `make bench PY=pypy3` runs the benchmark and every kvha node under PyPy 3.9
-# (Debian: apt-get install pypy3 pypy3-venv pypy3-dev; mmh3 compiles against it).
+# (Debian: apt-get install pypy3 pypy3-venv pypy3-dev; mmh3 compiles against it)
+# and writes bench/results/*-pypy.* beside the CPython results.
 PY ?= python3
 ifeq ($(findstring pypy,$(PY)),pypy)
 VENV ?= .venv-pypy
 EXTRAS ?= bench
+HOTPATH ?= hotpath-pypy
 else
 VENV ?= .venv
 EXTRAS ?= test
+HOTPATH ?= hotpath
 endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -49,8 +52,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/storage.py $(STORAGE_BENCH_ARGS)
-	PYTHONHASHSEED=0 $(BIN)/python bench/hotpath.py --replicas 0 --out bench/results/hotpath-r0.json
-	PYTHONHASHSEED=0 $(BIN)/python bench/hotpath.py --replicas 1 --out bench/results/hotpath-r1.json
+	PYTHONHASHSEED=0 $(BIN)/python bench/hotpath.py --replicas 0 --out bench/results/$(HOTPATH)-r0.json
+	PYTHONHASHSEED=0 $(BIN)/python bench/hotpath.py --replicas 1 --out bench/results/$(HOTPATH)-r1.json
 
 clean:
 	rm -rf $(VENV) .venv-pypy var build *.egg-info

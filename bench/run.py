@@ -8,7 +8,8 @@ Measures, on this machine and in this run:
 3. resident memory after loading 1,000,000 records (16-byte keys, 100-byte
    values) into a ``memory`` data node and into a real memcached.
 
-Prints a table and writes ``bench/results/latest.md`` and ``latest.json``.
+Prints a table and writes ``bench/results/latest.md`` and ``latest.json``
+(under PyPy: ``latest-pypy.md`` and ``latest-pypy.json``).
 Every load is bounded in count; nothing here runs without end.
 """
 
@@ -284,9 +285,10 @@ def main() -> None:
         report = render(results)
         print(report)
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "latest.md"), "w") as f:
+        stem = "latest-pypy" if platform.python_implementation() == "PyPy" else "latest"
+        with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
             f.write(report)
-        with open(os.path.join(args.out, "latest.json"), "w") as f:
+        with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
             json.dump(results, f, indent=2)
 
     task.react(lambda reactor: run(reactor))

@@ -19,7 +19,8 @@ every value once.  ``--compaction`` (on by default) times the steps of an
 in-process compaction of the two segment engines, to show how long a request
 can wait behind one.
 
-Writes ``bench/results/storage.md`` and ``storage.json``.  Every load is
+Writes ``bench/results/storage.md`` and ``storage.json`` (under PyPy:
+``storage-pypy.md`` and ``storage-pypy.json``).  Every load is
 bounded in count.
 """
 
@@ -453,9 +454,10 @@ def main() -> None:
         report = render(results)
         print(report)
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "storage.md"), "w") as f:
+        stem = "storage-pypy" if platform.python_implementation() == "PyPy" else "storage"
+        with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
             f.write(report)
-        with open(os.path.join(args.out, "storage.json"), "w") as f:
+        with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
             json.dump(results, f, indent=2)
 
     task.react(lambda reactor: run(reactor))
