@@ -873,3 +873,20 @@ def test_a_quorum_read_does_not_repair_across_a_flush_sent_behind_it() -> None:
     for nid in (a, b, d3):
         assert stored(c, nid, key) is None, nid
     assert result_of(c.router.get(P, key)) is None
+
+
+def test_flush_waits_for_merges_and_ring_changes_to_finish() -> None:
+    """Records being copied (merge, join, leave) may have been read before the flush."""
+    c = Cluster(n=3, replicas=1)
+    result_of(c.router.set(P, b"k", b"v"))
+    c.links["data2"]._set("merging", "restarted")
+    error = failure_of(c.router.flush(P), Unavailable)
+    assert "data node data2 merging: flush again once it is up" in str(error.value)
+    c.links["data2"]._set("up", "merged")
+    c.router.set_rings(c.ring, c.ring)  # a change pending: writes go to both rings
+    error = failure_of(c.router.flush(P), Unavailable)
+    assert "a data node is joining or leaving" in str(error.value)
+    assert result_of(c.router.get(P, b"k")).value == b"v"  # nothing was flushed
+    c.router.set_rings(c.ring)
+    assert result_of(c.router.flush(P)) is None
+    assert result_of(c.router.get(P, b"k")) is None

@@ -1011,19 +1011,39 @@ class Router:
 
         With a node down nothing is flushed and the flush fails
         (``every_node``): the node would come back with the flushed records
-        and serve them again, since merge only adds what it lacks.  Without
-        ``every_node`` (removing a deleted partition's records) the live nodes
-        are flushed.
+        and serve them again, since merge only adds what it lacks.  The same
+        while a node is merging or a node joins or leaves: records being
+        copied may have been read before the flush and land after it.
+        Without ``every_node`` (removing a deleted partition's records) the
+        live nodes are flushed.
         """
         links = self.links.values()
-        down = sorted(link.node_id for link in links if link.state == "down")
-        if every_node and down:
-            return defer.fail(
-                Unavailable(
-                    f"data node {', '.join(down)} down: a flush must reach every data node, "
-                    "or the flushed keys would come back with it"
+        if every_node:
+            down = sorted(link.node_id for link in links if link.state == "down")
+            if down:
+                return defer.fail(
+                    Unavailable(
+                        f"data node {', '.join(down)} down: a flush must reach every data "
+                        "node, or the flushed keys would come back with it"
+                    )
                 )
-            )
+            # Records copied to a node (a merge, or a join or leave) may have
+            # been read before the flush and arrive after it.
+            merging = sorted(link.node_id for link in links if link.state == "merging")
+            if merging:
+                return defer.fail(
+                    Unavailable(
+                        f"data node {', '.join(merging)} merging: flush again once it is up, "
+                        "or records copied to it would bring flushed keys back"
+                    )
+                )
+            if self.write_ring is not None:
+                return defer.fail(
+                    Unavailable(
+                        "a data node is joining or leaving: flush again once its records "
+                        "have moved, or records in flight would bring flushed keys back"
+                    )
+                )
         live = [link for link in links if link.state != "down"]
         if not live:
             return defer.fail(Unavailable("no live data node"))
