@@ -491,15 +491,21 @@ def test_quorum_read_returns_newest_and_repairs_stale_copy() -> None:
     assert stored(c, stale_node, key) == newest
 
 
+def missed_write(c: Cluster, key: bytes) -> list[str]:
+    """Store ``key`` while its last copy is down, then revive that copy: it lacks the key."""
+    ids = copy_ids(c, key)
+    c.kill(ids[-1])
+    result_of(c.router.set(P, key, b"v"))
+    c.revive(ids[-1])
+    assert stored(c, ids[-1], key) is None
+    return ids
+
+
 def test_quorum_read_repairs_a_copy_that_missed_the_write() -> None:
     """A copy without the key is given the newest record."""
     c = quorum_cluster()
     key = b"k"
-    a, b, d3 = copy_ids(c, key)
-    c.kill(d3)
-    result_of(c.router.set(P, key, b"v"))
-    c.revive(d3)
-    assert stored(c, d3, key) is None
+    a, b, d3 = missed_write(c, key)
     assert result_of(c.router.get(P, key)).value == b"v"
     assert stored(c, d3, key) == stored(c, a, key)
 
@@ -853,13 +859,9 @@ def test_a_quorum_read_does_not_repair_across_a_flush_sent_behind_it() -> None:
     """GET (quorum) then FLUSHDB: the read's answers arrive after the flush; no repair then."""
     c = quorum_cluster()
     key = b"k"
-    a, b, d3 = copy_ids(c, key)
-    c.kill(d3)
-    result_of(c.router.set(P, key, b"v"))
-    c.revive(d3)
+    a, b, d3 = missed_write(c, key)  # a read would repair d3
     for _ in range(3):
         c.clock.advance(0.25)
-    assert stored(c, d3, key) is None  # missed the write: a read would repair it
     for nid in (a, b, d3):
         c.clients[nid].hold()
     read = c.router.get(P, key)  # sent first ...

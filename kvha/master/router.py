@@ -1019,31 +1019,9 @@ class Router:
         """
         links = self.links.values()
         if every_node:
-            down = sorted(link.node_id for link in links if link.state == "down")
-            if down:
-                return defer.fail(
-                    Unavailable(
-                        f"data node {', '.join(down)} down: a flush must reach every data "
-                        "node, or the flushed keys would come back with it"
-                    )
-                )
-            # Records copied to a node (a merge, or a join or leave) may have
-            # been read before the flush and arrive after it.
-            merging = sorted(link.node_id for link in links if link.state == "merging")
-            if merging:
-                return defer.fail(
-                    Unavailable(
-                        f"data node {', '.join(merging)} merging: flush again once it is up, "
-                        "or records copied to it would bring flushed keys back"
-                    )
-                )
-            if self.write_ring is not None:
-                return defer.fail(
-                    Unavailable(
-                        "a data node is joining or leaving: flush again once its records "
-                        "have moved, or records in flight would bring flushed keys back"
-                    )
-                )
+            why = self._flush_refused()
+            if why is not None:
+                return defer.fail(Unavailable(why))
         live = [link for link in links if link.state != "down"]
         if not live:
             return defer.fail(Unavailable("no live data node"))
@@ -1053,6 +1031,32 @@ class Router:
             .addCallback(lambda _: None)
             .addErrback(_first_error)
         )
+
+    def _flush_refused(self) -> Optional[str]:
+        """Why a flush of every node must not start now, or None."""
+        for state, why in (
+            (
+                "down",
+                "down: a flush must reach every data node, or the flushed keys "
+                "would come back with it",
+            ),
+            # Records copied to a merging node may have been read before the
+            # flush and arrive after it.
+            (
+                "merging",
+                "merging: flush again once it is up, or records copied to it "
+                "would bring flushed keys back",
+            ),
+        ):
+            ids = sorted(link.node_id for link in self.links.values() if link.state == state)
+            if ids:
+                return f"data node {', '.join(ids)} {why}"
+        if self.write_ring is not None:
+            return (
+                "a data node is joining or leaving: flush again once its records have "
+                "moved, or records in flight would bring flushed keys back"
+            )
+        return None
 
     def node_stats(self) -> Deferred:
         """Fires with {node_id: stats dict} for every node that answers."""

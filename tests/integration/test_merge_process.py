@@ -35,6 +35,17 @@ def _load(port: int, keys: list[str], value: str) -> None:
     client.close()
 
 
+def _restart_on_log_engine(master: Any, data: list[Any]) -> None:
+    """Restart every data node on the ``log`` engine (fsync always); wait until all are up."""
+    for node in data:
+        node.kill()
+    for node in data:
+        with open(node.config_path, "a") as f:
+            f.write("  storage: {engine: log, fsync: always}\n")
+        node.start(wait=False)
+    _wait_up(master.port, len(data))
+
+
 def _wait_up(port: int, n: int, timeout: float = 60.0) -> float:
     began = time.monotonic()
     while time.monotonic() - began < timeout:
@@ -150,13 +161,7 @@ def test_durable_merge_transfers_only_the_difference(nodes, record_property):  #
     master, data = nodes.cluster(
         3, replicas=1, timeout=30, merge={"skew_window": "1s", "grace": "500ms"}
     )
-    for node in data:  # restart every data node on the log engine
-        node.kill()
-    for node in data:
-        with open(node.config_path, "a") as f:
-            f.write("  storage: {engine: log, fsync: always}\n")
-        node.start(wait=False)
-    _wait_up(master.port, 3)
+    _restart_on_log_engine(master, data)
     keys = [f"key-{i:05d}" for i in range(KEYS)]
     _load(master.port, keys, "x" * 100)
     # The node re-receives what was written in the skew window before its own
@@ -214,13 +219,7 @@ def test_flush_all_with_a_durable_node_down_is_refused_and_nothing_comes_back(no
     keys, merge (which only adds) kept them, and reads served them again.
     """
     master, data = nodes.cluster(3, replicas=1, timeout=30, merge={"grace": "500ms"})
-    for node in data:  # restart every data node on the log engine
-        node.kill()
-    for node in data:
-        with open(node.config_path, "a") as f:
-            f.write("  storage: {engine: log, fsync: always}\n")
-        node.start(wait=False)
-    _wait_up(master.port, 3)
+    _restart_on_log_engine(master, data)
     keys = [f"key-{i:04d}" for i in range(600)]
     _load(master.port, keys, "v")
     victim = data[2]
