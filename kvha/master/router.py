@@ -1038,7 +1038,7 @@ class Router:
             (
                 "down",
                 "down: a flush must reach every data node, or the flushed keys "
-                "would come back with it",
+                "would come back with it (a node gone for good: kvha node remove ID)",
             ),
             # Records copied to a merging node may have been read before the
             # flush and arrive after it.
