@@ -269,45 +269,35 @@ def redis_suite(
     port: int,
     requests: int,
     pipeline: int,
-    repeats: int,
     probe: Optional[CpuProbe] = None,
 ) -> dict[str, dict[str, Any]]:
-    """Each test ``repeats`` times, one test at a time; MSET (10 keys) gets a fifth as many.
+    """One run of each test, one test at a time; MSET (10 keys) gets a fifth as many.
 
-    With a ``probe``, each run's row has the CPU of every kvha process (``cpu``).
+    With a ``probe``, each test's row has the CPU of every kvha process (``cpu``).
     """
     out: dict[str, dict[str, Any]] = {}
     for test in REDIS_TESTS:
         n = requests // 5 if test == "mset" else requests
-        rows = []
-        for _ in range(repeats):
-            if probe is not None:
-                probe.start()
-            row = redis_benchmark(host, port, n, pipeline, tests=(test,))[test]
-            if probe is not None:
-                row["cpu"] = probe.stop()
-            rows.append(row)
-        out[test] = _median_row(rows)
+        if probe is not None:
+            probe.start()
+        row = redis_benchmark(host, port, n, pipeline, tests=(test,))[test]
+        if probe is not None:
+            row["cpu"] = probe.stop()
+        out[test] = row
     return out
 
 
 def memcslap_suite(
-    host: str, port: int, execute: int, repeats: int, probe: Optional[CpuProbe] = None
+    host: str, port: int, execute: int, probe: Optional[CpuProbe] = None
 ) -> dict[str, Any]:
+    """One run of set and of get: ``{"set": ops/s, "set_cpu": ..., "get": ..., ...}``."""
     out: dict[str, Any] = {}
     for test in ("set", "get"):
-        runs = []
-        cpus = []
-        for _ in range(repeats):
-            if probe is not None:
-                probe.start()
-            runs.append(memcslap(host, port, test, 50, execute))
-            cpus.append(probe.stop() if probe is not None else None)
-        median = sorted(range(len(runs)), key=lambda i: runs[i])[len(runs) // 2]
-        out[test] = runs[median]
-        out[f"{test}_runs"] = runs
         if probe is not None:
-            out[f"{test}_cpu"] = cpus[median]
+            probe.start()
+        out[test] = memcslap(host, port, test, 50, execute)
+        if probe is not None:
+            out[f"{test}_cpu"] = probe.stop()
     return out
 
 
@@ -320,12 +310,12 @@ def warm_up(host: str, redis_port: int, memcached_port: int, requests: int) -> N
 
 
 def combine_redis(suites: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """One :func:`redis_suite` result from several single-run ones: the median run of each test."""
+    """The rounds of :func:`redis_suite`: per test the median run, and every run's ops/s."""
     return {test: _median_row([suite[test] for suite in suites]) for test in suites[0]}
 
 
 def combine_memcslap(suites: list[dict[str, Any]]) -> dict[str, Any]:
-    """One :func:`memcslap_suite` result from several single-run ones."""
+    """The rounds of :func:`memcslap_suite`: per test the median, every run, the median's CPU."""
     out: dict[str, Any] = {}
     for test in ("set", "get"):
         runs = [suite[test] for suite in suites]
@@ -399,23 +389,21 @@ def run(
         for _ in range(repeats):
             for p in (1, 16):
                 redis_runs.setdefault(f"redis-server P{p}", []).append(
-                    redis_suite(
-                        "127.0.0.1", redis_port, direct_requests * (4 if p == 16 else 1), p, 1
-                    )
+                    redis_suite("127.0.0.1", redis_port, direct_requests * (4 if p == 16 else 1), p)
                 )
             memcslap_runs.setdefault("memcached", []).append(
-                memcslap_suite("127.0.0.1", memcached_port, memcslap_execute * 5, 1)
+                memcslap_suite("127.0.0.1", memcached_port, memcslap_execute * 5)
             )
             for label, cluster in clusters:
                 probe = cluster.probe()
                 host, port = cluster.redis
                 for p in (1, 16):
                     redis_runs.setdefault(f"{label} P{p}", []).append(
-                        redis_suite(host, port, requests, p, 1, probe)
+                        redis_suite(host, port, requests, p, probe)
                     )
                 host, port = cluster.memcached
                 memcslap_runs.setdefault(label, []).append(
-                    memcslap_suite(host, port, memcslap_execute, 1, probe)
+                    memcslap_suite(host, port, memcslap_execute, probe)
                 )
         for key, suites in redis_runs.items():
             results["redis"][key] = combine_redis(suites)
