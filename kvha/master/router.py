@@ -26,7 +26,6 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from kvha.clock import HybridLogicalClock
 from kvha.data.client import DataNodeClient, DataNodeError, NodeUnavailable, RequestTimeout
@@ -309,11 +308,9 @@ class Router:
         order = self._read_order(copies)
         if not order:
             return defer.fail(Unavailable("no live copy of the key"))
-        if len(order) == 1:
-            return order[0].client.get(partition, key)
-        ceiling = self.hlc.last
-        d = order[0].client.get(partition, key)
-        return d.addErrback(self._reread, order, partition, key, ceiling)
+        d: Deferred = Deferred()
+        self._read_cb(order, partition, key, d.callback, d.errback)
+        return d
 
     def set_many_cb(
         self,
@@ -444,7 +441,7 @@ class Router:
 
     def _reread(
         self,
-        error: Any,
+        error: BaseException,
         order: list[NodeLink],
         partition: bytes,
         key: bytes,
@@ -461,9 +458,6 @@ class Router:
         issued when the read was sent: the client gets an error and reads
         again, rather than a value from its future.
         """
-        if isinstance(error, Failure):
-            error.trap(*RETRYABLE)
-            error = error.value
         order[0].mark_failed(str(error))
         d = self._read_from(order, 1, lambda c: c.get(partition, key, tombstones=True))
         return d.addCallback(self._not_after, ceiling)
