@@ -153,11 +153,19 @@ class Cluster:
     """Three memory data nodes, ``masters`` masters, and (with the VIP) two load balancers."""
 
     def __init__(
-        self, workdir: str, name: str, replicas: int, with_lbs: bool, masters: int = 1
+        self,
+        workdir: str,
+        name: str,
+        replicas: int,
+        with_lbs: bool,
+        masters: int = 1,
+        forward: str = "proxy",
     ) -> None:
         base = _free_base("127.0.0.101", masters)
         state = os.path.join(workdir, name)
-        self.config = dataclasses.replace(base, replicas=replicas, state_dir=state)
+        self.config = dataclasses.replace(
+            base, replicas=replicas, state_dir=state, forward=forward
+        )
         self.nodes = [n for n in plan(self.config) if with_lbs or n.role != "lb"]
         write_configs(self.config, self.nodes)
         self.procs: list[NodeProcess] = []

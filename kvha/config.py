@@ -394,6 +394,10 @@ class HeartbeatConfig:
     interval: float = _opt(0.1, kind="duration", min=0.01, max=5.0)
 
 
+#: How a load balancer passes connections on: see ``kvha/lb/nat.py``.
+FORWARD_MODES = ("proxy", "kernel")
+
+
 @dataclass(frozen=True)
 class VipConfig:
     """The virtual IP and how it is held."""
@@ -446,10 +450,21 @@ class LbConfig:
     priority: int = _opt(100, min=1, max=254)
     preempt: bool = _opt(True)
     scheduler: str = _opt("leastconn", kind="enum", choices=("leastconn", "rr", "wrr"))
+    #: ``proxy``: the load balancer's process relays every byte.  ``kernel``:
+    #: nftables DNAT sends connections straight to a master (root and ``nft``).
+    forward: str = _opt("proxy", kind="enum", choices=FORWARD_MODES)
     connect_timeout: float = _opt(1.0, kind="duration", min=0, min_exclusive=True)
     drain_timeout: float = _opt(30.0, kind="duration", min=0)
     health: LbHealth = _section(LbHealth)
     masters: tuple[LbMaster, ...] = _opt(())
+
+    def _validate(self) -> None:
+        if self.forward == "kernel" and self.scheduler == "leastconn":
+            raise ConfigError(
+                ("scheduler",),
+                "leastconn needs connection counts that only forward: proxy has; "
+                "with forward: kernel use rr or wrr",
+            )
 
 
 @dataclass(frozen=True)
@@ -479,6 +494,8 @@ class LocalConfig:
     base_port: int = _opt(17100, min=1024, max=65000)
     masters: int = _opt(2, min=1, max=16)
     replicas: int = _opt(1, min=0, max=7)
+    #: The load balancers' ``forward`` (``kernel`` uses round robin).
+    forward: str = _opt("proxy", kind="enum", choices=FORWARD_MODES)
     data: tuple[LocalDataNode, ...] = _opt(
         (
             LocalDataNode(id="data1", engine="memory", read_weight=7.0),

@@ -108,7 +108,8 @@ def plan(config: LocalConfig) -> list[Node]:
             f"lb:\n  id: {lid}\n  secret: {secret}\n"
             f"  state_dir: {json.dumps(os.path.join(state, lid))}\n"
             f"  priority: {150 if k == 1 else 100}\n  preempt: true\n"
-            f"  heartbeat: {{bind: '{host}:{b + 80 + k}', peer: '{host}:{b + 80 + other}'}}\n"
+            + ("  forward: kernel\n  scheduler: rr\n" if config.forward == "kernel" else "")
+            + f"  heartbeat: {{bind: '{host}:{b + 80 + k}', peer: '{host}:{b + 80 + other}'}}\n"
             f"  vip: {{address: {config.vip}, mode: bind, redis: {config.redis_port}, "
             f"memcached: {config.memcached_port}, http: {config.http_port}}}\n"
             f"  admin: {{listen: 'tcp:{b + 90 + k}:interface={host}', "

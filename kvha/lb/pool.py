@@ -14,7 +14,7 @@ import json
 import os
 import random
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.logger import Logger
 
@@ -36,6 +36,8 @@ class Backend:
         self.weight = weight
         self.draining = False
         self.drain_started: Optional[float] = None
+        #: forward: kernel: the drain timed out and its connections were cut.
+        self.drain_closed = False
         self.up = {proto: True for proto in ports}
         self.good = {proto: 0 for proto in ports}
         self.bad = {proto: 0 for proto in ports}
@@ -82,6 +84,12 @@ class Pool:
         self.epoch = 0
         self._rr = 0
         self._wrr_current: dict[str, float] = {}
+        #: Called after any change to which masters may take new connections.
+        self.on_change: list[Callable[[], None]] = []
+
+    def changed(self) -> None:
+        for call in list(self.on_change):
+            call()
 
     # Membership -----------------------------------------------------------------
 
@@ -118,6 +126,7 @@ class Pool:
         self.epoch = epoch
         if persist:
             self.save()
+        self.changed()
 
     def save(self) -> None:
         if not self.state_path:
@@ -138,6 +147,7 @@ class Pool:
         self.backends[master_id] = Backend(master_id, host, ports, weight)
         self.epoch += 1
         self.save()
+        self.changed()
 
     def drain(self, master_id: str, now: float) -> Backend:
         backend = self.backends[master_id]
@@ -145,12 +155,14 @@ class Pool:
         backend.drain_started = now
         self.epoch += 1
         self.save()
+        self.changed()
         return backend
 
     def remove(self, master_id: str) -> Backend:
         backend = self.backends.pop(master_id)
         self.epoch += 1
         self.save()
+        self.changed()
         return backend
 
     # Health -----------------------------------------------------------------------
@@ -162,12 +174,14 @@ class Pool:
             if not backend.up[proto] and backend.good[proto] >= self.rise:
                 backend.up[proto] = True
                 log.info("master {m} {proto} is up", m=backend.id, proto=proto)
+                self.changed()
         else:
             backend.good[proto] = 0
             backend.bad[proto] += 1
             if backend.up[proto] and backend.bad[proto] >= self.fall:
                 backend.up[proto] = False
                 log.warn("master {m} {proto} is down: {why}", m=backend.id, proto=proto, why=why)
+                self.changed()
 
     def observed_failure(self, backend: Backend, proto: str, why: str) -> None:
         """Real traffic was refused or reset: down at once, no waiting for checks."""
@@ -176,6 +190,7 @@ class Pool:
         if backend.up[proto]:
             backend.up[proto] = False
             log.warn("master {m} {proto} is down: {why}", m=backend.id, proto=proto, why=why)
+            self.changed()
 
     # Scheduling ---------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from twisted.web.resource import Resource
 from kvha.config import LbConfig
 from kvha.lb.forward import ForwardFactory, HealthChecker
 from kvha.lb.heartbeat import Election, HeartbeatProtocol
+from kvha.lb.nat import KernelForwarder
 from kvha.lb.pool import PROTOCOLS, Pool
 from kvha.lb.vip import VipHolder, run_command
 from kvha.webclient import BytesBody
@@ -67,11 +68,18 @@ class LoadBalancer(service.MultiService):
         )
         self.pool.load(master_dict(m) for m in config.masters)
         vip = config.vip
-        self.factories = {
-            proto: ForwardFactory(reactor, self.pool, proto, config.connect_timeout)
-            for proto in PROTOCOLS
-            if getattr(vip, proto)
-        }
+        self.kernel: Optional[KernelForwarder] = None
+        self.factories = {}
+        if config.forward == "kernel":
+            ports = {proto: getattr(vip, proto) for proto in PROTOCOLS if getattr(vip, proto)}
+            self.kernel = KernelForwarder(config.id, vip.address, ports, self.pool, mode=vip.mode)
+            self.pool.on_change.append(self._kernel_sync)
+        else:
+            self.factories = {
+                proto: ForwardFactory(reactor, self.pool, proto, config.connect_timeout)
+                for proto in PROTOCOLS
+                if getattr(vip, proto)
+            }
         self.vip = VipHolder(
             reactor,
             vip.address,
@@ -89,8 +97,8 @@ class LoadBalancer(service.MultiService):
             config.priority,
             reactor,
             send=self.heartbeat.send,
-            on_active=self.vip.acquire,
-            on_backup=lambda: self.vip.release(),
+            on_active=self._acquire,
+            on_backup=self._release,
             interval=config.heartbeat.interval,
             preempt=config.preempt,
             epoch=lambda: self.pool.epoch,
@@ -105,6 +113,7 @@ class LoadBalancer(service.MultiService):
         self._udp: Any = None
         self._drain_loop = LoopingCall(self._drain_tick)
         self._drain_loop.clock = reactor
+        self._kernel_retry: Any = None
         self.admin = AdminApi(self)
         strports.service(config.admin.listen, AdminSite(self.admin)).setServiceParent(self)
 
@@ -113,6 +122,9 @@ class LoadBalancer(service.MultiService):
         host, port = _host_port(self.config.heartbeat.bind)
         self._udp = self.reactor.listenUDP(port, self.heartbeat, interface=host)
         self.vip.clear_stale()
+        if self.kernel is not None:
+            # Our own table, left by a run killed with -9; a peer's is not ours to touch.
+            self.kernel.drop_own()
         self.health.start()
         self.election.start()
         self._drain_loop.start(0.5, now=False)
@@ -122,10 +134,42 @@ class LoadBalancer(service.MultiService):
         self.health.stop()
         if self._drain_loop.running:
             self._drain_loop.stop()
-        d = self.vip.release()
+        d = self._release()
         if self._udp is not None:
             d.addCallback(lambda _: self._udp.stopListening())
         return d.addCallback(lambda _: super(LoadBalancer, self).stopService())
+
+    # Holding the VIP ---------------------------------------------------------------------
+
+    def _acquire(self) -> None:
+        self.vip.acquire()
+        if self.kernel is not None:
+            self.kernel.acquire()
+            self._kernel_retry_if_failed()
+
+    def _release(self) -> Any:
+        if self.kernel is not None:
+            self.kernel.release()
+        return self.vip.release()
+
+    @property
+    def holds_vip(self) -> bool:
+        if self.kernel is not None:
+            return self.vip.wanted and self.kernel.applied is not None
+        return self.vip.held
+
+    def _kernel_sync(self) -> None:
+        assert self.kernel is not None
+        self.kernel.sync()
+        self._kernel_retry_if_failed()
+
+    def _kernel_retry_if_failed(self) -> None:
+        """While ACTIVE with no table written (nft failed), try again every second."""
+        kernel = self.kernel
+        if kernel is None or not kernel.held or kernel.applied is not None:
+            return
+        if self._kernel_retry is None or not self._kernel_retry.active():
+            self._kernel_retry = self.reactor.callLater(1.0, self._kernel_sync)
 
     # Drain ---------------------------------------------------------------------------
 
@@ -133,6 +177,13 @@ class LoadBalancer(service.MultiService):
         now = self.reactor.seconds()
         for backend in self.pool.backends.values():
             started = backend.drain_started
+            if self.kernel is not None:
+                due = started is not None and now - started >= self.config.drain_timeout
+                if backend.draining and due and not backend.drain_closed:
+                    backend.drain_closed = True
+                    n = self.kernel.close_connections(backend)
+                    log.info("drain of {m} timed out: closed {n} connections", m=backend.id, n=n)
+                continue
             if not (backend.draining and started is not None and backend.pairs):
                 continue
             if now - started >= self.config.drain_timeout:
@@ -155,7 +206,8 @@ class LoadBalancer(service.MultiService):
             "state": self.election.state,
             "priority": self.config.priority,
             "vip": self.config.vip.address,
-            "holds_vip": self.vip.held,
+            "holds_vip": self.holds_vip,
+            "forward": self.config.forward,
             "peer": None
             if peer is None
             else {
@@ -165,8 +217,21 @@ class LoadBalancer(service.MultiService):
                 "seconds_since_heard": round(self.reactor.seconds() - self.election.peer_seen, 3),
             },
             "epoch": self.pool.epoch,
-            "masters": [b.status() for b in self.pool.backends.values()],
+            "masters": self._master_status(),
         }
+
+    def _master_status(self) -> list[dict[str, Any]]:
+        out = [b.status() for b in self.pool.backends.values()]
+        if self.kernel is not None:
+            # The kernel's connections, from conntrack, while this node forwards.
+            counts = (
+                self.kernel.connection_counts(self.pool.backends.values()) if self.holds_vip else {}
+            )
+            for doc in out:
+                per = counts.get(doc["id"], {})
+                doc["connections"] = {p: per.get(p, 0) for p in doc["connections"]}
+                doc.pop("total_connections", None)
+        return out
 
     # Peer sync -------------------------------------------------------------------------
 
@@ -298,6 +363,8 @@ class AdminApi(Resource):
                 backend = pool.remove(master_id)
                 for pair in list(backend.pairs):
                     pair.close()
+                if lb.kernel is not None and lb.holds_vip:
+                    lb.kernel.close_connections(backend)
                 log.info("master {m} removed, epoch {e}", m=master_id, e=pool.epoch)
                 lb.changed()
                 return {"epoch": pool.epoch, "masters": pool.export()}

@@ -159,6 +159,8 @@ class VipHolder:
                 return
         if self.acquired_at is None:
             self.acquired_at = self.clock.seconds()
+            if not self.ports:  # forward: kernel: nothing listens on the VIP
+                return
             log.info(
                 "holding VIP {vip} on ports {ports}",
                 vip=self.vip,

@@ -625,7 +625,7 @@ class Namespaces:
         self.tmp = tmp
         suffix = os.urandom(3).hex()
         self.suffix = suffix
-        self.ns = {role: f"kv{role}{suffix}" for role in ("sw", "lb1", "lb2", "cl")}
+        self.ns = {role: f"kv{role}{suffix}" for role in ("sw", *self.ADDRESSES)}
         self.created: list[str] = []
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -698,14 +698,15 @@ class Namespaces:
                 ip("link", "del", f"v{role}{self.suffix}", check=False)
 
 
-@pytest.fixture
-def namespaces(tmp_path):  # type: ignore[no-untyped-def]
-    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("curl") is None:
-        why = "needs root, iproute2 (ip) and curl to build network namespaces"
+def namespaces_for(kind: type[Namespaces], tmp: str, tools: tuple[str, ...] = ()) -> Any:
+    """Build ``kind``'s namespaces (skip, or fail in CI, without root and the tools)."""
+    missing = [t for t in ("ip", "curl", *tools) if shutil.which(t) is None]
+    if os.geteuid() != 0 or missing:
+        why = f"needs root and {', '.join(('ip', 'curl', *tools))} to build network namespaces"
         if os.environ.get("CI"):
-            pytest.fail(f"the ip-mode VIP test is required in CI: it {why}")
+            pytest.fail(f"the ip-mode VIP tests are required in CI: they {why}")
         pytest.skip(f"the ip-mode VIP test {why}")
-    spaces = Namespaces(str(tmp_path))
+    spaces = kind(tmp)
     try:
         spaces.create()
         yield spaces
@@ -715,7 +716,12 @@ def namespaces(tmp_path):  # type: ignore[no-untyped-def]
         assert spaces.suffix not in left, left
 
 
-def _ip_lb_config(tmp: str, role: str, priority: int, preempt: bool) -> str:
+@pytest.fixture
+def namespaces(tmp_path):  # type: ignore[no-untyped-def]
+    yield from namespaces_for(Namespaces, str(tmp_path))
+
+
+def _ip_lb_config(tmp: str, role: str, priority: int, preempt: bool, **extra: Any) -> str:
     me, peer = ("10.77.0.1", "10.77.0.2") if role == "lb1" else ("10.77.0.2", "10.77.0.1")
     path = os.path.join(tmp, f"{role}.yaml")
     with open(path, "w") as f:
@@ -744,6 +750,7 @@ def _ip_lb_config(tmp: str, role: str, priority: int, preempt: bool) -> str:
                     },
                     "health": {"interval": 0.1, "timeout": 0.5, "rise": 2, "fall": 2},
                     "masters": [{"id": f"standin-{role}", "host": "127.0.0.1", "redis": 6390}],
+                    **extra,
                 }
             },
             f,

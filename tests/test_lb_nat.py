@@ -1,0 +1,351 @@
+"""kvha.lb.nat without a kernel: the nftables table it writes, when, and conntrack's part.
+
+The ``nft`` and ``conntrack`` commands are replaced by a fake that keeps the
+tables a real kernel would hold, so the steps of a fail-over can be followed.
+The real commands run in ``tests/integration/test_lb_kernel_process.py``.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from typing import Any, Optional
+
+import pytest
+import yaml
+from twisted.internet.testing import MemoryReactorClock
+
+from kvha.config import ConfigError, LocalConfig, load_config_string
+from kvha.lb.nat import WRR_SLOTS, KernelForwarder, table_prefix, weighted_ranges
+from kvha.lb.pool import Pool
+from kvha.lb.service import LoadBalancer
+from kvha.local import plan
+from tests.conftest import ADMIN_TOKEN, lb_config
+
+VIP = "10.1.2.100"
+PORTS = {"redis": 6379, "memcached": 11211}
+
+
+def _entry(state: str, sport: int, dport: int, master: str, mport: int) -> str:
+    return (
+        f"tcp      6 431999 {state} src=10.0.0.9 dst=10.1.2.100 sport={sport} dport={dport} "
+        f"src={master} dst=10.0.0.9 sport={mport} dport={sport} [ASSURED] mark=0 use=1\n"
+    )
+
+
+CONNTRACK_LIST = (
+    _entry("ESTABLISHED", 40001, 6379, "10.0.0.1", 7001)
+    + _entry("ESTABLISHED", 40002, 6379, "10.0.0.1", 7001)
+    + _entry("ESTABLISHED", 40003, 11211, "10.0.0.2", 7102)
+    + _entry("TIME_WAIT", 40004, 6379, "10.0.0.2", 7002)
+    + "conntrack v1.4.7 (conntrack-tools): 4 flow entries have been shown.\n"
+)
+
+
+class FakeKernel:
+    """``nft`` and ``conntrack`` as far as the forwarder uses them."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, str] = {}
+        self.calls: list[list[str]] = []
+        self.scripts: list[str] = []
+        self.fail_nft = False
+        self.conntrack_installed = True
+
+    def __call__(self, argv: list[str], stdin: Optional[bytes]) -> str:
+        self.calls.append(argv)
+        if argv[0] == "conntrack":
+            if not self.conntrack_installed:
+                raise FileNotFoundError("conntrack")
+            if argv[1] == "-L":
+                return CONNTRACK_LIST
+            return "conntrack v1.4.7 (conntrack-tools): 2 flow entries have been deleted.\n"
+        if self.fail_nft:
+            raise subprocess.CalledProcessError(1, argv, b"", b"Error: Could not process rule")
+        if argv[1:] == ["list", "tables", "ip"]:
+            return "".join(f"table ip {name}\n" for name in self.tables)
+        if argv[1] == "delete":
+            if argv[-1] not in self.tables:
+                raise subprocess.CalledProcessError(1, argv, b"", b"No such file or directory")
+            del self.tables[argv[-1]]
+            return ""
+        assert argv[1:] == ["-f", "-"] and stdin is not None
+        script = stdin.decode()
+        self.scripts.append(script)
+        for name in re.findall(r"^delete table ip (\S+)$", script, re.M):
+            self.tables.pop(name, None)
+        for name, body in re.findall(r"^table ip (\S+) \{\n(.*?)^\}", script, re.M | re.S):
+            self.tables[name] = body
+        return ""
+
+    def rules(self, table: str) -> list[str]:
+        return [line.strip() for line in self.tables[table].splitlines() if "dnat to" in line]
+
+
+def pool(scheduler: str = "rr", masters: int = 2) -> Pool:
+    p = Pool(scheduler)
+    p.replace(
+        [
+            {
+                "id": f"m{i}",
+                "host": f"10.0.0.{i}",
+                "ports": {"redis": 7000 + i, "memcached": 7100 + i},
+                "weight": float(i),
+            }
+            for i in range(1, masters + 1)
+        ],
+        0,
+        persist=False,
+    )
+    return p
+
+
+def forwarder(p: Pool, kernel: FakeKernel, lb_id: str = "lb1", **kw: Any) -> KernelForwarder:
+    """A forwarder that follows ``p``'s changes, as the load balancer wires it."""
+    sysctl = kw.pop("sysctl", _no_sysctl)
+    fwd = KernelForwarder(lb_id, VIP, PORTS, p, run=kernel, sysctl=sysctl, **kw)
+    p.on_change.append(fwd.sync)
+    return fwd
+
+
+def _no_sysctl(name: str, value: str) -> None:
+    raise AssertionError(f"sysctl {name} set in bind mode")
+
+
+# The ruleset -------------------------------------------------------------------------------------
+
+
+def test_rr_spreads_new_connections_over_the_live_masters_with_numgen_inc() -> None:
+    kernel = FakeKernel()
+    fwd = forwarder(pool("rr"), kernel)
+    assert fwd.table == "kvha_10_1_2_100_lb1" and fwd.table.startswith(table_prefix(VIP))
+    fwd.acquire()
+    assert kernel.rules(fwd.table) == [
+        "ip daddr 10.1.2.100 tcp dport 6379 dnat to numgen inc mod 2 map "
+        "{ 0 : 10.0.0.1 . 7001, 1 : 10.0.0.2 . 7002 }",
+        "ip daddr 10.1.2.100 tcp dport 11211 dnat to numgen inc mod 2 map "
+        "{ 0 : 10.0.0.1 . 7101, 1 : 10.0.0.2 . 7102 }",
+    ]
+    body = kernel.tables[fwd.table]
+    # Clients elsewhere (prerouting) and on this host (output); replies from masters on
+    # other hosts come back through here (masquerade), loopback ones need not.
+    assert "type nat hook prerouting priority dstnat" in body
+    assert "type nat hook output priority -100" in body
+    assert 'ct status dnat ct original ip daddr 10.1.2.100 oifname != "lo" masquerade' in body
+
+
+def test_wrr_gives_each_master_a_share_of_numgen_random_by_weight() -> None:
+    kernel = FakeKernel()
+    fwd = forwarder(pool("wrr", masters=3), kernel)  # weights 1, 2, 3
+    fwd.acquire()
+    rule = kernel.rules(fwd.table)[0]
+    assert f"numgen random mod {WRR_SLOTS} map" in rule
+    assert "0-166 : 10.0.0.1 . 7001, 167-499 : 10.0.0.2 . 7002, 500-999 : 10.0.0.3 . 7003" in rule
+
+
+@pytest.mark.parametrize(
+    "weights", [[1.0], [1.0, 1.0], [1.0, 2.0, 3.0], [0.001, 1000.0], [0.01] * 7, [1e-6] * 999]
+)
+def test_weighted_ranges_cover_every_slot_once_and_give_each_weight_a_slot(
+    weights: list[float],
+) -> None:
+    ranges = weighted_ranges(weights)
+    assert len(ranges) == len(weights)
+    assert ranges[0][0] == 0 and ranges[-1][1] == WRR_SLOTS - 1
+    for (_, hi), (lo, _) in zip(ranges, ranges[1:]):
+        assert lo == hi + 1
+    assert all(hi >= lo for lo, hi in ranges)
+
+
+def test_a_single_live_master_is_a_plain_dnat_and_none_is_no_rule() -> None:
+    p = pool("rr")
+    kernel = FakeKernel()
+    fwd = forwarder(p, kernel)
+    fwd.acquire()
+    p.drain("m1", 0.0)
+    assert kernel.rules(fwd.table) == [
+        "ip daddr 10.1.2.100 tcp dport 6379 dnat to 10.0.0.2:7002",
+        "ip daddr 10.1.2.100 tcp dport 11211 dnat to 10.0.0.2:7102",
+    ]
+    # Nothing live for redis: no rule, so the connection meets a closed port and is refused.
+    p.observed_failure(p.backends["m2"], "redis", "reset")
+    assert kernel.rules(fwd.table) == ["ip daddr 10.1.2.100 tcp dport 11211 dnat to 10.0.0.2:7102"]
+
+
+# When it is written ------------------------------------------------------------------------------
+
+
+def test_the_table_follows_health_and_membership_and_is_rewritten_only_on_change() -> None:
+    p = pool("rr")
+    kernel = FakeKernel()
+    fwd = forwarder(p, kernel)
+    p.check_result(p.backends["m1"], "redis", False)  # not yet ACTIVE: nothing written
+    assert kernel.scripts == []
+    fwd.acquire()
+    assert len(kernel.scripts) == 1
+    p.check_result(p.backends["m1"], "redis", False)  # fall 2: m1 redis is down
+    assert "10.0.0.1 . 7001" not in kernel.tables[fwd.table]
+    assert "10.0.0.1 . 7101" in kernel.tables[fwd.table]
+    written = len(kernel.scripts)
+    p.check_result(p.backends["m1"], "redis", False)  # still down: no change, no write
+    p.check_result(p.backends["m2"], "redis", True)
+    assert len(kernel.scripts) == written
+    p.check_result(p.backends["m1"], "redis", True)
+    p.check_result(p.backends["m1"], "redis", True)  # rise 2: back
+    assert "10.0.0.1 . 7001" in kernel.tables[fwd.table]
+    p.add("m3", "10.0.0.3", {"redis": 7003}, 1.0)
+    assert "10.0.0.3 . 7003" in kernel.tables[fwd.table]
+    p.remove("m3")
+    assert "10.0.0.3" not in kernel.tables[fwd.table]
+
+
+def test_acquire_replaces_a_peers_table_for_the_vip_and_leaves_other_tables_alone() -> None:
+    kernel = FakeKernel()
+    kernel.tables["kvha_10_1_2_100_lb2"] = "the peer's, killed with -9"
+    kernel.tables["kvha_10_1_2_101_lb9"] = "another VIP's"
+    kernel.tables["nat"] = "somebody else's"
+    fwd = forwarder(pool(), kernel)
+    fwd.acquire()
+    assert sorted(kernel.tables) == ["kvha_10_1_2_100_lb1", "kvha_10_1_2_101_lb9", "nat"]
+    # One transaction: the peer's table goes in the same `nft -f` that writes ours.
+    assert kernel.scripts[0].startswith("delete table ip kvha_10_1_2_100_lb2\n")
+
+
+def test_release_deletes_only_our_table() -> None:
+    kernel = FakeKernel()
+    p = pool()
+    lb1, lb2 = forwarder(p, kernel, "lb1"), forwarder(p, kernel, "lb2")
+    lb1.acquire()
+    lb2.acquire()  # the peer took over before lb1 let go (preemption, split brain)
+    lb1.release()  # lb1 yields: it must not delete lb2's table
+    assert list(kernel.tables) == ["kvha_10_1_2_100_lb2"]
+    lb1.release()  # twice, or with nothing there: no error
+    assert list(kernel.tables) == ["kvha_10_1_2_100_lb2"]
+    p.drain("m1", 0.0)  # a change after release writes nothing for lb1
+    assert list(kernel.tables) == ["kvha_10_1_2_100_lb2"]
+
+
+def test_ip_mode_turns_on_forwarding_for_masters_on_other_hosts() -> None:
+    kernel = FakeKernel()
+    set_: list[tuple[str, str]] = []
+    fwd = forwarder(pool(), kernel, mode="ip", sysctl=lambda n, v: set_.append((n, v)))
+    fwd.acquire()
+    assert set_ == [("net/ipv4/ip_forward", "1")]
+
+
+def test_a_failed_nft_leaves_nothing_applied_and_is_retried_while_active(tmp_path: Any) -> None:
+    reactor = MemoryReactorClock()
+    lb, kernel = _lb(reactor, tmp_path)
+    kernel.fail_nft = True
+    lb._acquire()
+    assert lb.kernel is not None and lb.kernel.applied is None
+    assert "Could not process rule" in lb.kernel.failed
+    assert not lb.status()["holds_vip"]
+    kernel.fail_nft = False
+    reactor.advance(1.0)
+    assert lb.kernel.applied is not None and lb.status()["holds_vip"]
+    assert lb.kernel.table in kernel.tables
+
+
+# The load balancer around it ---------------------------------------------------------------------
+
+
+def _lb(reactor: Any, state_dir: Any, **extra: Any) -> tuple[LoadBalancer, FakeKernel]:
+    text = lb_config(
+        "lb1",
+        vip=VIP,
+        vip_ports={"redis": 6379, "memcached": 11211, "http": None},
+        heartbeat=("127.0.0.1:7001", "127.0.0.1:7002"),
+        admin=("tcp:7101:interface=127.0.0.1", ""),
+        state_dir=str(state_dir),
+        masters=[
+            {"id": "m1", "host": "10.0.0.1", "redis": 7001, "memcached": 7101},
+            {"id": "m2", "host": "10.0.0.2", "redis": 7002, "memcached": 7102},
+        ],
+        forward="kernel",
+        scheduler="rr",
+        **extra,
+    )
+    config = load_config_string(text).lb
+    assert config is not None
+    lb = LoadBalancer(config, reactor)
+    kernel = FakeKernel()
+    assert lb.kernel is not None
+    lb.kernel.run = kernel
+    return lb, kernel
+
+
+def test_kernel_mode_listens_on_nothing_and_reports_conntrack_connections(tmp_path: Any) -> None:
+    reactor = MemoryReactorClock()
+    lb, kernel = _lb(reactor, tmp_path)
+    assert lb.factories == {}
+    lb._acquire()
+    assert reactor.tcpServers == []  # the kernel forwards: no VIP listener in this process
+    status = lb.status()
+    assert status["forward"] == "kernel" and status["holds_vip"]
+    rows = {m["id"]: m for m in status["masters"]}
+    # Established entries only (TIME_WAIT is not a connection), matched on the reply source.
+    assert rows["m1"]["connections"] == {"redis": 2, "memcached": 0}
+    assert rows["m2"]["connections"] == {"redis": 0, "memcached": 1}
+    lb._release()
+    assert kernel.tables == {} and not lb.status()["holds_vip"]
+
+
+def test_drain_timeout_cuts_the_masters_kernel_connections_once(tmp_path: Any) -> None:
+    reactor = MemoryReactorClock()
+    lb, kernel = _lb(reactor, tmp_path, drain_timeout=2.0)
+    lb._acquire()
+    lb._drain_loop.start(0.5, now=False)
+    lb.pool.drain("m1", reactor.seconds())
+    assert "10.0.0.1" not in kernel.tables[lb.kernel.table]  # type: ignore[union-attr]
+    reactor.advance(1.5)
+    assert not [c for c in kernel.calls if c[:2] == ["conntrack", "-D"]]
+    reactor.advance(1.0)
+    deletes = [c for c in kernel.calls if c[:2] == ["conntrack", "-D"]]
+    assert deletes == [
+        ["conntrack", "-D", "-p", "tcp", "--orig-dst", VIP, "--orig-port-dst", "6379"]
+        + ["--reply-src", "10.0.0.1", "--reply-port-src", "7001"],
+        ["conntrack", "-D", "-p", "tcp", "--orig-dst", VIP, "--orig-port-dst", "11211"]
+        + ["--reply-src", "10.0.0.1", "--reply-port-src", "7101"],
+    ]
+    reactor.advance(5.0)  # once only
+    assert len([c for c in kernel.calls if c[:2] == ["conntrack", "-D"]]) == 2
+    assert lb.kernel is not None
+    assert lb.kernel.close_connections(lb.pool.backends["m2"]) == 4  # 2 per protocol
+    kernel.conntrack_installed = False
+    assert lb.kernel.close_connections(lb.pool.backends["m2"]) is None
+    lb._drain_loop.stop()
+
+
+# Configuration -----------------------------------------------------------------------------------
+
+
+def test_leastconn_is_refused_with_kernel_forwarding() -> None:
+    text = lb_config(
+        "lb1",
+        vip=VIP,
+        vip_ports={"redis": 6379},
+        heartbeat=("127.0.0.1:7001", "127.0.0.1:7002"),
+        admin=("tcp:7101:interface=127.0.0.1", ""),
+        state_dir="/tmp/unused",
+        masters=[],
+        forward="kernel",
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config_string(text)
+    assert "leastconn" in str(e.value) and "rr or wrr" in str(e.value)
+    with pytest.raises(ConfigError):
+        load_config_string(text.replace("forward: kernel", "forward: nat"))
+
+
+def test_kvha_up_can_run_its_load_balancers_with_kernel_forwarding() -> None:
+    config = LocalConfig(secret="s" * 32, admin_token=ADMIN_TOKEN, forward="kernel")
+    lbs = [n for n in plan(config) if n.role == "lb"]
+    for node in lbs:
+        section = yaml.safe_load(node.text)["lb"]
+        assert section["forward"] == "kernel" and section["scheduler"] == "rr"
+        assert load_config_string(node.text).lb is not None
+    plain = [
+        n for n in plan(LocalConfig(secret="s" * 32, admin_token=ADMIN_TOKEN)) if n.role == "lb"
+    ]
+    assert "forward" not in yaml.safe_load(plain[0].text)["lb"]
