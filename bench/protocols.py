@@ -24,6 +24,7 @@ import dataclasses
 import io
 import os
 import random
+import shutil
 import subprocess
 import time
 from typing import Any, Optional
@@ -161,11 +162,10 @@ class Cluster:
         masters: int = 1,
         forward: str = "proxy",
     ) -> None:
-        base = _free_base("127.0.0.101", masters)
+        # The kernel-forwarding cluster gets a VIP of its own: its table is named after it.
+        base = _free_base("127.0.0.102" if forward == "kernel" else "127.0.0.101", masters)
         state = os.path.join(workdir, name)
-        self.config = dataclasses.replace(
-            base, replicas=replicas, state_dir=state, forward=forward
-        )
+        self.config = dataclasses.replace(base, replicas=replicas, state_dir=state, forward=forward)
         self.nodes = [n for n in plan(self.config) if with_lbs or n.role != "lb"]
         write_configs(self.config, self.nodes)
         self.procs: list[NodeProcess] = []
@@ -335,6 +335,18 @@ def combine_memcslap(suites: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def kernel_forwarding_unavailable() -> str:
+    """Why ``forward: kernel`` cannot run here, or "" if it can (root and ``nft``)."""
+    if os.geteuid() != 0:
+        return "it needs root"
+    if shutil.which("nft") is None:
+        return "nft is not installed (Debian: nftables)"
+    probe = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, timeout=10)
+    if probe.returncode != 0:
+        return f"nft does not work here: {probe.stderr.strip()}"
+    return ""
+
+
 def run(
     workdir: str,
     requests: int,
@@ -379,14 +391,22 @@ def run(
         # masters behind the load-balancer pair) through the VIP.  Each is
         # started before the next picks its ports.
         targets = [
-            ("master replicas 0", 0, False, 1),
-            ("master replicas 1", 1, False, 1),
-            ("VIP replicas 1", 1, True, _DEFAULT_MASTERS),
+            ("master replicas 0", 0, False, 1, "proxy"),
+            ("master replicas 1", 1, False, 1, "proxy"),
+            ("VIP replicas 1", 1, True, _DEFAULT_MASTERS, "proxy"),
         ]
+        # The same cluster with the load balancers' forward: kernel (nftables),
+        # where this machine allows it.
+        why_not = kernel_forwarding_unavailable()
+        if why_not:
+            results["kernel_forwarding"] = f"not measured: {why_not}"
+        else:
+            targets.append(("VIP replicas 1, kernel", 1, True, _DEFAULT_MASTERS, "kernel"))
         if quick:
             targets = targets[1:2]
-        for label, replicas, lbs, masters in targets:
-            cluster = Cluster(workdir, label.replace(" ", "-"), replicas, lbs, masters)
+        for label, replicas, lbs, masters, forward in targets:
+            name = label.replace(" ", "-").replace(",", "")
+            cluster = Cluster(workdir, name, replicas, lbs, masters, forward)
             clusters.append((label, cluster))
             cluster.start()
         for _label, cluster in clusters:
@@ -436,6 +456,16 @@ def render(results: dict[str, Any]) -> list[str]:
             "  Every server ran throughout, and each round measured every target once, so the"
             " runs of all targets are spread over the same stretch of time."
             if results.get("interleaved")
+            else ""
+        ),
+        "",
+        "The VIP targets run the cluster of `kvha up`: two load balancers, two masters, three"
+        " data nodes.  `VIP replicas 1` forwards through the load balancer's process"
+        " (`forward: proxy`, the default); `VIP replicas 1, kernel` has the load balancers"
+        " write nftables DNAT instead (`forward: kernel`)."
+        + (
+            f"  Kernel forwarding was {results['kernel_forwarding']}."
+            if results.get("kernel_forwarding")
             else ""
         ),
         "",

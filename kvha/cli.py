@@ -124,6 +124,8 @@ def _lb_status(args: argparse.Namespace) -> int:
             print(f"{st['admin']}: unreachable ({st['error']})")
             continue
         vip = "holds the VIP " + st["vip"] if st["holds_vip"] else "standby"
+        if st.get("forward") == "kernel":
+            vip += " (kernel forwarding)"
         print(f"{st['id']}: {st['state']} (priority {st['priority']}), {vip}, epoch {st['epoch']}")
         for m in st["masters"]:
             health = ", ".join(f"{p} {'up' if ok else 'DOWN'}" for p, ok in m["up"].items())
