@@ -24,6 +24,7 @@ from kvha.lb.nat import table_prefix
 from tests.conftest import ADMIN_TOKEN, lb_status
 from tests.integration.test_lb_process import (
     PROBE_CLIENT,
+    STANDIN,
     Load,
     Memcached,
     Namespaces,
@@ -200,37 +201,6 @@ def test_kernel_drain_lets_open_connections_finish_then_cuts_them(nodes, vips): 
 
 # ip mode between network namespaces, with the master on another host ---------------------------
 
-#: A RESP stand-in for a master on its own host: WHO answers its name and the peer's
-#: address, which shows the load balancer's masquerade (the peer is the LB, not the client).
-REMOTE_STANDIN = """\
-import asyncio, sys
-name, port = sys.argv[1], int(sys.argv[2])
-async def handle(reader, writer):
-    peer = writer.get_extra_info("peername")[0]
-    try:
-        while True:
-            line = await reader.readline()
-            if not line:
-                break
-            cmd = line.strip().upper()
-            if cmd == b"PING":
-                writer.write(b"+PONG\\r\\n")
-            elif cmd == b"WHO":
-                writer.write(("+%s via %s\\r\\n" % (name, peer)).encode())
-            else:
-                writer.write(b"-ERR unknown command\\r\\n")
-            await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
-async def main():
-    server = await asyncio.start_server(handle, "0.0.0.0", port)
-    async with server:
-        await server.serve_forever()
-asyncio.run(main())
-"""
-
 
 class WithMasterHost(Namespaces):
     """lb1, lb2 and a client as in the ip-mode test, plus a master's host ``m``."""
@@ -262,10 +232,12 @@ def test_ip_mode_kernel_forwarding_reaches_a_master_on_another_host_across_failo
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     standin, probe = os.path.join(tmp, "standin.py"), os.path.join(tmp, "probe.py")
     with open(standin, "w") as f:
-        f.write(REMOTE_STANDIN)
+        f.write(STANDIN)
     with open(probe, "w") as f:
         f.write(PROBE_CLIENT)
-    ns.spawn("m", [sys.executable, standin, "m", "6390"], os.path.join(tmp, "m.out"))
+    # The master sees the address the connection came from: the load balancer's (masquerade).
+    argv = [sys.executable, standin, "m", "6390", "0.0.0.0", "{name} via {peer}"]
+    ns.spawn("m", argv, os.path.join(tmp, "m.out"))
     lbs: dict[str, subprocess.Popen[bytes]] = {}
     master = [{"id": "m", "host": "10.77.0.5", "redis": 6390}]
 

@@ -554,10 +554,15 @@ def test_master_add_and_drain_at_run_time(nodes, record_property):  # type: igno
 
 # d. ip mode between network namespaces -----------------------------------------------------------
 
+#: A RESP stand-in for a master: PING, and WHO, which answers ``template`` (default: its
+#: name; ``{peer}`` is the address the connection came from).
 STANDIN = """\
 import asyncio, sys
-name, port = sys.argv[1].encode(), int(sys.argv[2])
+name, port = sys.argv[1], int(sys.argv[2])
+host = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
+template = sys.argv[4] if len(sys.argv) > 4 else "{name}"
 async def handle(reader, writer):
+    peer = writer.get_extra_info("peername")[0]
     try:
         while True:
             line = await reader.readline()
@@ -567,7 +572,7 @@ async def handle(reader, writer):
             if cmd == b"PING":
                 writer.write(b"+PONG\\r\\n")
             elif cmd == b"WHO":
-                writer.write(b"+" + name + b"\\r\\n")
+                writer.write(("+" + template.format(name=name, peer=peer) + "\\r\\n").encode())
             else:
                 writer.write(b"-ERR unknown command\\r\\n")
             await writer.drain()
@@ -576,7 +581,7 @@ async def handle(reader, writer):
     finally:
         writer.close()
 async def main():
-    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    server = await asyncio.start_server(handle, host, port)
     async with server:
         await server.serve_forever()
 asyncio.run(main())
