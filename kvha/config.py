@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import ipaddress
 import math
 import re
 import typing
@@ -398,6 +399,15 @@ class HeartbeatConfig:
 FORWARD_MODES = ("proxy", "kernel")
 
 
+def is_ipv4(text: str) -> bool:
+    """Whether ``text`` is an IPv4 address (what an nftables ``ip`` table translates to)."""
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class VipConfig:
     """The virtual IP and how it is held."""
@@ -459,12 +469,24 @@ class LbConfig:
     masters: tuple[LbMaster, ...] = _opt(())
 
     def _validate(self) -> None:
-        if self.forward == "kernel" and self.scheduler == "leastconn":
+        if self.forward != "kernel":
+            return
+        if self.scheduler == "leastconn":
             raise ConfigError(
                 ("scheduler",),
                 "leastconn needs connection counts that only forward: proxy has; "
                 "with forward: kernel use rr or wrr",
             )
+        # nftables translates to addresses: a name or an IPv6 address would
+        # make the whole table fail to load.
+        if not is_ipv4(self.vip.address):
+            raise ConfigError(("vip", "address"), "forward: kernel needs an IPv4 address")
+        for i, m in enumerate(self.masters):
+            if not is_ipv4(m.host):
+                raise ConfigError(
+                    ("masters", str(i), "host"),
+                    f"forward: kernel needs an IPv4 address, not {m.host!r}",
+                )
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ The real commands run in ``tests/integration/test_lb_kernel_process.py``.
 
 from __future__ import annotations
 
+import io
+import json
 import re
 import subprocess
 from typing import Any, Optional
@@ -14,6 +16,7 @@ from typing import Any, Optional
 import pytest
 import yaml
 from twisted.internet.testing import MemoryReactorClock
+from twisted.web.test.requesthelper import DummyRequest
 
 from kvha.config import ConfigError, LocalConfig, load_config_string
 from kvha.lb.nat import WRR_SLOTS, KernelForwarder, table_prefix, weighted_ranges
@@ -349,3 +352,59 @@ def test_kvha_up_can_run_its_load_balancers_with_kernel_forwarding() -> None:
         n for n in plan(LocalConfig(secret="s" * 32, admin_token=ADMIN_TOKEN)) if n.role == "lb"
     ]
     assert "forward" not in yaml.safe_load(plain[0].text)["lb"]
+
+
+def test_kernel_forwarding_needs_ipv4_addresses_for_the_vip_and_every_master(
+    tmp_path: Any,
+) -> None:
+    """nft translates to addresses: a name or an IPv6 address would fail the whole table."""
+
+    def config(vip: str, host: str) -> str:
+        return lb_config(
+            "lb1",
+            vip=vip,
+            vip_ports={"redis": 6379},
+            heartbeat=("127.0.0.1:7001", "127.0.0.1:7002"),
+            admin=("tcp:7101:interface=127.0.0.1", ""),
+            state_dir=str(tmp_path),
+            masters=[{"id": "m1", "host": host, "redis": 7001}],
+            forward="kernel",
+            scheduler="rr",
+        )
+
+    assert load_config_string(config("10.1.2.100", "10.0.0.1")).lb is not None
+    with pytest.raises(ConfigError, match="vip.address.*IPv4"):
+        load_config_string(config("fd00::100", "10.0.0.1"))
+    with pytest.raises(ConfigError, match="masters.0.host.*'master1.example'"):
+        load_config_string(config("10.1.2.100", "master1.example"))
+    # The proxy connects by name, and keeps accepting one.
+    proxied = config("10.1.2.100", "master1.example").replace("forward: kernel", "forward: proxy")
+    assert load_config_string(proxied).lb is not None
+
+    # At run time: the admin API refuses such a master, and one that arrives
+    # anyway (a peer's list) is left out of the table instead of breaking it.
+    reactor = MemoryReactorClock()
+    lb, kernel = _lb(reactor, tmp_path)
+    lb._acquire()
+    code, doc = _admin(lb, b"POST", "/v1/masters", {"id": "m3", "host": "m3.example", "redis": 1})
+    assert code == 400 and "IPv4" in doc["error"]["message"]
+    assert "m3" not in lb.pool.backends
+    code, doc = _admin(lb, b"POST", "/v1/masters", {"id": "m3", "host": "10.0.0.3", "redis": 7003})
+    assert code == 201
+    assert "10.0.0.3 . 7003" in kernel.tables[lb.kernel.table]  # type: ignore[union-attr]
+    masters = lb.pool.export() + [
+        {"id": "m4", "host": "m4.example", "ports": {"redis": 7004}, "weight": 1.0}
+    ]
+    lb.pool.replace(masters, lb.pool.epoch + 1, persist=False)
+    table = kernel.tables[lb.kernel.table]  # type: ignore[union-attr]
+    assert "m4.example" not in table and "10.0.0.3 . 7003" in table
+
+
+def _admin(lb: LoadBalancer, method: bytes, path: str, doc: Any) -> tuple[int, Any]:
+    request = DummyRequest(path.strip("/").split("/"))
+    request.method = method
+    request.path = path.encode()
+    request.requestHeaders.addRawHeader(b"authorization", f"Bearer {ADMIN_TOKEN}".encode())
+    request.content = io.BytesIO(json.dumps(doc).encode())
+    body = lb.admin.render(request)
+    return request.responseCode or 200, json.loads(body)

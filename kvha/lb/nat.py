@@ -43,6 +43,7 @@ from typing import Callable, Optional
 
 from twisted.logger import Logger
 
+from kvha.config import is_ipv4
 from kvha.lb.pool import Backend, Pool
 
 log = Logger()
@@ -113,11 +114,24 @@ class KernelForwarder:
         self.applied: Optional[str] = None
         self.failed = ""
         self._conntrack_missing = False
+        self._warned: set[str] = set()
 
     # The ruleset ------------------------------------------------------------------------
 
     def targets(self, proto: str) -> list[Backend]:
-        return self.pool.candidates(proto)
+        """Masters that may take new connections (a host that is no IPv4 address cannot)."""
+        live = []
+        for b in self.pool.candidates(proto):
+            if is_ipv4(b.host):
+                live.append(b)
+            elif b.id not in self._warned:
+                self._warned.add(b.id)
+                log.error(
+                    "master {m} left out of the kernel table: host {host!r} is not an IPv4 address",
+                    m=b.id,
+                    host=b.host,
+                )
+        return live
 
     def rule(self, proto: str, port: int) -> Optional[str]:
         live = self.targets(proto)

@@ -32,7 +32,7 @@ from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
-from kvha.config import LbConfig
+from kvha.config import LbConfig, is_ipv4
 from kvha.lb.forward import ForwardFactory, HealthChecker
 from kvha.lb.heartbeat import Election, HeartbeatProtocol
 from kvha.lb.nat import KernelForwarder
@@ -337,6 +337,10 @@ class AdminApi(Resource):
                 if not isinstance(master_id, str) or not isinstance(host, str) or not ports:
                     raise AdminError(
                         400, "need id, host and at least one of redis, memcached, http"
+                    )
+                if lb.kernel is not None and not is_ipv4(host):
+                    raise AdminError(
+                        400, f"forward: kernel needs an IPv4 address as host, not {host!r}"
                     )
                 try:
                     pool.add(master_id, host, ports, float(doc.get("weight", 1.0)))
