@@ -1,4 +1,5 @@
-"""kvha.lb.nat without a kernel: the nftables table it writes, when, and conntrack's part.
+"""kvha.lb.nat and kvha.lb.watch without a kernel: the nftables table, when it is
+written, conntrack's part, and the open connections that see a master die.
 
 The ``nft`` and ``conntrack`` commands are replaced by a fake that keeps the
 tables a real kernel would hold, so the steps of a fail-over can be followed.
@@ -15,13 +16,16 @@ from typing import Any, Optional
 
 import pytest
 import yaml
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
 from kvha.config import ConfigError, LocalConfig, load_config_string
 from kvha.lb.nat import WRR_SLOTS, KernelForwarder, table_prefix, weighted_ranges
 from kvha.lb.pool import Pool
 from kvha.lb.service import LoadBalancer
+from kvha.lb.watch import MasterWatcher
 from kvha.local import plan
 from tests.conftest import ADMIN_TOKEN, lb_config
 
@@ -408,3 +412,77 @@ def _admin(lb: LoadBalancer, method: bytes, path: str, doc: Any) -> tuple[int, A
     request.content = io.BytesIO(json.dumps(doc).encode())
     body = lb.admin.render(request)
     return request.responseCode or 200, json.loads(body)
+
+
+# The watch connections (kvha/lb/watch.py) ------------------------------------------------------
+
+
+def _accept(reactor: MemoryReactorClock, index: int) -> tuple[Any, StringTransport]:
+    """Complete the ``index``-th connection the reactor was asked for."""
+    _host, _port, factory, *_ = reactor.tcpClients[index]
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_the_watch_marks_a_master_down_the_moment_its_open_connection_closes() -> None:
+    reactor = MemoryReactorClock()
+    p = pool("rr")
+    changes: list[int] = []
+    p.on_change.append(lambda: changes.append(1))
+    watcher = MasterWatcher(reactor, p, reactor, interval=1.0)
+    watcher.start()
+    reactor.advance(0)
+    # One connection per master to redis and to memcached (HTTP is left to the checks).
+    wanted = [("10.0.0.1", 7001), ("10.0.0.1", 7101), ("10.0.0.2", 7002), ("10.0.0.2", 7102)]
+    assert sorted((c[0], c[1]) for c in reactor.tcpClients) == wanted
+    opened = {(c[0], c[1]): _accept(reactor, i) for i, c in enumerate(reactor.tcpClients)}
+    # Each probes at once and every interval: a master never sees it idle.
+    _, m1_redis = opened["10.0.0.1", 7001]
+    _, m1_mc = opened["10.0.0.1", 7101]
+    assert m1_redis.value() == b"PING\r\n" and m1_mc.value() == b"version\r\n"
+    reactor.advance(1.0)
+    assert m1_redis.value() == b"PING\r\n" * 2
+    # The master dies: its kernel closes the connection, and it is down at once.
+    protocol, _ = opened["10.0.0.1", 7001]
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert not p.backends["m1"].up["redis"] and p.backends["m1"].up["memcached"]
+    assert changes == [1] and watcher.lost_count == 1
+    # Down: no new watch until the health checks bring it back (rise 2).
+    before = len(reactor.tcpClients)
+    reactor.advance(1.0)
+    assert len(reactor.tcpClients) == before
+    p.check_result(p.backends["m1"], "redis", True)
+    p.check_result(p.backends["m1"], "redis", True)
+    assert (reactor.tcpClients[-1][0], reactor.tcpClients[-1][1]) == ("10.0.0.1", 7001)
+    # A refused connect is tried again 0.1 s later while the master counts as up.
+    _host, _port, factory, *_ = reactor.tcpClients[-1]
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    reactor.advance(0.1)
+    assert len(reactor.tcpClients) == before + 2
+    # A removed master's watches are closed, and that closing marks nothing down.
+    removed = p.remove("m2")
+    assert opened["10.0.0.2", 7002][1].disconnecting
+    opened["10.0.0.2", 7002][0].connectionLost(Failure(ConnectionDone()))
+    assert removed.up["redis"] and watcher.lost_count == 1
+    watcher.stop()
+    assert m1_mc.disconnecting
+
+
+def test_kernel_mode_runs_the_watch_and_proxy_mode_does_not(tmp_path: Any) -> None:
+    reactor = MemoryReactorClock()
+    lb, _kernel = _lb(reactor, tmp_path)
+    assert lb.watcher is not None
+    text = lb_config(
+        "lb1",
+        vip=VIP,
+        vip_ports={"redis": 6379},
+        heartbeat=("127.0.0.1:7001", "127.0.0.1:7002"),
+        admin=("tcp:7101:interface=127.0.0.1", ""),
+        state_dir=str(tmp_path / "proxy"),
+        masters=[],
+    )
+    config = load_config_string(text).lb
+    assert config is not None
+    assert LoadBalancer(config, reactor).watcher is None

@@ -27,8 +27,9 @@ conntrack entries are deleted (``conntrack -D``) and they die with a reset.
 
 What the kernel cannot do that the proxy does: try the next master when one
 refuses a connection (clients of a master that has just died get a refused
-or reset connection until the health checks mark it down, ``fall`` x
-``interval``), and count connections for ``leastconn``.  Masters on another
+or reset connection until the load balancer sees it: at once for a process
+that dies, see ``watch.py``; after ``fall`` x ``interval`` health checks for
+a host that vanishes), and count connections for ``leastconn``.  Masters on another
 host are reached through masquerading, so the load balancer needs
 ``net.ipv4.ip_forward`` (set when the VIP is taken in ``ip`` mode); a master
 on 127.0.0.0/8 is reachable only from clients on the load balancer's host.

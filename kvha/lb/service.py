@@ -38,6 +38,7 @@ from kvha.lb.heartbeat import Election, HeartbeatProtocol
 from kvha.lb.nat import KernelForwarder
 from kvha.lb.pool import PROTOCOLS, Pool
 from kvha.lb.vip import VipHolder, run_command
+from kvha.lb.watch import MasterWatcher
 from kvha.webclient import BytesBody
 
 log = Logger()
@@ -108,6 +109,11 @@ class LoadBalancer(service.MultiService):
         self.health = HealthChecker(
             reactor, self.pool, reactor, config.health.interval, config.health.timeout
         )
+        # Kernel forwarding sees no traffic: an open connection per master
+        # stands in for the proxy's observation of resets.
+        self.watcher: Optional[MasterWatcher] = None
+        if self.kernel is not None:
+            self.watcher = MasterWatcher(reactor, self.pool, reactor, config.health.interval)
         self.agent = Agent(reactor, connectTimeout=2)
         self._fetching = False
         self._udp: Any = None
@@ -126,12 +132,16 @@ class LoadBalancer(service.MultiService):
             # Our own table, left by a run killed with -9; a peer's is not ours to touch.
             self.kernel.drop_own()
         self.health.start()
+        if self.watcher is not None:
+            self.watcher.start()
         self.election.start()
         self._drain_loop.start(0.5, now=False)
 
     def stopService(self) -> Any:
         self.election.stop()  # resigns: the peer takes the VIP at once
         self.health.stop()
+        if self.watcher is not None:
+            self.watcher.stop()
         if self._drain_loop.running:
             self._drain_loop.stop()
         d = self._release()

@@ -1,0 +1,166 @@
+"""One open connection per master and protocol, so that its death is seen at once.
+
+With ``forward: proxy`` the load balancer sees a master's death on real
+traffic: a refused or reset connection marks it down at once (HAProxy's
+``observe layer4``).  With ``forward: kernel`` the traffic never reaches the
+load balancer, and until the health checks notice (``fall`` x ``interval``)
+new connections are sent to a dead master and refused.
+
+So in kernel mode the load balancer keeps one connection open to each
+master's redis and memcached port and sends the health probe over it every
+``interval`` (which also keeps it from looking idle).  When the master's
+process dies its kernel closes that connection, and the load balancer marks
+the (master, protocol) down the moment it reads the end, and rewrites the
+table.  A host that vanishes without closing anything is still found by the
+health checks and the probe's ``timeout``.  A watch that cannot connect
+tries again after 0.1 s while the master counts as up, and a master that
+comes back up (``rise`` health checks: bringing it back stays their job) is
+watched again at once.  HTTP is left to the health checks: an HTTP
+server closes idle keep-alive connections by design.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from kvha.lb.forward import HealthProbe
+from kvha.lb.pool import Backend, Pool
+
+log = Logger()
+
+#: The protocols whose servers keep a connection open as long as it is used.
+WATCHED = ("redis", "memcached")
+#: Seconds before connecting again after a watch could not connect.
+RETRY = 0.1
+
+
+class WatchConnection(Protocol):
+    """The load balancer's open connection to one master's port."""
+
+    def __init__(self, watcher: MasterWatcher, backend: Backend, proto: str) -> None:
+        self.watcher = watcher
+        self.backend = backend
+        self.proto = proto
+        self.probe = HealthProbe.PROBES[proto][0]
+        self.closing = False
+
+    def connectionMade(self) -> None:
+        self.watcher.open[self.backend.id, self.proto] = self
+
+    def dataReceived(self, data: bytes) -> None:
+        pass  # answers to the keep-alive probes: the health checks judge answers
+
+    def ping(self) -> None:
+        self.transport.write(self.probe)
+
+    def close(self) -> None:
+        self.closing = True
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.watcher.lost(self)
+
+
+class _WatchFactory(Factory):
+    noisy = False
+
+    def __init__(self, conn: WatchConnection) -> None:
+        self.conn = conn
+
+    def buildProtocol(self, addr: Any) -> WatchConnection:
+        return self.conn
+
+
+class MasterWatcher:
+    """Keeps a :class:`WatchConnection` to every live master's redis and memcached port."""
+
+    def __init__(self, reactor: Any, pool: Pool, clock: IReactorTime, interval: float) -> None:
+        self.reactor = reactor
+        self.pool = pool
+        self.clock = clock
+        self.interval = interval
+        self.open: dict[tuple[str, str], WatchConnection] = {}
+        self._connecting: set[tuple[str, str]] = set()
+        self._call: Any = None
+        self._retry: Any = None
+        self.lost_count = 0
+
+    def start(self) -> None:
+        self._call = self.clock.callLater(0, self._round)
+        self.pool.on_change.append(self.connect_missing)
+
+    def stop(self) -> None:
+        for call in (self._call, self._retry):
+            if call is not None and call.active():
+                call.cancel()
+        self._call = self._retry = None
+        if self.connect_missing in self.pool.on_change:
+            self.pool.on_change.remove(self.connect_missing)
+        for conn in list(self.open.values()):
+            conn.close()
+
+    def _round(self) -> None:
+        """Every ``interval``: probe over each open connection, and open the missing ones."""
+        self._call = self.clock.callLater(self.interval, self._round)
+        for conn in list(self.open.values()):
+            conn.ping()
+        self.connect_missing()
+
+    def connect_missing(self) -> None:
+        """Open a watch to every (master, protocol) that is up and has none; drop stale ones.
+
+        Also runs on every change of the pool: a master added, or back up.
+        """
+        wanted = set()
+        for backend in list(self.pool.backends.values()):
+            for proto in WATCHED:
+                if proto not in backend.ports:
+                    continue
+                key = (backend.id, proto)
+                wanted.add(key)
+                conn = self.open.get(key)
+                if conn is not None and conn.backend is not backend:
+                    conn.close()  # the master moved (a new host or port): watch the new one
+                    conn = None
+                if conn is None and key not in self._connecting and backend.up.get(proto):
+                    self._connect(backend, proto)
+        for key, conn in list(self.open.items()):
+            if key not in wanted:  # removed from the pool
+                conn.close()
+
+    def _connect(self, backend: Backend, proto: str) -> None:
+        key = (backend.id, proto)
+        self._connecting.add(key)
+        conn = WatchConnection(self, backend, proto)
+        endpoint = endpoints.TCP4ClientEndpoint(
+            self.reactor, backend.host, backend.ports[proto], timeout=self.interval
+        )
+        d = endpoint.connect(_WatchFactory(conn))
+        d.addCallbacks(self._connected, self._not_connected, errbackArgs=(key,))
+        d.addCallback(lambda _: self._connecting.discard(key))
+
+    def _connected(self, conn: WatchConnection) -> None:
+        conn.ping()  # at once: a master that closes it (or dies) is seen from now on
+
+    def _not_connected(self, failure: Any, key: tuple[str, str]) -> None:
+        # Counting failures is the health checks' job; try again soon, so that
+        # a master that was still starting is watched before it can die.
+        if self._retry is None or not self._retry.active():
+            self._retry = self.clock.callLater(RETRY, self.connect_missing)
+
+    def lost(self, conn: WatchConnection) -> None:
+        key = (conn.backend.id, conn.proto)
+        if self.open.get(key) is conn:
+            del self.open[key]
+        if conn.closing:
+            return
+        backend: Optional[Backend] = self.pool.backends.get(conn.backend.id)
+        if backend is not conn.backend:
+            return
+        self.lost_count += 1
+        self.pool.observed_failure(backend, conn.proto, "its open connection was closed")
