@@ -190,6 +190,9 @@ ODD_PIECES = [
     b"*1\r\n+PING\r\n",
     b"*99999999999999999999\r\n",
     b"*2\r\n$3\r\nSET\r\n$20\r\n" + b"x" * 20 + b"\r\n",  # over max_bulk below
+    b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$6\r\na\r\nb\r\n\r\n",  # CR LF inside an argument
+    b"*1\r\n$0000000000000004\r\nPING\r\n",  # a long length header
+    b"*1\r\n$4\r\nPING",  # no final CR LF
 ]
 
 

@@ -205,45 +205,54 @@ class RespParser:
 
         Stops, consuming nothing of it, at the first command that is
         incomplete or in any way unusual (inline, an argument too large, a
-        count with a sign or a leading zero): :meth:`_feed_buffered` handles
-        those, with every check and error of Redis.
+        count with a sign or a leading zero, a header over 15 bytes, an
+        argument holding CR LF): :meth:`_feed_buffered` handles those, with
+        every check and error of Redis.  ``data`` is cut at every CR LF in
+        one call; an argument is taken when the piece after its ``$len``
+        header is exactly ``len`` bytes long (one that holds CR LF is split
+        across pieces, and the general path takes over there).
         """
         out: list[list[bytes]] = []
-        pos = 0
-        end = len(data)
-        find = data.find
+        if data[:1] != b"*":
+            return out, 0
+        parts = data.split(b"\r\n")
+        last = len(parts) - 1  # the piece after the final CR LF: never a whole line
         max_bulk = self.max_bulk
-        while pos < end and data[pos] == 42:  # '*'
-            nl = find(b"\r\n", pos, pos + 16)
-            if nl < 0:
+        pos = 0
+        i = 0
+        while i < last:
+            head = parts[i]
+            count = head[1:]
+            # '*', then 1-14 digits, no sign, no leading zero, not 0.
+            if head[:1] != b"*" or not count.isdigit() or count[0] == 48 or len(count) > 14:
                 break
-            head = data[pos + 1 : nl]
-            if not head.isdigit() or head[0] == 48:  # no sign, no leading zero, not 0
-                break
-            n = int(head)
-            if n > MAX_MULTIBULK:
-                break
-            p = nl + 2
+            n = int(count)
+            if n > MAX_MULTIBULK or i + 2 * n >= last:
+                break  # too many, or not all here yet
             args = []
+            p = pos + len(head) + 2
+            j = i + 1
             for _ in range(n):
-                if p >= end or data[p] != 36:  # '$'
+                header = parts[j]
+                size = header[1:]
+                if (
+                    header[:1] != b"$"
+                    or not size.isdigit()
+                    or (size[0] == 48 and len(size) > 1)
+                    or len(size) > 14
+                ):
                     break
-                nl = find(b"\r\n", p, p + 16)
-                if nl < 0:
+                length = int(size)
+                value = parts[j + 1]
+                if len(value) != length or length > max_bulk:
                     break
-                head = data[p + 1 : nl]
-                if not head.isdigit() or (head[0] == 48 and len(head) > 1):
-                    break
-                length = int(head)
-                start = nl + 2
-                stop = start + length
-                if length > max_bulk or stop + 2 > end:
-                    break
-                args.append(data[start:stop])
-                p = stop + 2
+                args.append(value)
+                p += len(header) + length + 4
+                j += 2
             else:
                 out.append(args)
                 pos = p
+                i = j
                 continue
             break
         return out, pos
