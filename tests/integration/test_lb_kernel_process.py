@@ -71,8 +71,12 @@ def sockets_on_port(port: int) -> int:
 
 
 @pytest.fixture
-def vips():  # type: ignore[no-untyped-def]
-    """The VIPs a test used: their kvha tables are deleted after it, whatever happened."""
+def vips(nodes):  # type: ignore[no-untyped-def]
+    """The VIPs a test used: their kvha tables are deleted after it, whatever happened.
+
+    The test's processes are killed first: a load balancer still running
+    would write its table again when it sees the masters die.
+    """
     missing = [tool for tool in ("nft", "conntrack", "ss") if shutil.which(tool) is None]
     if os.geteuid() != 0 or missing:
         why = f"needs root and nft, conntrack, ss (missing: {', '.join(missing) or 'root'})"
@@ -81,6 +85,7 @@ def vips():  # type: ignore[no-untyped-def]
         pytest.skip(f"kernel forwarding {why}")
     used: list[str] = []
     yield used
+    nodes.cleanup()
     for vip in used:
         for name in nft_tables(vip):
             subprocess.run(["nft", "delete", "table", "ip", name], timeout=10, check=False)
