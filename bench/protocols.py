@@ -24,12 +24,12 @@ import dataclasses
 import io
 import os
 import random
-import shutil
 import subprocess
 import time
 from typing import Any, Optional
 
 from kvha.config import LocalConfig, LocalDataNode
+from kvha.lb.nat import kernel_unavailable
 from kvha.local import node_healthy, plan, taken_ports, write_configs
 from kvha.procs import NodeProcess, free_port, wait_for_port
 
@@ -337,14 +337,7 @@ def combine_memcslap(suites: list[dict[str, Any]]) -> dict[str, Any]:
 
 def kernel_forwarding_unavailable() -> str:
     """Why ``forward: kernel`` cannot run here, or "" if it can (root and ``nft``)."""
-    if os.geteuid() != 0:
-        return "it needs root"
-    if shutil.which("nft") is None:
-        return "nft is not installed (Debian: nftables)"
-    probe = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, timeout=10)
-    if probe.returncode != 0:
-        return f"nft does not work here: {probe.stderr.strip()}"
-    return ""
+    return kernel_unavailable()
 
 
 def run(

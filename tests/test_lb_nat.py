@@ -18,10 +18,12 @@ import pytest
 import yaml
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
 from kvha.config import ConfigError, LocalConfig, load_config_string
+from kvha.lb import nat, tap
 from kvha.lb.nat import WRR_SLOTS, KernelForwarder, table_prefix, weighted_ranges
 from kvha.lb.pool import Pool
 from kvha.lb.service import LoadBalancer
@@ -486,3 +488,40 @@ def test_kernel_mode_runs_the_watch_and_proxy_mode_does_not(tmp_path: Any) -> No
     config = load_config_string(text).lb
     assert config is not None
     assert LoadBalancer(config, reactor).watcher is None
+
+
+def test_twistd_refuses_to_start_kernel_forwarding_where_nft_cannot_run(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ACTIVE node that cannot write its table would hold the VIP and forward nothing."""
+    path = tmp_path / "lb.yaml"
+    path.write_text(
+        lb_config(
+            "lb1",
+            vip=VIP,
+            vip_ports={"redis": 6379},
+            heartbeat=("127.0.0.1:7001", "127.0.0.1:7002"),
+            admin=("tcp:7101:interface=127.0.0.1", ""),
+            state_dir=str(tmp_path),
+            masters=[],
+            forward="kernel",
+            scheduler="rr",
+        )
+    )
+
+    def missing(argv: list[str], stdin: Optional[bytes]) -> str:
+        raise FileNotFoundError(argv[0])
+
+    def not_root(argv: list[str], stdin: Optional[bytes]) -> str:
+        raise subprocess.CalledProcessError(
+            1, argv, b"", b"Operation not permitted (you must be root)"
+        )
+
+    for runner, why in ((missing, "nft is not installed"), (not_root, "you must be root")):
+        monkeypatch.setattr(nat, "run_tool", runner)
+        with pytest.raises(usage.UsageError, match=f"forward: kernel: .*{why}"):
+            tap.Options().parseOptions(["--config", str(path)])
+    monkeypatch.setattr(nat, "run_tool", FakeKernel())
+    options = tap.Options()
+    options.parseOptions(["--config", str(path)])
+    assert options["lb"].forward == "kernel"

@@ -65,6 +65,19 @@ def _name_part(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", text)
 
 
+def kernel_unavailable(run: Optional[Runner] = None) -> str:
+    """Why this process cannot write nftables tables, or "" if it can."""
+    try:
+        (run or run_tool)(["nft", "list", "tables", "ip"], None)
+    except FileNotFoundError:
+        return "nft is not installed (Debian: apt-get install nftables)"
+    except subprocess.CalledProcessError as e:
+        return f"nft does not work here (it needs root): {_why(e)}"
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"nft could not run: {e}"
+    return ""
+
+
 def table_prefix(vip: str) -> str:
     """What every load balancer's table for ``vip`` is named after."""
     return f"kvha_{_name_part(vip)}_"

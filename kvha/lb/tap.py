@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from twisted.application import service
 from twisted.logger import Logger
+from twisted.python import usage
 
 from kvha.config import warn_placeholders
 from kvha.gctune import tune_gc
+from kvha.lb.nat import kernel_unavailable
 from kvha.tapoptions import RoleOptions
 
 log = Logger()
@@ -14,6 +16,15 @@ log = Logger()
 
 class Options(RoleOptions):
     ROLE = "lb"
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self["lb"].forward == "kernel":
+            # Found now, not when the VIP is taken: an ACTIVE node that cannot
+            # write its table would hold the VIP and forward nothing.
+            why = kernel_unavailable()
+            if why:
+                raise usage.UsageError(f"{self['config']}: forward: kernel: {why}")
 
 
 def makeService(options: Options) -> service.IService:
