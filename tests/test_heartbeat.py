@@ -45,6 +45,7 @@ class Node:
         self.sent: list[Heartbeat] = []
         self.vip_log: list[tuple[float, str]] = []
         self.peer_epochs: list[int] = []
+        self.outranked: list[float] = []
         self.election = self._new_election()
 
     def _new_election(self) -> Election:
@@ -59,6 +60,7 @@ class Node:
             preempt=self.preempt,
             epoch=lambda: self.epoch,
             on_peer_epoch=self.peer_epochs.append,
+            on_outranked_peer=lambda: self.outranked.append(self.pair.clock.seconds()),
         )
 
     def _send(self, hb: Heartbeat) -> None:
@@ -343,6 +345,9 @@ def test_the_split_brain_winner_announces_again_at_once() -> None:
     pair.a.election.received(hb)
     assert len(pair.a.sent) == before + 1
     assert pair.a.sent[-1].state == ACTIVE and not pair.a.sent[-1].resign
+    # ...and tells its owner, which puts back what the peer may have undone
+    # meanwhile (with forward: kernel, a table on a shared host).
+    assert pair.a.outranked == [pair.clock.seconds()] and pair.b.outranked == []
     pair.run(0.002)  # the announcement reaches lb2, which yields at once
     assert pair.holders() == ["lb1"]
 

@@ -525,3 +525,29 @@ def test_twistd_refuses_to_start_kernel_forwarding_where_nft_cannot_run(
     options = tap.Options()
     options.parseOptions(["--config", str(path)])
     assert options["lb"].forward == "kernel"
+
+
+def test_after_a_split_brain_on_one_host_the_winner_puts_its_table_back(tmp_path: Any) -> None:
+    """Both ACTIVE for a moment (the backup started before it heard the other): the
+    loser's acquire deletes the winner's table and its release deletes its own."""
+    reactor = MemoryReactorClock()
+    lb1, kernel = _lb(reactor, tmp_path / "lb1")
+    lb2, _ = _lb(reactor, tmp_path / "lb2")
+    assert lb2.kernel is not None and lb1.kernel is not None
+    lb2.kernel.table = lb2.kernel.prefix + "lb2"
+    lb2.kernel.run = kernel  # one host, one kernel
+    lb1._acquire()
+    lb2._acquire()  # thought itself alone
+    assert list(kernel.tables) == [lb2.kernel.table]
+    lb2._release()  # heard lb1, yields
+    assert kernel.tables == {}
+    lb1._reassert()  # what the election calls when it hears an ACTIVE peer it outranks
+    assert list(kernel.tables) == [lb1.kernel.table]
+    # A table deleted from outside (a firewall reload) comes back within a check.
+    del kernel.tables[lb1.kernel.table]
+    lb1._kernel_verify()
+    assert list(kernel.tables) == [lb1.kernel.table]
+    # A BACKUP writes nothing back.
+    lb1._release()
+    lb1._kernel_verify()
+    assert kernel.tables == {}

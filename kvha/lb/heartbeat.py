@@ -115,6 +115,7 @@ class Election:
         preempt: bool = True,
         epoch: Callable[[], int] = lambda: 0,
         on_peer_epoch: Optional[Callable[[int], None]] = None,
+        on_outranked_peer: Optional[Callable[[], None]] = None,
     ) -> None:
         if not 1 <= priority <= 254:
             raise ValueError("priority must be 1..254")
@@ -128,6 +129,8 @@ class Election:
         self.preempt = preempt
         self.epoch = epoch
         self.on_peer_epoch = on_peer_epoch
+        #: While ACTIVE: a peer that is ACTIVE too and will yield was heard.
+        self.on_outranked_peer = on_outranked_peer
         self.state = INIT
         self.transitions: list[tuple[float, str]] = []
         self.peer: Optional[Heartbeat] = None
@@ -241,6 +244,10 @@ class Election:
         if self.state == ACTIVE:
             if self._outranks(hb):
                 self.announce()  # the peer will yield
+                if self.on_outranked_peer is not None:
+                    # While it thought itself alone it may have undone some of
+                    # what holding the VIP set up here (a shared kernel table).
+                    self.on_outranked_peer()
             else:
                 self._become(BACKUP, f"split brain: {hb.node_id} outranks this node")
                 self._arm_down()

@@ -22,6 +22,7 @@ import hmac
 import json
 import os
 import random
+import subprocess
 from typing import Any, Optional
 
 from twisted.application import service, strports
@@ -42,6 +43,9 @@ from kvha.lb.watch import MasterWatcher
 from kvha.webclient import BytesBody
 
 log = Logger()
+
+#: Seconds between checks, while ACTIVE with forward: kernel, that our table is there.
+KERNEL_CHECK_INTERVAL = 1.0
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -104,6 +108,7 @@ class LoadBalancer(service.MultiService):
             preempt=config.preempt,
             epoch=lambda: self.pool.epoch,
             on_peer_epoch=self._peer_epoch,
+            on_outranked_peer=self._reassert,
         )
         self.heartbeat.election = self.election
         self.health = HealthChecker(
@@ -120,6 +125,8 @@ class LoadBalancer(service.MultiService):
         self._drain_loop = LoopingCall(self._drain_tick)
         self._drain_loop.clock = reactor
         self._kernel_retry: Any = None
+        self._kernel_check = LoopingCall(self._kernel_verify)
+        self._kernel_check.clock = reactor
         self.admin = AdminApi(self)
         strports.service(config.admin.listen, AdminSite(self.admin)).setServiceParent(self)
 
@@ -136,14 +143,17 @@ class LoadBalancer(service.MultiService):
             self.watcher.start()
         self.election.start()
         self._drain_loop.start(0.5, now=False)
+        if self.kernel is not None:
+            self._kernel_check.start(KERNEL_CHECK_INTERVAL, now=False)
 
     def stopService(self) -> Any:
         self.election.stop()  # resigns: the peer takes the VIP at once
         self.health.stop()
         if self.watcher is not None:
             self.watcher.stop()
-        if self._drain_loop.running:
-            self._drain_loop.stop()
+        for loop in (self._drain_loop, self._kernel_check):
+            if loop.running:
+                loop.stop()
         d = self._release()
         if self._udp is not None:
             d.addCallback(lambda _: self._udp.stopListening())
@@ -167,6 +177,29 @@ class LoadBalancer(service.MultiService):
         if self.kernel is not None:
             return self.vip.wanted and self.kernel.applied is not None
         return self.vip.held
+
+    def _reassert(self) -> None:
+        """A peer that was ACTIVE too is about to yield: it may have deleted our table."""
+        if self.kernel is not None and self.kernel.held:
+            log.info("rewriting table {t} after a split brain", t=self.kernel.table)
+            self.kernel.sync(force=True)
+            self._kernel_retry_if_failed()
+
+    def _kernel_verify(self) -> None:
+        """While ACTIVE, put our table back if something deleted it (a peer during a
+        split brain, a firewall reload flushing the ruleset)."""
+        kernel = self.kernel
+        if kernel is None or not kernel.held or kernel.applied is None:
+            return
+        try:
+            present = kernel.table in kernel.tables()
+        except (OSError, subprocess.SubprocessError) as e:
+            log.error("nft could not list tables: {why}", why=str(e))
+            return
+        if not present:
+            log.warn("table {t} was deleted from outside: writing it again", t=kernel.table)
+            kernel.sync(force=True)
+            self._kernel_retry_if_failed()
 
     def _kernel_sync(self) -> None:
         assert self.kernel is not None
