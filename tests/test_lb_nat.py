@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import pytest
 import yaml
+from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
@@ -81,10 +82,19 @@ class FakeKernel:
         assert argv[1:] == ["-f", "-"] and stdin is not None
         script = stdin.decode()
         self.scripts.append(script)
-        for name in re.findall(r"^delete table ip (\S+)$", script, re.M):
-            self.tables.pop(name, None)
+        # One transaction, as nft runs it: a delete of a missing table aborts it all.
+        tables = dict(self.tables)
+        for line in script.splitlines():
+            word = line.split()
+            if word[:2] == ["table", "ip"] and len(word) == 3:
+                tables.setdefault(word[2], "")
+            elif word[:3] == ["delete", "table", "ip"]:
+                if word[3] not in tables:
+                    raise subprocess.CalledProcessError(1, argv, b"", b"No such file or directory")
+                del tables[word[3]]
         for name, body in re.findall(r"^table ip (\S+) \{\n(.*?)^\}", script, re.M | re.S):
-            self.tables[name] = body
+            tables[name] = body
+        self.tables = tables
         return ""
 
     def rules(self, table: str) -> list[str]:
@@ -217,7 +227,9 @@ def test_acquire_replaces_a_peers_table_for_the_vip_and_leaves_other_tables_alon
     fwd.acquire()
     assert sorted(kernel.tables) == ["kvha_10_1_2_100_lb1", "kvha_10_1_2_101_lb9", "nat"]
     # One transaction: the peer's table goes in the same `nft -f` that writes ours.
-    assert kernel.scripts[0].startswith("delete table ip kvha_10_1_2_100_lb2\n")
+    assert kernel.scripts[0].startswith(
+        "table ip kvha_10_1_2_100_lb2\ndelete table ip kvha_10_1_2_100_lb2\n"
+    )
 
 
 def test_release_deletes_only_our_table() -> None:
@@ -281,6 +293,7 @@ def _lb(reactor: Any, state_dir: Any, **extra: Any) -> tuple[LoadBalancer, FakeK
     kernel = FakeKernel()
     assert lb.kernel is not None
     lb.kernel.run = kernel
+    lb._in_thread = defer.maybeDeferred  # conntrack at once, not in a thread
     return lb, kernel
 
 
@@ -290,6 +303,8 @@ def test_kernel_mode_listens_on_nothing_and_reports_conntrack_connections(tmp_pa
     assert lb.factories == {}
     lb._acquire()
     assert reactor.tcpServers == []  # the kernel forwards: no VIP listener in this process
+    # Counted in a thread: a status shows what the one before it counted.
+    assert all(sum(m["connections"].values()) == 0 for m in lb.status()["masters"])
     status = lb.status()
     assert status["forward"] == "kernel" and status["holds_vip"]
     rows = {m["id"]: m for m in status["masters"]}
@@ -446,11 +461,38 @@ def test_the_watch_marks_a_master_down_the_moment_its_open_connection_closes() -
     assert m1_redis.value() == b"PING\r\n" and m1_mc.value() == b"version\r\n"
     reactor.advance(1.0)
     assert m1_redis.value() == b"PING\r\n" * 2
-    # The master dies: its kernel closes the connection, and it is down at once.
+    # The master closes it: a new connection is tried at once.  A master that only
+    # closed that one (an idle timeout) accepts it and stays up...
+    protocol, _ = opened["10.0.0.2", 7002]
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert (reactor.tcpClients[-1][0], reactor.tcpClients[-1][1]) == ("10.0.0.2", 7002)
+    again, _ = _accept(reactor, len(reactor.tcpClients) - 1)
+    again.dataReceived(b"+PONG\r\n")  # it answers: alive, no longer suspect
+    assert p.backends["m2"].up["redis"] and changes == [] and watcher.lost_count == 1
+    assert watcher.suspect == set()
+    # ...and one that died refuses it, and is down at once.
     protocol, _ = opened["10.0.0.1", 7001]
     protocol.connectionLost(Failure(ConnectionDone()))
+    _host, _port, factory, *_ = reactor.tcpClients[-1]
+    assert (_host, _port) == ("10.0.0.1", 7001)
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
     assert not p.backends["m1"].up["redis"] and p.backends["m1"].up["memcached"]
-    assert changes == [1] and watcher.lost_count == 1
+    assert changes == [1] and watcher.lost_count == 2
+    # A dying master's listening socket may still take the new connection and then
+    # reset it: the next connect, refused, still marks it down.
+    protocol, _ = opened["10.0.0.1", 7101]
+    protocol.connectionLost(Failure(ConnectionDone()))
+    racing, _ = _accept(reactor, len(reactor.tcpClients) - 1)
+    racing.connectionLost(Failure(ConnectionDone()))  # reset at once, unanswered
+    assert p.backends["m1"].up["memcached"]
+    reactor.advance(0.1)
+    _host, _port, factory, *_ = reactor.tcpClients[-1]
+    assert (_host, _port) == ("10.0.0.1", 7101)
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    assert not p.backends["m1"].up["memcached"] and changes == [1, 1]
+    p.check_result(p.backends["m1"], "memcached", True)
+    p.check_result(p.backends["m1"], "memcached", True)  # back (rise 2), watched again
+    _accept(reactor, len(reactor.tcpClients) - 1)[0].dataReceived(b"VERSION 1\r\n")
     # Down: no new watch until the health checks bring it back (rise 2).
     before = len(reactor.tcpClients)
     reactor.advance(1.0)
@@ -463,13 +505,25 @@ def test_the_watch_marks_a_master_down_the_moment_its_open_connection_closes() -
     factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
     reactor.advance(0.1)
     assert len(reactor.tcpClients) == before + 2
+    # A connection closed as soon as it opened is not replaced at once
+    # (a master at its connection limit accepts and closes every new one).
+    quick, _ = _accept(reactor, len(reactor.tcpClients) - 1)
+    count = len(reactor.tcpClients)
+    quick.connectionLost(Failure(ConnectionDone()))
+    assert len(reactor.tcpClients) == count and p.backends["m1"].up["redis"]
+    reactor.advance(0.1)  # ...but 0.1 s later
+    assert len(reactor.tcpClients) == count + 1
     # A removed master's watches are closed, and that closing marks nothing down.
     removed = p.remove("m2")
-    assert opened["10.0.0.2", 7002][1].disconnecting
-    opened["10.0.0.2", 7002][0].connectionLost(Failure(ConnectionDone()))
-    assert removed.up["redis"] and watcher.lost_count == 1
+    assert opened["10.0.0.1", 7101][1].disconnecting is False
+    lost = watcher.lost_count
+    for (host, _port), (proto, transport) in opened.items():
+        if host == "10.0.0.2" and transport.disconnecting:
+            proto.connectionLost(Failure(ConnectionDone()))
+    assert removed.up["memcached"] and watcher.lost_count == lost
+    still_open = list(watcher.open.values())
     watcher.stop()
-    assert m1_mc.disconnecting
+    assert still_open and all(c.transport.disconnecting for c in still_open)
 
 
 def test_kernel_mode_runs_the_watch_and_proxy_mode_does_not(tmp_path: Any) -> None:
@@ -551,3 +605,58 @@ def test_after_a_split_brain_on_one_host_the_winner_puts_its_table_back(tmp_path
     lb1._release()
     lb1._kernel_verify()
     assert kernel.tables == {}
+
+
+def test_a_peer_table_gone_before_our_write_does_not_abort_it() -> None:
+    """The peer stops: it resigns, then deletes its own table, while we, ACTIVE at once,
+    write ours.  Our transaction deletes its table too; if that delete found nothing,
+    nft would abort the whole transaction and leave the VIP with no table."""
+    kernel = FakeKernel()
+    kernel.tables["kvha_10_1_2_100_lb2"] = "the peer's"
+    fwd = forwarder(pool(), kernel)
+    listed = fwd.tables
+
+    def peer_deletes_its_own_meanwhile() -> list[str]:
+        names = listed()
+        kernel.tables.pop("kvha_10_1_2_100_lb2", None)
+        return names
+
+    fwd.tables = peer_deletes_its_own_meanwhile  # type: ignore[method-assign]
+    fwd.acquire()
+    assert list(kernel.tables) == ["kvha_10_1_2_100_lb1"] and fwd.applied is not None
+
+
+def test_table_names_keep_distinct_ids_distinct() -> None:
+    kernel = FakeKernel()
+    names = {forwarder(pool(), kernel, lb_id).table for lb_id in ("lb-1", "lb_1", "lb.1", "lb1")}
+    assert len(names) == 4
+    assert all(n.startswith("kvha_10_1_2_100_") and n.replace("_", "").isalnum() for n in names)
+
+
+def test_removal_and_drains_adopted_from_the_peer_cut_connections_too(tmp_path: Any) -> None:
+    """The change may reach the VIP holder as the peer's list, not as its own API call."""
+    reactor = MemoryReactorClock()
+    lb, kernel = _lb(reactor, tmp_path, drain_timeout=2.0)
+    lb._acquire()
+    lb._drain_loop.start(0.5, now=False)
+    masters = lb.pool.export()
+    masters[0]["draining"] = True  # m1 drained through the peer
+    lb.pool.replace(masters, lb.pool.epoch + 1, persist=False)
+    reactor.advance(1.0)
+    assert not [c for c in kernel.calls if c[:2] == ["conntrack", "-D"]]
+    reactor.advance(2.0)
+    cut = [c[-3] for c in kernel.calls if c[:2] == ["conntrack", "-D"]]
+    assert cut == ["10.0.0.1", "10.0.0.1"]
+    lb.pool.replace(masters[:1], lb.pool.epoch + 1, persist=False)  # m2 removed by the peer
+    cut = [c[-3] for c in kernel.calls if c[:2] == ["conntrack", "-D"]]
+    assert cut[2:] == ["10.0.0.2", "10.0.0.2"]
+    lb._drain_loop.stop()
+
+
+def test_the_admin_api_refuses_weights_that_are_not_above_zero(tmp_path: Any) -> None:
+    lb, kernel = _lb(MemoryReactorClock(), tmp_path)
+    for weight in (0, -1, "2", None, True, float("inf")):
+        doc = {"id": "m3", "host": "10.0.0.3", "redis": 7003, "weight": weight}
+        code, out = _admin(lb, b"POST", "/v1/masters", doc)
+        assert code == 400 and "weight" in out["error"]["message"], weight
+    assert "m3" not in lb.pool.backends

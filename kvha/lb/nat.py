@@ -57,12 +57,13 @@ Runner = Callable[[list[str], Optional[bytes]], str]
 
 def run_tool(argv: list[str], stdin: Optional[bytes] = None) -> str:
     """Run ``nft`` or ``conntrack``; raise ``CalledProcessError`` with its stderr on failure."""
-    result = subprocess.run(argv, input=stdin, capture_output=True, timeout=10, check=True)
+    result = subprocess.run(argv, input=stdin, capture_output=True, timeout=5, check=True)
     return (result.stdout + result.stderr).decode(errors="replace")
 
 
 def _name_part(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]", "_", text)
+    """``text`` in the characters of an nft name, one to one: ``-`` is ``_2d``, ``_`` ``_5f``."""
+    return re.sub(r"[^A-Za-z0-9]", lambda m: f"_{ord(m.group()):02x}", text)
 
 
 def kernel_unavailable(run: Optional[Runner] = None) -> str:
@@ -80,7 +81,7 @@ def kernel_unavailable(run: Optional[Runner] = None) -> str:
 
 def table_prefix(vip: str) -> str:
     """What every load balancer's table for ``vip`` is named after."""
-    return f"kvha_{_name_part(vip)}_"
+    return f"kvha_{vip.replace('.', '_')}_"  # an IPv4 address: digits and dots
 
 
 def weighted_ranges(weights: list[float], slots: int = WRR_SLOTS) -> list[tuple[int, int]]:
@@ -213,14 +214,17 @@ class KernelForwarder:
         """Rewrite the table if the live masters changed.  False if ``nft`` failed."""
         if not self.held:
             return True
-        text = self.ruleset()
-        if text == self.applied and not force:
-            return True
         try:
+            text = self.ruleset()
+            if text == self.applied and not force:
+                return True
             stale = [n for n in self.tables() if n != self.table]
-            script = "".join(f"delete table ip {n}\n" for n in stale) + text
+            # "table X" first makes "delete table X" succeed even when X went in
+            # the meantime (the peer deleting its own as it stops); a delete of a
+            # missing table would abort the whole transaction.
+            script = "".join(f"table ip {n}\ndelete table ip {n}\n" for n in stale) + text
             self.run(["nft", "-f", "-"], script.encode())
-        except (OSError, subprocess.SubprocessError) as e:
+        except (OSError, ValueError, ArithmeticError, subprocess.SubprocessError) as e:
             self.failed = _why(e)
             self.applied = None
             log.error("nft could not write table {t}: {why}", t=self.table, why=self.failed)

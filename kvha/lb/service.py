@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import os
 import random
 import subprocess
 from typing import Any, Optional
 
 from twisted.application import service, strports
+from twisted.internet import threads
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web import server
@@ -125,6 +127,12 @@ class LoadBalancer(service.MultiService):
         self._drain_loop = LoopingCall(self._drain_tick)
         self._drain_loop.clock = reactor
         self._kernel_retry: Any = None
+        #: The masters as of the last table write (to see which ones left).
+        self._known = dict(self.pool.backends)
+        #: conntrack runs in a thread: a big table must not stall heartbeats.
+        self._in_thread: Any = threads.deferToThread
+        self._counts: dict[str, dict[str, int]] = {}
+        self._counting = False
         self._kernel_check = LoopingCall(self._kernel_verify)
         self._kernel_check.clock = reactor
         self.admin = AdminApi(self)
@@ -202,9 +210,21 @@ class LoadBalancer(service.MultiService):
             self._kernel_retry_if_failed()
 
     def _kernel_sync(self) -> None:
-        assert self.kernel is not None
-        self.kernel.sync()
+        kernel = self.kernel
+        assert kernel is not None
+        kernel.sync()
         self._kernel_retry_if_failed()
+        # Masters that left the pool (removed here, or in a list adopted from
+        # the peer): their open connections are cut by the node holding the VIP.
+        gone = [b for i, b in self._known.items() if self.pool.backends.get(i) is not b]
+        self._known = dict(self.pool.backends)
+        if gone and kernel.held:
+            for backend in gone:
+                self._in_thread(kernel.close_connections, backend).addCallback(
+                    lambda n, m=backend.id: log.info(
+                        "master {m} removed: closed {n} connections", m=m, n=n
+                    )
+                )
 
     def _kernel_retry_if_failed(self) -> None:
         """While ACTIVE with no table written (nft failed), try again every second."""
@@ -219,13 +239,19 @@ class LoadBalancer(service.MultiService):
     def _drain_tick(self) -> None:
         now = self.reactor.seconds()
         for backend in self.pool.backends.values():
+            if backend.draining and backend.drain_started is None:
+                # A drain adopted from the peer's list: its timeout runs from now.
+                backend.drain_started = now
             started = backend.drain_started
             if self.kernel is not None:
                 due = started is not None and now - started >= self.config.drain_timeout
-                if backend.draining and due and not backend.drain_closed:
+                if backend.draining and due and not backend.drain_closed and self.kernel.held:
                     backend.drain_closed = True
-                    n = self.kernel.close_connections(backend)
-                    log.info("drain of {m} timed out: closed {n} connections", m=backend.id, n=n)
+                    self._in_thread(self.kernel.close_connections, backend).addCallback(
+                        lambda n, m=backend.id: log.info(
+                            "drain of {m} timed out: closed {n} connections", m=m, n=n
+                        )
+                    )
                 continue
             if not (backend.draining and started is not None and backend.pairs):
                 continue
@@ -266,10 +292,22 @@ class LoadBalancer(service.MultiService):
     def _master_status(self) -> list[dict[str, Any]]:
         out = [b.status() for b in self.pool.backends.values()]
         if self.kernel is not None:
-            # The kernel's connections, from conntrack, while this node forwards.
-            counts = (
-                self.kernel.connection_counts(self.pool.backends.values()) if self.holds_vip else {}
-            )
+            # The kernel's connections, from conntrack, while this node forwards:
+            # counted in a thread, so each status shows the count that the one
+            # before it started (at most a status call old).
+            counts = self._counts if self.holds_vip else {}
+            if self.holds_vip and not self._counting:
+                self._counting = True
+                d = self._in_thread(
+                    self.kernel.connection_counts, list(self.pool.backends.values())
+                )
+
+                def done(result: dict[str, dict[str, int]]) -> None:
+                    self._counts = result
+
+                d.addCallback(done)
+                d.addErrback(lambda f: log.failure("counting connections failed", f))
+                d.addBoth(lambda _: setattr(self, "_counting", False))
             for doc in out:
                 per = counts.get(doc["id"], {})
                 doc["connections"] = {p: per.get(p, 0) for p in doc["connections"]}
@@ -385,8 +423,16 @@ class AdminApi(Resource):
                     raise AdminError(
                         400, f"forward: kernel needs an IPv4 address as host, not {host!r}"
                     )
+                weight = doc.get("weight", 1.0)
+                if (
+                    isinstance(weight, bool)
+                    or not isinstance(weight, (int, float))
+                    or not math.isfinite(weight)
+                    or weight <= 0
+                ):
+                    raise AdminError(400, "weight must be a number above 0")
                 try:
-                    pool.add(master_id, host, ports, float(doc.get("weight", 1.0)))
+                    pool.add(master_id, host, ports, float(weight))
                 except KeyError as e:
                     raise AdminError(409, str(e.args[0])) from None
                 log.info(
@@ -409,9 +455,7 @@ class AdminApi(Resource):
             if method == b"DELETE":
                 backend = pool.remove(master_id)
                 for pair in list(backend.pairs):
-                    pair.close()
-                if lb.kernel is not None and lb.holds_vip:
-                    lb.kernel.close_connections(backend)
+                    pair.close()  # forward: kernel cuts its connections in _kernel_sync
                 log.info("master {m} removed, epoch {e}", m=master_id, e=pool.epoch)
                 lb.changed()
                 return {"epoch": pool.epoch, "masters": pool.export()}

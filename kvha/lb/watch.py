@@ -9,10 +9,12 @@ new connections are sent to a dead master and refused.
 So in kernel mode the load balancer keeps one connection open to each
 master's redis and memcached port and sends the health probe over it every
 ``interval`` (which also keeps it from looking idle).  When the master's
-process dies its kernel closes that connection, and the load balancer marks
-the (master, protocol) down the moment it reads the end, and rewrites the
-table.  A host that vanishes without closing anything is still found by the
-health checks and the probe's ``timeout``.  A watch that cannot connect
+process dies its kernel closes that connection and its listening socket: the
+load balancer reads the end, connects again at once, is refused, marks the
+(master, protocol) down and rewrites the table.  A master that closed only
+that connection (an idle timeout, its connection limit) accepts the new one.
+A host that vanishes without closing anything is still found by the health
+checks and the probe's ``timeout``.  A watch that cannot connect
 tries again after 0.1 s while the master counts as up, and a master that
 comes back up (``rise`` health checks: bringing it back stays their job) is
 watched again at once.  HTTP is left to the health checks: an HTTP
@@ -48,12 +50,18 @@ class WatchConnection(Protocol):
         self.proto = proto
         self.probe = HealthProbe.PROBES[proto][0]
         self.closing = False
+        self.opened_at = 0.0
 
     def connectionMade(self) -> None:
+        self.opened_at = self.watcher.clock.seconds()
+        if self.watcher.stopped:
+            self.close()
+            return
         self.watcher.open[self.backend.id, self.proto] = self
 
     def dataReceived(self, data: bytes) -> None:
-        pass  # answers to the keep-alive probes: the health checks judge answers
+        # An answer (the health checks judge what it says): the master is alive.
+        self.watcher.answered(self)
 
     def ping(self) -> None:
         self.transport.write(self.probe)
@@ -89,12 +97,18 @@ class MasterWatcher:
         self._call: Any = None
         self._retry: Any = None
         self.lost_count = 0
+        self.stopped = False
+        #: Watches whose connection the master closed, not yet answered again:
+        #: a failed connect to one of these means the master is gone.
+        self.suspect: set[tuple[str, str]] = set()
 
     def start(self) -> None:
+        self.stopped = False
         self._call = self.clock.callLater(0, self._round)
         self.pool.on_change.append(self.connect_missing)
 
     def stop(self) -> None:
+        self.stopped = True
         for call in (self._call, self._retry):
             if call is not None and call.active():
                 call.cancel()
@@ -127,7 +141,9 @@ class MasterWatcher:
                 if conn is not None and conn.backend is not backend:
                     conn.close()  # the master moved (a new host or port): watch the new one
                     conn = None
-                if conn is None and key not in self._connecting and backend.up.get(proto):
+                if not backend.up.get(proto):
+                    self.suspect.discard(key)  # down already: the checks bring it back
+                elif conn is None and key not in self._connecting:
                     self._connect(backend, proto)
         for key, conn in list(self.open.items()):
             if key not in wanted:  # removed from the pool
@@ -141,26 +157,57 @@ class MasterWatcher:
             self.reactor, backend.host, backend.ports[proto], timeout=self.interval
         )
         d = endpoint.connect(_WatchFactory(conn))
-        d.addCallbacks(self._connected, self._not_connected, errbackArgs=(key,))
+        d.addCallbacks(self._connected, self._not_connected, errbackArgs=(backend, proto))
         d.addCallback(lambda _: self._connecting.discard(key))
 
     def _connected(self, conn: WatchConnection) -> None:
-        conn.ping()  # at once: a master that closes it (or dies) is seen from now on
+        if not self.stopped:
+            conn.ping()  # at once: a master that closes it (or dies) is seen from now on
 
-    def _not_connected(self, failure: Any, key: tuple[str, str]) -> None:
+    def answered(self, conn: WatchConnection) -> None:
+        self.suspect.discard((conn.backend.id, conn.proto))
+
+    def _not_connected(self, failure: Any, backend: Backend, proto: str) -> None:
+        if self.stopped:
+            return
+        key = (backend.id, proto)
+        if key in self.suspect and self.pool.backends.get(backend.id) is backend:
+            # It closed our connection and now refuses a new one: it is gone.
+            self.suspect.discard(key)
+            why = "its open connection was closed and a new one failed: "
+            self.pool.observed_failure(backend, proto, why + failure.getErrorMessage())
+            return
         # Counting failures is the health checks' job; try again soon, so that
         # a master that was still starting is watched before it can die.
+        self._retry_soon()
+
+    def _retry_soon(self) -> None:
         if self._retry is None or not self._retry.active():
             self._retry = self.clock.callLater(RETRY, self.connect_missing)
 
     def lost(self, conn: WatchConnection) -> None:
+        """The master closed the connection: down if a new one fails.
+
+        A master that dies closes every connection and its listening socket,
+        so a new connection is refused (or, if it got in while the listening
+        socket was closing, reset and the next one refused) within
+        milliseconds.  A master that only closed this one (an idle timeout
+        shorter than ``interval``, its connection limit) accepts the new one,
+        answers its probe and stays up.  A connection closed within ``RETRY``
+        of opening is replaced ``RETRY`` later, not at once, so a master that
+        closes every new one is not hammered.
+        """
         key = (conn.backend.id, conn.proto)
         if self.open.get(key) is conn:
             del self.open[key]
-        if conn.closing:
+        if conn.closing or self.stopped:
             return
         backend: Optional[Backend] = self.pool.backends.get(conn.backend.id)
         if backend is not conn.backend:
             return
         self.lost_count += 1
-        self.pool.observed_failure(backend, conn.proto, "its open connection was closed")
+        self.suspect.add(key)
+        if self.clock.seconds() - conn.opened_at < RETRY:
+            self._retry_soon()
+        elif key not in self._connecting:
+            self._connect(backend, conn.proto)
