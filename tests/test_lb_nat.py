@@ -271,18 +271,28 @@ def test_a_failed_nft_leaves_nothing_applied_and_is_retried_while_active(tmp_pat
 # The load balancer around it ---------------------------------------------------------------------
 
 
-def _lb(reactor: Any, state_dir: Any, **extra: Any) -> tuple[LoadBalancer, FakeKernel]:
-    text = lb_config(
+def _config(state_dir: Any, masters: Any = (), **extra: Any) -> str:
+    """An lb1 document for VIP (redis 6379; memcached 11211 if given) and ``masters``."""
+    return lb_config(
         "lb1",
-        vip=VIP,
-        vip_ports={"redis": 6379, "memcached": 11211, "http": None},
+        vip=extra.pop("vip", VIP),
+        vip_ports=extra.pop("vip_ports", {"redis": 6379}),
         heartbeat=("127.0.0.1:7001", "127.0.0.1:7002"),
         admin=("tcp:7101:interface=127.0.0.1", ""),
         state_dir=str(state_dir),
-        masters=[
+        masters=list(masters),
+        **extra,
+    )
+
+
+def _lb(reactor: Any, state_dir: Any, **extra: Any) -> tuple[LoadBalancer, FakeKernel]:
+    text = _config(
+        state_dir,
+        [
             {"id": "m1", "host": "10.0.0.1", "redis": 7001, "memcached": 7101},
             {"id": "m2", "host": "10.0.0.2", "redis": 7002, "memcached": 7102},
         ],
+        vip_ports={"redis": 6379, "memcached": 11211, "http": None},
         forward="kernel",
         scheduler="rr",
         **extra,
@@ -345,16 +355,7 @@ def test_drain_timeout_cuts_the_masters_kernel_connections_once(tmp_path: Any) -
 
 
 def test_leastconn_is_refused_with_kernel_forwarding() -> None:
-    text = lb_config(
-        "lb1",
-        vip=VIP,
-        vip_ports={"redis": 6379},
-        heartbeat=("127.0.0.1:7001", "127.0.0.1:7002"),
-        admin=("tcp:7101:interface=127.0.0.1", ""),
-        state_dir="/tmp/unused",
-        masters=[],
-        forward="kernel",
-    )
+    text = _config("/tmp/unused", forward="kernel")
     with pytest.raises(ConfigError) as e:
         load_config_string(text)
     assert "leastconn" in str(e.value) and "rr or wrr" in str(e.value)
@@ -381,14 +382,10 @@ def test_kernel_forwarding_needs_ipv4_addresses_for_the_vip_and_every_master(
     """nft translates to addresses: a name or an IPv6 address would fail the whole table."""
 
     def config(vip: str, host: str) -> str:
-        return lb_config(
-            "lb1",
+        return _config(
+            tmp_path,
+            [{"id": "m1", "host": host, "redis": 7001}],
             vip=vip,
-            vip_ports={"redis": 6379},
-            heartbeat=("127.0.0.1:7001", "127.0.0.1:7002"),
-            admin=("tcp:7101:interface=127.0.0.1", ""),
-            state_dir=str(tmp_path),
-            masters=[{"id": "m1", "host": host, "redis": 7001}],
             forward="kernel",
             scheduler="rr",
         )
@@ -530,14 +527,9 @@ def test_kernel_mode_runs_the_watch_and_proxy_mode_does_not(tmp_path: Any) -> No
     reactor = MemoryReactorClock()
     lb, _kernel = _lb(reactor, tmp_path)
     assert lb.watcher is not None
-    text = lb_config(
-        "lb1",
-        vip=VIP,
-        vip_ports={"redis": 6379},
-        heartbeat=("127.0.0.1:7001", "127.0.0.1:7002"),
-        admin=("tcp:7101:interface=127.0.0.1", ""),
-        state_dir=str(tmp_path / "proxy"),
-        masters=[],
+    text = _config(
+        tmp_path / "proxy",
+        [],
     )
     config = load_config_string(text).lb
     assert config is not None
@@ -550,14 +542,9 @@ def test_twistd_refuses_to_start_kernel_forwarding_where_nft_cannot_run(
     """An ACTIVE node that cannot write its table would hold the VIP and forward nothing."""
     path = tmp_path / "lb.yaml"
     path.write_text(
-        lb_config(
-            "lb1",
-            vip=VIP,
-            vip_ports={"redis": 6379},
-            heartbeat=("127.0.0.1:7001", "127.0.0.1:7002"),
-            admin=("tcp:7101:interface=127.0.0.1", ""),
-            state_dir=str(tmp_path),
-            masters=[],
+        _config(
+            tmp_path,
+            [],
             forward="kernel",
             scheduler="rr",
         )
