@@ -286,16 +286,18 @@ def test_a_clean_stop_resigns_and_the_peer_takes_over_at_once() -> None:
     assert t_active - stopped <= 0.001 + 1e-6  # one hop (and one run step)
 
 
-def test_stopping_a_backup_sends_no_resign() -> None:
-    """A BACKUP that stops does not resign (it holds nothing), so the active peer is unmoved."""
+def test_a_stopping_backup_says_it_leaves_and_the_active_peer_is_unmoved() -> None:
+    """A BACKUP that stops sends one resign (it holds nothing): the ACTIVE peer stays
+    ACTIVE, and knows there is nobody left to hand over to."""
     pair = Pair(("lb1", 200), ("lb2", 100))
     pair.start()
     pair.run(1.0)
     n = len(pair.b.sent)
     pair.b.election.stop()
-    assert all(not hb.resign for hb in pair.b.sent[n:])
+    assert [hb.resign for hb in pair.b.sent[n:]] == [True]
     pair.run(1.0)
     assert pair.holders() == ["lb1"]
+    assert pair.a.election.peer is not None and pair.a.election.peer.resign
 
 
 # Split brain ------------------------------------------------------------------------------

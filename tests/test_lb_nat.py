@@ -25,6 +25,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from kvha.config import ConfigError, LocalConfig, load_config_string
 from kvha.lb import nat, tap
+from kvha.lb.heartbeat import Heartbeat
 from kvha.lb.nat import WRR_SLOTS, KernelForwarder, table_prefix, weighted_ranges
 from kvha.lb.pool import Pool
 from kvha.lb.service import LoadBalancer
@@ -647,3 +648,36 @@ def test_the_admin_api_refuses_weights_that_are_not_above_zero(tmp_path: Any) ->
         code, out = _admin(lb, b"POST", "/v1/masters", doc)
         assert code == 400 and "weight" in out["error"]["message"], weight
     assert "m3" not in lb.pool.backends
+
+
+def test_a_node_handing_over_to_a_live_peer_leaves_its_table_for_the_peer(tmp_path: Any) -> None:
+    """Deleting the last nat table drops the translation of every open connection; the
+    peer's acquire replaces ours in one transaction, which keeps them."""
+    reactor = MemoryReactorClock()
+    lb1, kernel = _lb(reactor, tmp_path / "lb1")
+    lb1._acquire()
+    lb1.election.peer = Heartbeat("lb2", "BACKUP", 100, 1, 0)
+    lb1.election.peer_seen = reactor.seconds()
+    lb1._release()  # a clean stop: resign, then release
+    lb1._release()  # stopService releases again: still kept
+    assert list(kernel.tables) == [lb1.kernel.table]  # type: ignore[union-attr]
+    assert not lb1.status()["holds_vip"]
+    peer = forwarder(pool(), kernel, "lb2")
+    peer.acquire()
+    assert list(kernel.tables) == [peer.table]
+    assert kernel.scripts[-1].startswith(f"table ip {lb1.kernel.table}\n")  # type: ignore[union-attr]
+    # With the peer silent for longer than it takes to declare it dead: deleted.
+    lb3, kernel3 = _lb(reactor, tmp_path / "lb3")
+    lb3._acquire()
+    lb3.election.peer = Heartbeat("lb2", "BACKUP", 100, 1, 0)
+    lb3.election.peer_seen = reactor.seconds()
+    reactor.advance(1.0)
+    lb3._release()
+    assert kernel3.tables == {}
+    # Nor is it kept when the peer's last word was its resignation (both stopping).
+    lb4, kernel4 = _lb(reactor, tmp_path / "lb4")
+    lb4._acquire()
+    lb4.election.peer = Heartbeat("lb2", "BACKUP", 100, 2, 0, resign=True)
+    lb4.election.peer_seen = reactor.seconds()
+    lb4._release()
+    assert kernel4.tables == {}

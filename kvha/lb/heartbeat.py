@@ -165,7 +165,8 @@ class Election:
         self._tick = self.clock.callLater(0, self._heartbeat)
 
     def stop(self) -> None:
-        """A clean stop: an ACTIVE node resigns so the peer takes over at once."""
+        """A clean stop: an ACTIVE node resigns so the peer takes over at once; a
+        BACKUP says it is leaving the same way."""
         for call in (self._tick, self._down):
             if call is not None and call.active():
                 call.cancel()
@@ -174,6 +175,10 @@ class Election:
             self.send(self._message(resign=True))
             self.state = BACKUP
             self.on_backup()
+        elif self.state == BACKUP:
+            # Leaving: an ACTIVE peer then knows there is nobody to hand over to
+            # (with forward: kernel it deletes its table when it stops).
+            self.send(self._message(resign=True))
         self.state = INIT
 
     def _message(self, resign: bool = False) -> Heartbeat:

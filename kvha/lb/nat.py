@@ -237,9 +237,21 @@ class KernelForwarder:
         self.applied = text
         return True
 
-    def release(self) -> None:
+    def release(self, keep: bool = False) -> None:
+        """Stop forwarding.  ``keep``: leave the table for a live peer to replace.
+
+        Deleting the last nat table unregisters the kernel's NAT hooks, and
+        the kernel then drops the address translation of every open
+        connection: they all break.  The peer's acquire deletes our table and
+        writes its own in one transaction, which keeps the hooks and the open
+        connections; so a load balancer handing over to a live peer leaves
+        its table for that.
+        """
         self.held = False
         self.applied = None
+        if keep:
+            log.info("leaving table {t} for the peer to replace", t=self.table)
+            return
         self.drop_own()
 
     def drop_own(self) -> None:

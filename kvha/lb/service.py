@@ -176,9 +176,17 @@ class LoadBalancer(service.MultiService):
             self._kernel_retry_if_failed()
 
     def _release(self) -> Any:
-        if self.kernel is not None:
-            self.kernel.release()
+        if self.kernel is not None and self.kernel.held:
+            self.kernel.release(keep=self._peer_alive())
         return self.vip.release()
+
+    def _peer_alive(self) -> bool:
+        """Whether the peer was heard, not resigning, within the time it takes to declare
+        it dead (when both stop, as ``kvha up`` does, the last one deletes its table)."""
+        election = self.election
+        if election.peer is None or election.peer.resign:
+            return False
+        return self.reactor.seconds() - election.peer_seen < election.down_interval
 
     @property
     def holds_vip(self) -> bool:

@@ -177,6 +177,36 @@ def test_kernel_forwarding_survives_kill_9_of_a_master_and_of_the_active_lb(
         Memcached(vip, lb2.vip_ports["memcached"])
 
 
+def test_kernel_forwarding_hands_the_vip_over_cleanly_on_stop_and_preemption(
+    nodes, vips, record_property
+):  # type: ignore[no-untyped-def]
+    """SIGTERM of the active LB under load, then its return (preempt): no client error.
+
+    The stopping node resigns and deletes its table while the peer, ACTIVE at
+    once, writes its own and deletes the stopping node's in one transaction:
+    that delete must not abort the transaction when the table is already gone.
+    """
+    _, _masters, lb1, lb2 = _kernel_cluster(nodes, vips)
+    vip, port = lb1.vip, lb1.vip_ports["redis"]
+    prefix = table_prefix(vip)
+    with Load(vip, port, threads=3, ops_per_conn=10, prefix="h") as load:
+        wait_until(lambda: load.successes_since(time.monotonic() - 0.5) > 50, 5, "a steady load")
+        lb1.stop()
+        wait_until(lambda: lb_status(lb2)["holds_vip"], 3, "lb2 to hold the VIP")
+        assert nft_tables(vip) == [prefix + "lb2"]
+        mark = time.monotonic()
+        wait_until(lambda: load.successes_since(mark, new_connections=True) > 100, 10, "load")
+        lb1.start(wait=True)  # priority 150 > 100, preempt: it takes the VIP back
+        wait_until(lambda: lb_status(lb1)["holds_vip"], 5, "lb1 to hold the VIP again")
+        wait_until(lambda: lb_status(lb2)["state"] == "BACKUP", 3, "lb2 to yield")
+        wait_until(lambda: nft_tables(vip) == [prefix + "lb1"], 3, "only lb1's table")
+        mark = time.monotonic()
+        wait_until(lambda: load.successes_since(mark, new_connections=True) > 100, 10, "load")
+    record(record_property, "kernel_handover_client_errors", len(load.errors))
+    assert load.errors == []
+    assert read_back(vip, port, load.acked) == []
+
+
 def cut(conn: Memcached) -> bool:
     """Whether ``conn`` is dead: an exchange on it fails."""
     try:
