@@ -335,11 +335,6 @@ def combine_memcslap(suites: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def kernel_forwarding_unavailable() -> str:
-    """Why ``forward: kernel`` cannot run here, or "" if it can (root and ``nft``)."""
-    return kernel_unavailable()
-
-
 def run(
     workdir: str,
     requests: int,
@@ -390,7 +385,7 @@ def run(
         ]
         # The same cluster with the load balancers' forward: kernel (nftables),
         # where this machine allows it.
-        why_not = kernel_forwarding_unavailable()
+        why_not = kernel_unavailable()
         if why_not:
             results["kernel_forwarding"] = f"not measured: {why_not}"
         else:

@@ -266,14 +266,17 @@ class HealthChecker:
                 probe.done = None
                 done(False, failure.getErrorMessage())
 
-        endpoint.connect(_ProbeFactory(probe)).addErrback(failed)
+        endpoint.connect(OneProtocolFactory(probe)).addErrback(failed)
 
 
-class _ProbeFactory(Factory):
+class OneProtocolFactory(Factory):
+    """Hands out one protocol instance made beforehand, quietly (no log line per
+    connection, unlike ``endpoints.connectProtocol``): for probes that run all the time."""
+
     noisy = False
 
-    def __init__(self, probe: HealthProbe) -> None:
-        self.probe = probe
+    def __init__(self, protocol: Protocol) -> None:
+        self.protocol_instance = protocol
 
-    def buildProtocol(self, addr: Any) -> HealthProbe:
-        return self.probe
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self.protocol_instance

@@ -191,15 +191,14 @@ class LoadBalancer(service.MultiService):
     @property
     def holds_vip(self) -> bool:
         if self.kernel is not None:
-            return self.vip.wanted and self.kernel.applied is not None
+            return self.kernel.applied is not None  # written, and not released since
         return self.vip.held
 
     def _reassert(self) -> None:
         """A peer that was ACTIVE too is about to yield: it may have deleted our table."""
         if self.kernel is not None and self.kernel.held:
             log.info("rewriting table {t} after a split brain", t=self.kernel.table)
-            self.kernel.sync(force=True)
-            self._kernel_retry_if_failed()
+            self._kernel_write(force=True)
 
     def _kernel_verify(self) -> None:
         """While ACTIVE, put our table back if something deleted it (a peer during a
@@ -214,25 +213,32 @@ class LoadBalancer(service.MultiService):
             return
         if not present:
             log.warn("table {t} was deleted from outside: writing it again", t=kernel.table)
-            kernel.sync(force=True)
-            self._kernel_retry_if_failed()
+            self._kernel_write(force=True)
+
+    def _kernel_write(self, force: bool = False) -> None:
+        """Write the table (if it changed, or ``force``); on failure, again in a second."""
+        assert self.kernel is not None
+        self.kernel.sync(force=force)
+        self._kernel_retry_if_failed()
 
     def _kernel_sync(self) -> None:
+        """After a change of the pool: the table, and the connections of masters gone."""
         kernel = self.kernel
         assert kernel is not None
-        kernel.sync()
-        self._kernel_retry_if_failed()
+        self._kernel_write()
         # Masters that left the pool (removed here, or in a list adopted from
         # the peer): their open connections are cut by the node holding the VIP.
         gone = [b for i, b in self._known.items() if self.pool.backends.get(i) is not b]
         self._known = dict(self.pool.backends)
-        if gone and kernel.held:
+        if kernel.held:
             for backend in gone:
-                self._in_thread(kernel.close_connections, backend).addCallback(
-                    lambda n, m=backend.id: log.info(
-                        "master {m} removed: closed {n} connections", m=m, n=n
-                    )
-                )
+                self._cut(backend, "master {m} removed")
+
+    def _cut(self, backend: Any, why: str) -> None:
+        """Cut ``backend``'s kernel-forwarded connections (conntrack, in a thread)."""
+        assert self.kernel is not None
+        d = self._in_thread(self.kernel.close_connections, backend)
+        d.addCallback(lambda n: log.info(why + ": closed {n} connections", m=backend.id, n=n))
 
     def _kernel_retry_if_failed(self) -> None:
         """While ACTIVE with no table written (nft failed), try again every second."""
@@ -247,23 +253,18 @@ class LoadBalancer(service.MultiService):
     def _drain_tick(self) -> None:
         now = self.reactor.seconds()
         for backend in self.pool.backends.values():
-            if backend.draining and backend.drain_started is None:
+            if not backend.draining:
+                continue
+            if backend.drain_started is None:
                 # A drain adopted from the peer's list: its timeout runs from now.
                 backend.drain_started = now
-            started = backend.drain_started
+            if now - backend.drain_started < self.config.drain_timeout:
+                continue
             if self.kernel is not None:
-                due = started is not None and now - started >= self.config.drain_timeout
-                if backend.draining and due and not backend.drain_closed and self.kernel.held:
+                if self.kernel.held and not backend.drain_closed:
                     backend.drain_closed = True
-                    self._in_thread(self.kernel.close_connections, backend).addCallback(
-                        lambda n, m=backend.id: log.info(
-                            "drain of {m} timed out: closed {n} connections", m=m, n=n
-                        )
-                    )
-                continue
-            if not (backend.draining and started is not None and backend.pairs):
-                continue
-            if now - started >= self.config.drain_timeout:
+                    self._cut(backend, "drain of {m} timed out")
+            elif backend.pairs:
                 log.info(
                     "drain of {m} timed out: closing {n} connections",
                     m=backend.id,

@@ -27,10 +27,10 @@ from typing import Any, Optional
 
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
-from kvha.lb.forward import HealthProbe
+from kvha.lb.forward import HealthProbe, OneProtocolFactory
 from kvha.lb.pool import Backend, Pool
 
 log = Logger()
@@ -72,16 +72,6 @@ class WatchConnection(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.watcher.lost(self)
-
-
-class _WatchFactory(Factory):
-    noisy = False
-
-    def __init__(self, conn: WatchConnection) -> None:
-        self.conn = conn
-
-    def buildProtocol(self, addr: Any) -> WatchConnection:
-        return self.conn
 
 
 class MasterWatcher:
@@ -156,7 +146,7 @@ class MasterWatcher:
         endpoint = endpoints.TCP4ClientEndpoint(
             self.reactor, backend.host, backend.ports[proto], timeout=self.interval
         )
-        d = endpoint.connect(_WatchFactory(conn))
+        d = endpoint.connect(OneProtocolFactory(conn))
         d.addCallbacks(self._connected, self._not_connected, errbackArgs=(backend, proto))
         d.addCallback(lambda _: self._connecting.discard(key))
 

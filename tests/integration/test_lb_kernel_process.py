@@ -182,9 +182,10 @@ def test_kernel_forwarding_hands_the_vip_over_cleanly_on_stop_and_preemption(
 ):  # type: ignore[no-untyped-def]
     """SIGTERM of the active LB under load, then its return (preempt): no client error.
 
-    The stopping node resigns and deletes its table while the peer, ACTIVE at
-    once, writes its own and deletes the stopping node's in one transaction:
-    that delete must not abort the transaction when the table is already gone.
+    Deleting the last nat table drops the translation of every open
+    connection, so the stopping node leaves its table and the peer, ACTIVE at
+    once, replaces it with its own in one transaction (and the same again,
+    the other way, when lb1 preempts).
     """
     _, _masters, lb1, lb2 = _kernel_cluster(nodes, vips)
     vip, port = lb1.vip, lb1.vip_ports["redis"]
