@@ -255,6 +255,11 @@ class HealthConfig:
     ping_timeout: float = _opt(0.75, kind="duration", min=0, min_exclusive=True)
     #: A data request older than this fails and a read falls over to the next copy.
     request_timeout: float = _opt(2.0, kind="duration", min=0, min_exclusive=True)
+    #: At start, how long the master refuses data commands (Redis ``LOADING``,
+    #: memcached ``SERVER_ERROR``, HTTP 503) and fails the load balancers'
+    #: probes while too few data nodes are up to read every key.  After it, it
+    #: serves what it can, as a running master does when nodes fail.  0: never wait.
+    startup_wait: float = _opt(10.0, kind="duration", min=0)
 
 
 @dataclass(frozen=True)

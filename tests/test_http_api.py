@@ -948,6 +948,25 @@ def test_health_is_503_when_data_nodes_are_down(web: Web) -> None:
     assert web.get("/health").status == 200
 
 
+def test_starting_master_answers_503_until_it_serves(web: Web) -> None:
+    """While the master starts (Router.loading), /health and the key API answer 503
+    (with Retry-After), even with every node up, and nothing is written."""
+    router = web.cluster.router
+    router.loading = True
+    health = web.get("/health")
+    assert health.status == 503 and health.json()["status"] == "unavailable"
+    put = web.put("/v1/p/default/k/a", b"v")
+    assert put.status == 503
+    assert put.headers["Retry-After"] == "1"
+    assert "starting" in put.json()["error"]["message"]
+    assert web.get("/v1/p/default/k/a").status == 503
+    assert all(node.store.get(b"default", b"a") is None for node in web.cluster.nodes.values())
+    router.loading = False
+    assert web.get("/health").status == 200
+    assert web.put("/v1/p/default/k/a", b"v").status == 200
+    assert web.get("/v1/p/default/k/a").json()["value"] == "v"
+
+
 def test_health_ignores_accept(web: Web) -> None:
     """/health answers JSON whatever the Accept header says (no 406)."""
     reply = web.get("/health", Accept="text/plain")

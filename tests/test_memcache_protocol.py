@@ -770,3 +770,35 @@ def test_flush_all_with_a_data_node_down_is_a_server_error_and_flushes_nothing(
     reply = conn.send(b"flush_all\r\n")
     assert reply.startswith(b"SERVER_ERROR data node data3 down: a flush must reach"), reply
     assert conn.send(b"get a\r\n") == b"VALUE a 0 1\r\n1\r\nEND\r\n"
+
+
+def test_loading_master_refuses_commands_and_swallows_data_blocks(cluster: Cluster) -> None:
+    """While the master starts (Router.loading): SERVER_ERROR for every command but
+    stats, verbosity and quit, version included (the load balancers' probe); a
+    storage command's data block is read and dropped, not taken for a command;
+    nothing reaches a data node."""
+    conn = Conn(cluster.memcache_factory())
+    cluster.router.loading = True
+    loading = b"SERVER_ERROR loading: too few data nodes are up yet to read every key\r\n"
+    assert conn.send(b"version\r\n") == loading
+    assert conn.send(b"get k\r\n") == loading
+    assert conn.send(b"set k 0 0 9\r\nget other\r\n") == loading  # one reply: the block is data
+    assert conn.send(b"set k 0 0 1 noreply\r\nv\r\n") == loading  # an error, even with noreply
+    assert conn.send(b"cas k 0 0 1 5\r\nv\r\n") == loading
+    assert conn.send(b"incr n 1\r\n") == loading
+    assert conn.send(b"delete k\r\n") == loading
+    assert conn.send(b"touch k 10\r\n") == loading
+    assert conn.send(b"flush_all\r\n") == loading
+    assert conn.send(b"verbosity 1\r\n") == b"OK\r\n"
+    assert "curr_connections" in stats_of(conn)
+    # Errors of the command line itself come first.
+    assert conn.send(b"bogus\r\n") == b"ERROR\r\n"
+    assert conn.send(b"set k 0 0 x\r\n") == b"CLIENT_ERROR bad command line format\r\n"
+    for node in cluster.nodes.values():
+        assert node.store.get(P, b"k") is None
+    cluster.router.loading = False
+    assert conn.send(b"version\r\n").startswith(b"VERSION ")
+    assert conn.send(b"set k 0 0 1\r\nv\r\n") == b"STORED\r\n"
+    assert conn.send(b"get k\r\n") == b"VALUE k 0 1\r\nv\r\nEND\r\n"
+    assert conn.send(b"quit\r\n") == b""
+    assert conn.closed

@@ -184,6 +184,19 @@ def test_redis_unauthenticated_port_answers_noauth(cluster: Cluster) -> None:
     assert stored(cluster, b"alpha", b"k") == [b"v", b"v"]
 
 
+def test_redis_noauth_comes_before_loading(cluster: Cluster) -> None:
+    """While the master starts, an unauthenticated connection still gets NOAUTH first (as
+    Redis), PING gets LOADING, and AUTH works, so a client can log in and wait."""
+    cluster.router.loading = True
+    conn = Line(redis_port(cluster, b"alpha"))
+    assert conn.send(resp("GET", "k")) == NOAUTH
+    assert conn.send(resp("PING")).startswith(b"-LOADING ")
+    assert conn.send(resp("AUTH", ALPHA_PW)) == OK
+    assert conn.send(resp("GET", "k")).startswith(b"-LOADING ")
+    cluster.router.loading = False
+    assert conn.send(resp("GET", "k")) == bulk(None)
+
+
 def test_redis_anonymous_port_keeps_the_no_password_replies(cluster: Cluster) -> None:
     """With an anonymous default partition, AUTH behaves as Redis without requirepass."""
     conn = Line(redis_port(cluster))
@@ -290,6 +303,24 @@ def test_memcached_ascii_auth_on_a_port_that_needs_it(cluster: Cluster) -> None:
     assert conn.send(b"get k auth\r\n") == b"VALUE k 0 1\r\nv\r\nEND\r\n"  # auth stored nothing
     assert stored(cluster, b"alpha", b"k") == [b"v", b"v"]
     assert stored(cluster, b"alpha", b"auth") == [None, None]
+
+
+def test_memcached_auth_works_while_the_master_starts(cluster: Cluster) -> None:
+    """While the master starts, a client can still log in; version and data commands
+    get SERVER_ERROR loading until it serves."""
+    cluster.router.loading = True
+    conn = Line(memcached_port(cluster, b"alpha"))
+    assert conn.send(b"get k\r\n") == b"CLIENT_ERROR unauthenticated\r\n"
+    assert conn.send(b"version\r\n").startswith(b"SERVER_ERROR loading")
+    assert conn.send(mc_auth("alpha", ALPHA_PW)) == b"STORED\r\n"
+    assert conn.send(b"set k 0 0 1\r\nv\r\n").startswith(b"SERVER_ERROR loading")
+    assert stored(cluster, b"alpha", b"k") == [None, None]
+    cluster.router.loading = False
+    assert conn.send(b"set k 0 0 1\r\nv\r\n") == b"STORED\r\n"
+    # On an anonymous port the first command goes through the login check too.
+    cluster.router.loading = True
+    anon = Line(memcached_port(cluster))
+    assert anon.send(b"version\r\n").startswith(b"SERVER_ERROR loading")
 
 
 def test_memcached_first_set_on_an_anonymous_port_may_authenticate(cluster: Cluster) -> None:

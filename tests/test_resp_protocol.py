@@ -1657,3 +1657,32 @@ def test_flushdb_with_a_data_node_down_is_an_error_and_flushes_nothing(
     assert reply.startswith(b"-ERR data node data2 down: a flush must reach every data node")
     assert conn.cmd("GET", "a") == bulk(b"1")
     assert conn.cmd("FLUSHALL").startswith(b"-ERR data node data2 down")
+
+
+def test_loading_master_refuses_data_commands_like_redis_loading(cluster: Cluster) -> None:
+    """While the master starts (Router.loading), PING and every data command get
+    -LOADING, as Redis while it loads; INFO says loading:1; nothing is written."""
+    conn = Conn(cluster.resp_factory())
+    cluster.router.loading = True
+    loading = b"-LOADING kvha is starting: too few data nodes are up yet to read every key\r\n"
+    assert conn.cmd("PING") == loading  # the load balancers' probe fails
+    assert conn.cmd("SET", "k", "v") == loading
+    assert conn.cmd("GET", "k") == loading
+    assert conn.cmd("INCR", "n") == loading
+    assert conn.cmd("MSET", "a", "1", "b", "2") == loading
+    # Errors of the command itself still come first, as in Redis.
+    assert conn.cmd("GET").startswith(b"-ERR wrong number of arguments")
+    assert conn.cmd("NOSUCH").startswith(b"-ERR unknown command")
+    # What Redis runs while loading runs.
+    assert b"loading:1" in conn.value("INFO")
+    assert conn.cmd("ECHO", "x") == bulk(b"x")
+    assert conn.cmd("SELECT", "0") == b"+OK\r\n"
+    assert conn.cmd("CLIENT", "SETNAME", "n") == b"+OK\r\n"
+    assert conn.cmd("CONFIG", "GET", "maxmemory").startswith(b"*")
+    for node in cluster.nodes.values():
+        assert node.store.engine.get(P, b"k") is None  # type: ignore[attr-defined]
+    cluster.router.loading = False
+    assert conn.cmd("PING") == b"+PONG\r\n"
+    assert conn.cmd("SET", "k", "v") == b"+OK\r\n"
+    assert conn.cmd("GET", "k") == bulk(b"v")
+    assert b"loading:0" in conn.value("INFO")

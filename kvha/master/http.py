@@ -289,6 +289,11 @@ class Api(Resource):
             request.setHeader("Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
             return self.metrics() if self.metrics is not None else b""
         if len(segments) >= 3 and segments[0] == b"v1" and segments[1] == b"p":
+            if self.router.loading:
+                request.setHeader("Retry-After", b"1")
+                raise HttpError(
+                    503, "kvha is starting: too few data nodes are up yet to read every key"
+                )
             partition = unquote_to_bytes(segments[2])
             if partition not in self.router.policies:
                 raise HttpError(404, f"unknown partition {partition.decode(errors='replace')!r}")
@@ -372,8 +377,7 @@ class Api(Resource):
 
     def _health(self, request: Request) -> bytes:
         links = self.router.links.values()
-        up = sum(1 for link in links if link.state == "up")
-        ok = up > 0 and up >= len(self.router.links) - self.router.copies + 1
+        ok = self.router.serving() and not self.router.loading
         request.setResponseCode(200 if ok else 503)
         request.setHeader("Content-Type", b"application/json")
         return json.dumps(

@@ -57,6 +57,10 @@ ERROR = b"ERROR\r\n"
 BAD_FORMAT = b"CLIENT_ERROR bad command line format\r\n"
 BAD_CHUNK = b"CLIENT_ERROR bad data chunk\r\n"
 TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
+#: While the master is starting (Router.loading): every command but these fails,
+#: ``version`` too, so that a load balancer's probe fails until data can be read.
+LOADING = b"SERVER_ERROR loading: too few data nodes are up yet to read every key\r\n"
+OK_LOADING = frozenset((b"stats", b"quit", b"verbosity"))
 LINE_TOO_LONG = b"CLIENT_ERROR line too long\r\n"
 BAD_DELTA = b"CLIENT_ERROR invalid numeric delta argument\r\n"
 NON_NUMERIC = b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
@@ -325,7 +329,17 @@ class MemcacheProtocol(OrderedReplies):
         if self._gate:
             self._gated(cmd, tokens, handler)
             return
+        if self._loading_refuses(cmd, handler):
+            return
         handler(self, tokens)
+
+    def _loading_refuses(self, cmd: bytes, handler: Any) -> bool:
+        """Refuse ``cmd`` while the master is starting (storage commands once their
+        data block is read, in :meth:`_take_data`)."""
+        if self.router.loading and cmd not in OK_LOADING and handler is not _STORAGE:
+            self.reply(LOADING)
+            return True
+        return False
 
     # Authentication ----------------------------------------------------------------
 
@@ -344,6 +358,8 @@ class MemcacheProtocol(OrderedReplies):
             self._auth_data = True
         elif cmd not in _BEFORE_AUTH:
             self.reply(UNAUTHENTICATED)
+            return
+        if self._loading_refuses(cmd, handler):
             return
         handler(self, tokens)
         if self._pending_data is None:
@@ -559,6 +575,9 @@ class MemcacheProtocol(OrderedReplies):
         self.stats.cmd_set += 1
         if terminator != b"\r\n":
             self.reply(BAD_CHUNK)
+            return True
+        if self.router.loading:
+            self.reply(LOADING)
             return True
         expires = absolute_expiry_ms(exptime, self.clock.seconds())
         partition = self.partition
@@ -872,6 +891,9 @@ _COMMANDS: dict[bytes, Callable[[MemcacheProtocol, list[bytes]], None]] = {
     b"quit": MemcacheProtocol._quit_command,
     b"stats": MemcacheProtocol._stats,
 }
+
+
+_STORAGE = MemcacheProtocol._storage
 
 
 class MemcacheFactory(ClientFactory):

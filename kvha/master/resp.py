@@ -71,6 +71,8 @@ E_NOAUTH_HELLO = (
     b"select the RESP protocol version at the same time\r\n"
 )
 E_OOM = b"-OOM command not allowed when used memory > 'maxmemory'.\r\n"
+#: While the master is starting (Router.loading), as Redis while it loads its dataset.
+E_LOADING = b"-LOADING kvha is starting: too few data nodes are up yet to read every key\r\n"
 #: Commands a connection may send before it has a partition.  PING is one
 #: (Redis refuses it) so that load-balancer health checks need no password.
 NO_AUTH_COMMANDS = frozenset(("auth", "hello", "quit", "ping"))
@@ -642,6 +644,9 @@ class RespProtocol(OrderedReplies):
         if not self.partition and command.name not in NO_AUTH_COMMANDS:
             self.reply(E_NOAUTH)
             return
+        if self.router.loading and command.name not in OK_LOADING:
+            self.reply(E_LOADING)
+            return
         factory.calls[command.name] = factory.calls.get(command.name, 0) + 1
         try:
             result = command.handler(self, args)
@@ -927,7 +932,7 @@ class RespProtocol(OrderedReplies):
     def c_info(self, args: list[bytes]) -> Reply:
         wanted = {a.lower() for a in args[1:]} or {b"default"}
         every = bool(wanted & {b"all", b"everything", b"default"})
-        sections = (b"server", b"clients", b"stats", b"keyspace")
+        sections = (b"server", b"clients", b"persistence", b"stats", b"keyspace")
         chosen = [s for s in sections if every or s in wanted]
 
         def render(node_stats: dict[str, dict[str, str]]) -> bytes:
@@ -955,6 +960,9 @@ class RespProtocol(OrderedReplies):
                     f"maxclients:{factory.max_connections}",
                     "",
                 ]
+            if b"persistence" in chosen:
+                # As Redis while it loads its dataset: 1 while the master starts.
+                lines += ["# Persistence", f"loading:{int(self.router.loading)}", ""]
             if b"stats" in chosen:
                 lines += [
                     "# Stats",
@@ -1654,6 +1662,12 @@ _UNIQUE_COMMANDS = [
     Command(*row, tips=_TIPS.get(row[0], ()), notes=_NOTES.get(row[0], "")) for row in _TABLE
 ]
 COMMANDS: dict[bytes, Command] = {c.name.encode(): c for c in _UNIQUE_COMMANDS}
+#: What runs while the master is starting (Router.loading): as in Redis, the
+#: commands flagged ``loading``, and CLIENT and CONFIG (whose subcommands are).
+#: PING is not one: a load balancer's probe must fail until data can be read.
+OK_LOADING = frozenset(
+    [c.name for c in _UNIQUE_COMMANDS if "loading" in c.flags] + ["client", "config"]
+)
 
 
 class RespFactory(ClientFactory):

@@ -238,6 +238,20 @@ class Router:
         self._write_cache: dict[tuple[str, ...], list[NodeLink]] = {}
         #: Flushes sent per partition: a quorum read does not repair across one.
         self._flushes: dict[bytes, int] = {}
+        #: True while the master is starting and cannot yet read every key (see
+        #: :meth:`serving`): the protocols then refuse data commands with their
+        #: "loading" error, and fail the load balancers' health probes, instead of
+        #: taking writes they could not read back.  Set and cleared by the master.
+        self.loading = False
+
+    def serving(self) -> bool:
+        """Whether every key has a readable copy: enough data nodes are up.
+
+        With ``copies`` copies of each key on distinct nodes, any
+        ``nodes - copies + 1`` nodes up hold at least one copy of every key.
+        """
+        up = sum(1 for link in self.links.values() if link.state == "up")
+        return up > 0 and up >= len(self.links) - self.copies + 1
 
     def policy(self, partition: bytes) -> PartitionPolicy:
         policy = self.policies.get(partition)

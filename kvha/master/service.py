@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from twisted.application import service, strports
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.web.resource import Resource
 
 from kvha.config import MasterConfig
@@ -64,6 +64,10 @@ class MasterNode(service.MultiService):
             reactor,
             rng,
         )
+        # Until enough data nodes are up (or health.startup_wait passes), refuse
+        # data commands: see Router.loading.
+        self.router.loading = health.startup_wait > 0
+        self._startup_timer: Any = None
         self.authenticator = Authenticator(self.router, thread_verifier(reactor))
         self.budget = ConnectionBudget(config.limits.max_connections)
         merge = config.merge
@@ -213,6 +217,33 @@ class MasterNode(service.MultiService):
     def _link_changed(self, link: NodeLink, old: str, state: str) -> None:
         if state != DOWN:
             self.push_partitions([link])
+        if self.router.loading and self.router.serving():
+            self._end_loading("enough data nodes are up to read every key")
+
+    def _end_loading(self, why: str, level: LogLevel = LogLevel.info) -> None:
+        """Start serving data commands (see Router.loading)."""
+        if self._startup_timer is not None and self._startup_timer.active():
+            self._startup_timer.cancel()
+        self._startup_timer = None
+        if not self.router.loading:
+            return
+        self.router.loading = False
+        links = self.links.values()
+        log.emit(
+            level,
+            "serving clients: {why} ({up} of {nodes} data nodes up)",
+            why=why,
+            up=sum(1 for link in links if link.state == "up"),
+            nodes=len(self.links),
+        )
+
+    def _startup_wait_over(self) -> None:
+        self._startup_timer = None
+        self._end_loading(
+            f"health.startup_wait ({self.config.health.startup_wait}s) passed; "
+            "keys without a live copy fail",
+            LogLevel.warn,
+        )
 
     def _link(self, node_id: str, address: str, read_weight: float) -> NodeLink:
         config = self.config
@@ -264,16 +295,25 @@ class MasterNode(service.MultiService):
             self.partition_entries = list(entries)
             self.router.set_partitions(self._policies_for(self.partition_entries))
         self.push_partitions()
+        if self.router.loading and self.router.serving():
+            self._end_loading("enough data nodes are up to read every key")
 
     def startService(self) -> None:
         for link in self.links.values():
             link.start()
+        if self.router.loading:
+            self._startup_timer = self.reactor.callLater(
+                self.config.health.startup_wait, self._startup_wait_over
+            )
         self.merger.start()
         if self.cluster_manager is not None:
             self.cluster_manager.start()
         super().startService()
 
     def stopService(self) -> Any:
+        if self._startup_timer is not None and self._startup_timer.active():
+            self._startup_timer.cancel()
+        self._startup_timer = None
         self.merger.stop()
         if self.cluster_manager is not None:
             self.cluster_manager.stop()

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from typing import Any, Callable, Optional
 
@@ -370,6 +371,63 @@ def test_kill_9_of_the_active_lb_moves_the_vip_in_under_a_second(nodes, record_p
     # Nothing acknowledged through either holder was lost.
     assert read_back(vip, port, load.acked) == []
     assert len(load.acked) > 500
+
+
+def test_masters_take_no_traffic_until_their_data_nodes_are_up(nodes):  # type: ignore[no-untyped-def]
+    """Cold start with the data nodes late: each master answers LOADING (Redis),
+    SERVER_ERROR loading (memcached) and 503 (HTTP), so the load balancers keep it
+    out of the pool, and no client through the VIP gets an OK it cannot read back.
+    Once the data nodes are up, the first writes through the VIP read back."""
+    from pymemcache.client.base import Client as MemcacheClient
+    from pymemcache.exceptions import MemcacheServerError
+
+    data = [nodes.data(f"data{i}") for i in (1, 2, 3)]
+    # A start-up wait longer than this test: the masters wait for the data nodes.
+    wait = {"startup_wait": "60s"}
+    masters = [nodes.full_master(f"master{j}", data, health=wait) for j in (1, 2)]
+    lb1, lb2 = nodes.lb_pair(masters)
+    for node in [*masters, lb1, lb2]:
+        node.start(wait=False)
+    for node in [*masters, lb1, lb2]:
+        node._wait_listening(20)
+    wait_until(lambda: (status_or_none(lb1) or {}).get("holds_vip"), 10, "lb1 to hold the VIP")
+    m1 = masters[0]
+    direct = redis.Redis("127.0.0.1", m1.ports["redis"], socket_timeout=2)  # type: ignore[attr-defined]
+    with pytest.raises(redis.exceptions.BusyLoadingError):
+        direct.ping()
+    with pytest.raises(redis.exceptions.BusyLoadingError):
+        direct.set("k", "v")
+    assert direct.info("persistence")["loading"] == 1
+    mc = MemcacheClient(("127.0.0.1", m1.ports["memcached"]), timeout=2)  # type: ignore[attr-defined]
+    with pytest.raises(MemcacheServerError, match="loading"):
+        mc.set("k", b"v", noreply=False)
+    with pytest.raises(MemcacheServerError, match="loading"):
+        mc.version()  # the load balancers' memcached probe
+    mc.close()
+    health = f"http://127.0.0.1:{m1.ports['http']}/health"  # type: ignore[attr-defined]
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(health, timeout=2)
+    assert info.value.code == 503
+    # Several health-check rounds (interval 0.1 s here): every master stays out of the pool.
+    time.sleep(1.0)
+    for lb in (lb1, lb2):
+        status = lb_status(lb)
+        assert all(not any(m["up"].values()) for m in status["masters"]), status
+    # Through the VIP nothing is accepted: no backend, so no OK for a write.
+    vip, port = lb1.vip, lb1.vip_ports["redis"]  # type: ignore[attr-defined]
+    with pytest.raises(redis.exceptions.RedisError):
+        redis.Redis(vip, port, socket_timeout=2).set("k", "v")
+    # The data nodes come up: the masters serve, the pool fills, writes read back at once.
+    for node in data:
+        node.start(wait=False)
+    wait_until(lambda: all_masters_up(status_or_none(lb1), 2), 15, "lb1 to see both masters up")
+    client = redis.Redis(vip, port, socket_timeout=2)
+    for i in range(50):
+        assert client.set(f"cold{i}", f"v{i}")
+        assert client.get(f"cold{i}") == f"v{i}".encode()
+    assert direct.ping()
+    assert direct.info("persistence")["loading"] == 0
+    assert "serving clients: enough data nodes are up" in m1.log()
 
 
 # b. kill -9 of a master ---------------------------------------------------------------------------
