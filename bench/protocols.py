@@ -25,6 +25,7 @@ import io
 import os
 import random
 import subprocess
+import sys
 import time
 from typing import Any, Optional
 
@@ -36,6 +37,8 @@ from kvha.procs import NodeProcess, free_port, wait_for_port
 SECRET = "bench-cluster-secret-0123456789"
 TOKEN = "bench-admin-token-0123456789"
 REDIS_TESTS = ("set", "get", "incr", "mset")
+#: The label of bench/floor.py's relay in the results.
+FLOOR = "floor: Python relay, no work"
 #: Masters in the local cluster of ``kvha up`` (the VIP target runs that cluster).
 _DEFAULT_MASTERS = next(f.default for f in dataclasses.fields(LocalConfig) if f.name == "masters")
 
@@ -375,6 +378,24 @@ def run(
         if os.geteuid() == 0:
             argv += ["-u", "root"]
         servers.append(Server(argv, memcached_port))
+        # The floor under any Python master (bench/floor.py): a relay process
+        # and a backend process that do nothing but pass requests through.
+        floor_port: Optional[int] = None
+        if not quick:
+            floor = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor.py")
+            backend_port = free_port()
+            servers.append(
+                Server([sys.executable, floor, "backend", str(backend_port)], backend_port)
+            )
+            floor_port = free_port()
+            servers.append(
+                Server(
+                    [sys.executable, floor, "relay", str(floor_port), str(backend_port)],
+                    floor_port,
+                )
+            )
+            for p in (1, 16):  # warm-up (PyPy's JIT)
+                redis_benchmark("127.0.0.1", floor_port, requests // 2, p)
         # One master directly; then the local cluster of ``kvha up`` (two
         # masters behind the load-balancer pair) through the VIP.  Each is
         # started before the next picks its ports.
@@ -410,6 +431,11 @@ def run(
             memcslap_runs.setdefault("memcached", []).append(
                 memcslap_suite("127.0.0.1", memcached_port, memcslap_execute * 5)
             )
+            if floor_port is not None:
+                for p in (1, 16):
+                    redis_runs.setdefault(f"{FLOOR} P{p}", []).append(
+                        redis_suite("127.0.0.1", floor_port, requests * (4 if p == 16 else 1), p)
+                    )
             for label, cluster in clusters:
                 probe = cluster.probe()
                 host, port = cluster.redis
@@ -450,7 +476,11 @@ def render(results: dict[str, Any]) -> list[str]:
         "The VIP targets run the cluster of `kvha up`: two load balancers, two masters, three"
         " data nodes.  `VIP replicas 1` forwards through the load balancer's process"
         " (`forward: proxy`, the default); `VIP replicas 1, kernel` has the load balancers"
-        " write nftables DNAT instead (`forward: kernel`)."
+        " write nftables DNAT instead (`forward: kernel`).  `"
+        + FLOOR
+        + "` is bench/floor.py: a Python process on kvha's reactor that passes each"
+        " request to a second one and the `+OK` back, parsing nothing: one hop through"
+        " Python and back, the floor under any master before it does any work."
         + (
             f"  Kernel forwarding was {results['kernel_forwarding']}."
             if results.get("kernel_forwarding")

@@ -88,3 +88,42 @@ def test_interleaved_rounds_combine_into_the_median_run_of_each_test() -> None:
     assert (mc["set"], mc["set_runs"], mc["set_cpu"]) == (5.0, [5.0, 4.0, 6.0], {"idle": 5})
     assert (mc["get"], mc["get_runs"]) == (2.0, [1.0, 3.0, 2.0])
     assert "get_cpu" not in mc
+
+
+def test_floor_relay_answers_each_client_as_many_replies_as_it_sent_commands() -> None:
+    """bench/floor.py: requests go out in order, once per turn; replies split by count,
+    whatever the reads' boundaries."""
+    from twisted.internet.testing import StringTransport as Plain
+
+    from bench.floor import Backend, Client, Link
+
+    class StringTransport(Plain):
+        def setTcpNoDelay(self, enabled: bool) -> None:
+            self.nodelay = enabled
+
+    turn_end: list = []
+    link = Link(turn_end.append)
+    link.makeConnection(StringTransport())
+    clients = []
+    for _ in range(2):
+        c = Client()
+        c.link = link
+        c.makeConnection(StringTransport())
+        clients.append(c)
+    a, b = clients
+    set_cmd = b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$3\r\nxxx\r\n"
+    a.dataReceived(set_cmd * 3)
+    b.dataReceived(set_cmd)
+    assert len(turn_end) == 1  # one flush per turn
+    turn_end.pop()()
+    assert link.transport.value() == set_cmd * 4
+    backend = Backend()
+    backend.makeConnection(StringTransport())
+    backend.dataReceived(link.transport.value())
+    replies = backend.transport.value()
+    assert replies == b"+OK\r\n" * 4
+    link.dataReceived(replies[:7])  # one reply and a piece of the next
+    link.dataReceived(replies[7:])
+    assert a.transport.value() == b"+OK\r\n" * 3
+    assert b.transport.value() == b"+OK\r\n"
+    assert not link.waiting
