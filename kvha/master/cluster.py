@@ -20,6 +20,17 @@ writes go to the copies under both rings and reads use the current ring.
 The master that made the change streams every range a node gains from its
 current copies (newest wins, tombstones included), then cuts over: the new
 ring becomes current and every node drops the ranges it no longer holds.
+
+Take-over: a change is driven by one master, named in the map.  If this
+master dies for good the change would stay pending, with every write going to
+both rings.  So each master notes when it last heard each peer (every poll's
+answer names the master that sent it, in a ``Kvha-Master`` header); when the
+driver has not been heard for ``takeover_after`` (``merge.lease``), the
+smallest id among the masters heard within that time proposes itself as the
+driver and drives the change from the start.  Streaming is idempotent (newest
+wins), and a driver that was only cut off and comes back loses the race for
+the cut-over by the usual epoch rule, so two drivers at once cost time, not
+data.
 """
 
 from __future__ import annotations
@@ -130,6 +141,7 @@ class ClusterManager:
         token: str,
         poll_interval: float = 0.25,
         grace: float = 1.0,
+        takeover_after: float = 5.0,
     ) -> None:
         self.master = master
         self.reactor = master.reactor
@@ -139,6 +151,7 @@ class ClusterManager:
         self.token = token
         self.poll_interval = poll_interval
         self.grace = grace
+        self.takeover_after = takeover_after
         self.map = initial
         if self.state_path and os.path.exists(self.state_path):
             with open(self.state_path) as f:
@@ -152,6 +165,12 @@ class ClusterManager:
             )
         self.agent = Agent(self.reactor, connectTimeout=2)
         self.peer_epochs: dict[str, Optional[int]] = {p: None for p in self.peers}
+        #: When this master last heard each peer master, by id (from a poll's answer).
+        self.heard: dict[str, float] = {}
+        #: The pending change (epoch, driver) seen, and since when: a take-over waits
+        #: ``takeover_after`` from then, so a master that just started does not take over.
+        self._pending_seen: tuple[Any, float] = (None, 0.0)
+        self._taking_over = False
         self.driving: Optional[Deferred] = None
         self.progress: dict[str, Any] = {}
         self._loop: Optional[task.LoopingCall] = None
@@ -208,9 +227,10 @@ class ClusterManager:
         )
 
     def _poll(self) -> None:
+        self._maybe_take_over()
         for peer in self.peers:
             d = self.agent.request(b"GET", (peer + "/v1/admin/cluster").encode(), self._headers())
-            d.addCallback(readBody)
+            d.addCallback(self._answered)
 
             def got(body: bytes, peer: str = peer) -> None:
                 doc = json.loads(body)
@@ -221,6 +241,59 @@ class ClusterManager:
                 self.peer_epochs[peer] = None
 
             d.addCallbacks(got, failed)
+
+    def _answered(self, response: Any) -> Deferred:
+        """A peer answered a poll: note which master it is, then read the map."""
+        if response.code == 200:
+            for name in response.headers.getRawHeaders(b"kvha-master", []):
+                self.heard[name.decode("utf-8", "replace")] = self.reactor.seconds()
+        return readBody(response)  # type: ignore[no-any-return]
+
+    def _maybe_take_over(self) -> None:
+        """Drive the pending change if its driver has been silent for ``takeover_after``."""
+        pending = self.map.get("pending")
+        if not pending or pending.get("driver") == self.id:
+            return
+        now = self.reactor.seconds()
+        key = (self.map["epoch"], pending.get("driver"))
+        if self._pending_seen[0] != key:
+            self._pending_seen = (key, now)
+        if self._taking_over or self.driving is not None:
+            return
+        driver = pending.get("driver", "")
+        last = max(self.heard.get(driver, 0.0), self._pending_seen[1])
+        if now - last < self.takeover_after:
+            return
+        live = [i for i, t in self.heard.items() if now - t < self.takeover_after]
+        if min([self.id, *live]) != self.id:
+            return  # a smaller live master takes over
+        log.warn(
+            "the {kind} of {node} is driven by {driver}, not heard for {silent:.1f}s: "
+            "this master takes it over",
+            kind=pending["kind"],
+            node=pending["node"],
+            driver=driver,
+            silent=now - last,
+        )
+        epoch = self.map["epoch"]
+
+        def claim(m: dict[str, Any]) -> dict[str, Any]:
+            m["pending"]["driver"] = self.id
+            return m
+
+        def over(result: Any) -> Any:
+            self._taking_over = False
+            return result
+
+        def lost(failure: Any) -> None:
+            log.info(
+                "take-over of the change at epoch {epoch} not applied: {why}",
+                epoch=epoch,
+                why=failure.getErrorMessage(),
+            )
+
+        self._taking_over = True
+        self.propose(claim).addBoth(over).addErrback(lost)
 
     def propose(self, change: Callable[[dict[str, Any]], dict[str, Any]]) -> Deferred:
         """Apply ``change`` to a copy of the map at the next epoch and spread it.
@@ -315,6 +388,16 @@ class ClusterManager:
         self.driving.addErrback(self._drive_failed)
         self.driving.addBoth(self._drive_over)
 
+    def _drives(self, pending: dict[str, Any]) -> bool:
+        """Whether ``pending`` is still the map's pending change, driven by this master."""
+        cur = self.map.get("pending")
+        return (
+            cur is not None
+            and cur.get("driver") == self.id
+            and cur["kind"] == pending["kind"]
+            and cur["node"] == pending["node"]
+        )
+
     def _drive_over(self, result: Any) -> Any:
         self.driving = None
         return result
@@ -330,6 +413,8 @@ class ClusterManager:
         before, after = ring_of(m), ring_of(m, after=True)
         # Every master must be writing to both rings before anything is copied.
         yield task.deferLater(self.reactor, self.grace, lambda: None)
+        if not self._drives(pending):
+            return  # meanwhile done, or taken over by another master
         gains = gained_ranges(before, after, copies)
         links = self.master.links
         self.progress = {
@@ -380,7 +465,17 @@ class ClusterManager:
             bytes=self.progress["bytes"],
         )
 
+        if not self._drives(pending):
+            log.info(
+                "{kind} of {node}: another master drives it now; leaving the cut-over to it",
+                kind=pending["kind"],
+                node=pending["node"],
+            )
+            return
+
         def cut_over(cur: dict[str, Any]) -> dict[str, Any]:
+            if not self._drives(pending):
+                raise Conflict("the change is no longer driven by this master")
             cur["nodes"] = cur["pending"]["nodes_after"]
             cur["tokens"] = cur["pending"]["tokens_after"]
             cur["pending"] = None
@@ -532,6 +627,8 @@ class AdminResource(Resource):
         ):
             request.setResponseCode(401)
             return b'{"error": {"code": 401, "message": "a valid bearer token is required"}}\n'
+        # Peers learn from this which master answered (ClusterManager.heard).
+        request.setHeader("Kvha-Master", self.manager.id.encode())
         parts = [p for p in request.path.split(b"?")[0].split(b"/") if p][2:]
         method = request.method
         manager = self.manager

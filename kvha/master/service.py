@@ -106,6 +106,7 @@ class MasterNode(service.MultiService):
                 config.admin_token,
                 poll_interval=health.ping_interval,
                 grace=merge.grace,
+                takeover_after=merge.lease,
             )
         self.memcache_stats = MemcacheStats(reactor)
         self.resp_factory: Optional[RespFactory] = None

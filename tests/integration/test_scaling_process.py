@@ -108,24 +108,24 @@ def _moved(before: dict[str, Any], after: dict[str, Any], keys: list[str]) -> fl
     return moved / len(keys)
 
 
-def test_nodes_join_and_leave_under_load_and_conflicting_changes_resolve(nodes, tmp_path):  # type: ignore[no-untyped-def]
-    """Add then remove data nodes under load: no client error, every read right, ~1/N moved."""
+def _two_masters(nodes: Any, tmp_path: Any, merge: dict[str, Any]) -> tuple[list[int], list[Any]]:
+    """Three data nodes and two masters sharing the map, each the other's peer; once the
+    first master sees every data node up.  Returns the masters' HTTP ports and the masters."""
     http = [free_port(), free_port()]
     data = [nodes.data(f"data{i + 1}") for i in range(3)]
-    masters = []
-    for j in (0, 1):
-        masters.append(
-            nodes.master(
-                f"master{j + 1}",
-                data,
-                replicas=1,
-                http={"listen": f"tcp:{http[j]}:interface=127.0.0.1"},
-                admin_token=TOKEN,
-                state_dir=str(tmp_path / f"master{j + 1}"),
-                peers=[f"http://127.0.0.1:{http[1 - j]}"],
-                merge={"grace": "500ms"},
-            )
+    masters = [
+        nodes.master(
+            f"master{j + 1}",
+            data,
+            replicas=1,
+            http={"listen": f"tcp:{http[j]}:interface=127.0.0.1"},
+            admin_token=TOKEN,
+            state_dir=str(tmp_path / f"master{j + 1}"),
+            peers=[f"http://127.0.0.1:{http[1 - j]}"],
+            merge=merge,
         )
+        for j in (0, 1)
+    ]
     for node in [*data, *masters]:
         node.start(wait=False)
     for node in [*data, *masters]:
@@ -134,13 +134,43 @@ def test_nodes_join_and_leave_under_load_and_conflicting_changes_resolve(nodes, 
     while memcache_stats(masters[0].port).get("data_nodes_up") != "3":
         assert time.monotonic() < deadline, "data nodes never came up"
         time.sleep(0.1)
+    return http, masters
 
-    loader = Client(("127.0.0.1", masters[0].port), timeout=5, default_noreply=False)
-    acked = {f"key-{i:05d}": f"v-{i}" for i in range(KEYS)}
+
+def _loaded(port: int, n: int) -> dict[str, str]:
+    """``n`` keys written through the master on ``port``: key -> value."""
+    loader = Client(("127.0.0.1", port), timeout=5, default_noreply=False)
+    acked = {f"key-{i:05d}": f"v-{i}" for i in range(n)}
     items = list(acked.items())
-    for start in range(0, KEYS, 500):
+    for start in range(0, n, 500):
         assert not loader.set_many(dict(items[start : start + 500]))
     loader.close()
+    return acked
+
+
+def _add_node(http_port: int, node: Any) -> None:
+    """``kvha node add`` of the (started) data node ``node`` at the master on ``http_port``."""
+    body = {"id": node.node_id, "address": f"tcp:127.0.0.1:{node.port}"}
+    code, answer = _admin(http_port, "POST", "/v1/admin/nodes", body)
+    assert code == 200, answer
+
+
+def _reads_back(port: int, acked: dict[str, str]) -> None:
+    """Every key of ``acked`` reads back its value through the master on ``port``."""
+    client = Client(("127.0.0.1", port), timeout=5, default_noreply=False)
+    ks = list(acked)
+    for start in range(0, len(ks), 500):
+        chunk = ks[start : start + 500]
+        got = client.get_many(chunk)
+        wrong = [k for k in chunk if got.get(k, b"").decode() != acked[k]]
+        assert not wrong, wrong[:5]
+    client.close()
+
+
+def test_nodes_join_and_leave_under_load_and_conflicting_changes_resolve(nodes, tmp_path):  # type: ignore[no-untyped-def]
+    """Add then remove data nodes under load: no client error, every read right, ~1/N moved."""
+    http, masters = _two_masters(nodes, tmp_path, {"grace": "500ms"})
+    acked = _loaded(masters[0].port, KEYS)
     keys = list(acked)
     start_map = _admin(http[0], "GET", "/v1/admin/cluster")[1]
 
@@ -149,13 +179,7 @@ def test_nodes_join_and_leave_under_load_and_conflicting_changes_resolve(nodes, 
     data4.start()
     with Load(masters[0].port, acked) as load:
         time.sleep(0.5)
-        code, answer = _admin(
-            http[1],
-            "POST",
-            "/v1/admin/nodes",
-            {"id": "data4", "address": f"tcp:127.0.0.1:{data4.port}"},
-        )
-        assert code == 200, answer
+        _add_node(http[1], data4)
         joined = _settled(http, start_map["epoch"] + 2)
         time.sleep(0.5)
     assert not load.errors, load.errors[:10]
@@ -198,17 +222,57 @@ def test_nodes_join_and_leave_under_load_and_conflicting_changes_resolve(nodes, 
 
     # Everything acknowledged is readable, through both masters.
     for port in (masters[0].port, masters[1].port):
-        client = Client(("127.0.0.1", port), timeout=5, default_noreply=False)
-        ks = list(acked)
-        for start in range(0, len(ks), 500):
-            chunk = ks[start : start + 500]
-            got = client.get_many(chunk)
-            wrong = [k for k in chunk if got.get(k, b"").decode() != acked[k]]
-            assert not wrong, wrong[:5]
-        client.close()
+        _reads_back(port, acked)
     # The map survives a master restart.
     masters[1].stop()
     masters[1].start()
     status = _admin(http[1], "GET", "/v1/admin/cluster")[1]
     assert status["epoch"] == left["epoch"]
     assert os.path.exists(tmp_path / "master2" / "cluster.json")
+
+
+def test_a_join_whose_driver_is_killed_is_finished_by_the_other_master(nodes, tmp_path):  # type: ignore[no-untyped-def]
+    """kill -9 of the master driving a join, mid-stream and under load: the other master
+    takes the change over once the driver is silent for merge.lease, streams and cuts
+    over; no client of the surviving master sees an error and every write reads back.
+    The killed master, restarted from its saved map (still naming it the driver),
+    stands down and follows."""
+    # A slow stream (a few seconds), so that the kill lands in it.
+    merge = {"grace": "300ms", "lease": "2s", "max_bytes_per_second": "24KiB"}
+    http, masters = _two_masters(nodes, tmp_path, merge)
+    acked = _loaded(masters[0].port, 3_000)
+    start_map = _admin(http[0], "GET", "/v1/admin/cluster")[1]
+
+    data4 = nodes.data("data4")
+    data4.start()
+    with Load(masters[0].port, acked) as load:
+        time.sleep(0.3)
+        _add_node(http[1], data4)
+        deadline = time.monotonic() + 20
+        while _admin(http[1], "GET", "/v1/admin/status")[1]["progress"].get("keys", 0) < 50:
+            assert time.monotonic() < deadline, "the join never started streaming"
+            time.sleep(0.05)
+        masters[1].kill()  # SIGKILL mid-stream
+        killed_at = time.monotonic()
+        # Proposed (+1), taken over (+2), cut over (+3).
+        joined = _settled([http[0]], start_map["epoch"] + 3, timeout=60)
+        took = time.monotonic() - killed_at
+        time.sleep(0.3)
+    print(f"join finished by master1 {took:.1f}s after its driver was killed ({load.ops} ops)")
+    assert not load.errors, load.errors[:10]
+    assert load.ops > 200
+    assert [n["id"] for n in joined["nodes"]] == ["data1", "data2", "data3", "data4"]
+    assert joined["proposer"] == "master1"
+    assert "this master takes it over" in masters[0].log()
+    deadline = time.monotonic() + 10  # after the cut-over every node drops what it gave away
+    while not _admin(http[0], "GET", "/v1/admin/status")[1]["progress"].get("done"):
+        assert time.monotonic() < deadline, "master1 never finished the join"
+        time.sleep(0.05)
+    # Every acknowledged write reads back, now that data4 holds its share.
+    _reads_back(masters[0].port, acked)
+    assert "data4" in {n["id"] for n in joined["nodes"]}
+    # The killed driver comes back with its saved map (pending, driven by itself): it
+    # stands down and follows the settled map.
+    masters[1].start()
+    settled = _settled(http, joined["epoch"], timeout=30)
+    assert settled["epoch"] == joined["epoch"] and not settled.get("pending")

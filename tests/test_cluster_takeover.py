@@ -1,0 +1,131 @@
+"""A pending join or leave whose driving master went silent is taken over (ClusterManager).
+
+Real ClusterManager objects over a stand-in master, on a MemoryReactorClock:
+no sockets.  The peers' answers are simulated by what ``heard`` records.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+from typing import Any
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.web.test.requesthelper import DummyRequest
+
+from kvha.config import MergeConfig
+from kvha.master.cluster import AdminResource, ClusterManager, initial_map
+
+TOKEN = "takeover-token-0123456789"
+NODES = [{"id": f"d{i}", "address": f"tcp:127.0.0.1:{7100 + i}"} for i in range(3)]
+
+
+def manager(master_id: str, reactor: MemoryReactorClock, m: Any = None) -> ClusterManager:
+    master = SimpleNamespace(
+        reactor=reactor,
+        config=SimpleNamespace(id=master_id, merge=MergeConfig()),
+        adopt_map=lambda m: None,
+        links={},
+    )
+    initial = m if m is not None else initial_map(NODES, 1, 16, [])
+    return ClusterManager(master, copy.deepcopy(initial), None, [], TOKEN, takeover_after=5.0)
+
+
+def join_driven_by_m1(reactor: MemoryReactorClock) -> dict[str, Any]:
+    m1 = manager("m1", reactor)
+    m1.add_node({"id": "d9", "address": "tcp:127.0.0.1:7199"})
+    assert m1.map["pending"]["driver"] == "m1"
+    return m1.map
+
+
+def test_a_silent_driver_is_taken_over_after_takeover_after() -> None:
+    reactor = MemoryReactorClock()
+    m2 = manager("m2", reactor, join_driven_by_m1(reactor))
+    epoch = m2.map["epoch"]
+    m2.heard["m1"] = reactor.seconds()
+    m2._poll()
+    reactor.advance(4.9)
+    m2._poll()
+    assert m2.map["pending"]["driver"] == "m1"  # heard 4.9 s ago: not yet
+    reactor.advance(0.2)
+    m2._poll()
+    assert m2.map["pending"]["driver"] == "m2"
+    assert m2.map["epoch"] == epoch + 1 and m2.map["proposer"] == "m2"
+    assert m2.driving is not None  # and it drives the change itself
+    # The change itself is the one m1 proposed.
+    assert m2.map["pending"]["kind"] == "join" and m2.map["pending"]["node"] == "d9"
+
+
+def test_a_driver_that_is_heard_keeps_its_change() -> None:
+    reactor = MemoryReactorClock()
+    m2 = manager("m2", reactor, join_driven_by_m1(reactor))
+    for _ in range(40):
+        m2.heard["m1"] = reactor.seconds()
+        reactor.advance(0.5)
+        m2._poll()
+    assert m2.map["pending"]["driver"] == "m1"
+    assert m2.driving is None
+
+
+def test_a_master_that_just_started_waits_before_taking_over() -> None:
+    """Never having heard the driver is not enough: the wait counts from when this
+    master first saw the pending change."""
+    reactor = MemoryReactorClock()
+    m2 = manager("m2", reactor, join_driven_by_m1(reactor))
+    reactor.advance(100)
+    m2._poll()
+    assert m2.map["pending"]["driver"] == "m1"
+    reactor.advance(5.1)
+    m2._poll()
+    assert m2.map["pending"]["driver"] == "m2"
+
+
+def test_only_the_smallest_live_master_takes_over() -> None:
+    reactor = MemoryReactorClock()
+    m = join_driven_by_m1(reactor)
+    m2, m3 = manager("m2", reactor, m), manager("m3", reactor, m)
+    for mgr in (m2, m3):
+        mgr._poll()
+    for _ in range(12):
+        reactor.advance(0.5)
+        m3.heard["m2"] = reactor.seconds()  # m3 hears m2; nobody hears m1
+        m2.heard["m3"] = reactor.seconds()
+        m2._poll()
+        m3._poll()
+    assert m3.map["pending"]["driver"] == "m1"  # m3 leaves it to m2
+    assert m2.map["pending"]["driver"] == "m2"
+
+
+def test_admin_answers_name_the_master_only_to_authorized_callers() -> None:
+    reactor = MemoryReactorClock()
+    resource = AdminResource(manager("m2", reactor))
+    request = DummyRequest([b"v1", b"admin", b"cluster"])
+    request.path = b"/v1/admin/cluster"
+    request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer " + TOKEN.encode()])
+    body = resource.render(request)
+    assert json.loads(body)["epoch"] == 0
+    assert request.responseHeaders.getRawHeaders(b"kvha-master") == [b"m2"]
+    anonymous = DummyRequest([b"v1", b"admin", b"cluster"])
+    anonymous.path = b"/v1/admin/cluster"
+    resource.render(anonymous)
+    assert anonymous.responseCode == 401
+    assert anonymous.responseHeaders.getRawHeaders(b"kvha-master") is None
+
+
+def test_a_driver_that_was_taken_over_stands_down() -> None:
+    """The old driver (cut off, or restarted from its saved map) copies nothing and
+    proposes no cut-over once the map names another driver."""
+    reactor = MemoryReactorClock()
+    m1 = manager("m1", reactor)
+    m1.add_node({"id": "d9", "address": "tcp:127.0.0.1:7199"})
+    assert m1.driving is not None
+    taken = copy.deepcopy(m1.map)
+    taken["pending"]["driver"] = "m2"
+    taken["epoch"] += 1
+    taken["proposer"] = "m2"
+    assert m1.adopt(taken, "pushed by a peer")
+    reactor.advance(1.5)  # the grace before streaming passes
+    assert m1.driving is None
+    assert m1.map == taken
+    assert m1.progress == {}  # nothing was streamed
