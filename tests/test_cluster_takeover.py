@@ -40,21 +40,22 @@ def join_driven_by_m1(reactor: MemoryReactorClock) -> dict[str, Any]:
 
 
 def test_a_silent_driver_is_taken_over_after_takeover_after() -> None:
+    """Not heard for takeover_after: this master drives the change too, leaving the
+    map as it is (a claim in a new epoch could tie with the old driver's cut-over)."""
     reactor = MemoryReactorClock()
-    m2 = manager("m2", reactor, join_driven_by_m1(reactor))
-    epoch = m2.map["epoch"]
+    m = join_driven_by_m1(reactor)
+    m2 = manager("m2", reactor, m)
     m2.heard["m1"] = reactor.seconds()
     m2._poll()
     reactor.advance(4.9)
     m2._poll()
-    assert m2.map["pending"]["driver"] == "m1"  # heard 4.9 s ago: not yet
+    assert m2.driving is None  # heard 4.9 s ago: not yet
     reactor.advance(0.2)
     m2._poll()
-    assert m2.map["pending"]["driver"] == "m2"
-    assert m2.map["epoch"] == epoch + 1 and m2.map["proposer"] == "m2"
-    assert m2.driving is not None  # and it drives the change itself
-    # The change itself is the one m1 proposed.
-    assert m2.map["pending"]["kind"] == "join" and m2.map["pending"]["node"] == "d9"
+    assert m2.driving is not None
+    assert m2.taken_over == ("join", "d9")
+    assert m2.map == m  # no claim: same epoch, same driver in the map
+    assert m2.status()["pending"]["taken_over_here"] is True
 
 
 def test_a_driver_that_is_heard_keeps_its_change() -> None:
@@ -64,8 +65,8 @@ def test_a_driver_that_is_heard_keeps_its_change() -> None:
         m2.heard["m1"] = reactor.seconds()
         reactor.advance(0.5)
         m2._poll()
-    assert m2.map["pending"]["driver"] == "m1"
-    assert m2.driving is None
+    assert m2.driving is None and m2.taken_over is None
+    assert m2.status()["pending"]["taken_over_here"] is False
 
 
 def test_a_master_that_just_started_waits_before_taking_over() -> None:
@@ -75,10 +76,25 @@ def test_a_master_that_just_started_waits_before_taking_over() -> None:
     m2 = manager("m2", reactor, join_driven_by_m1(reactor))
     reactor.advance(100)
     m2._poll()
-    assert m2.map["pending"]["driver"] == "m1"
+    assert m2.driving is None
     reactor.advance(5.1)
     m2._poll()
-    assert m2.map["pending"]["driver"] == "m2"
+    assert m2.driving is not None
+
+
+def test_other_map_changes_do_not_restart_the_wait() -> None:
+    """The wait is for the change and its driver, not for an epoch."""
+    reactor = MemoryReactorClock()
+    m = join_driven_by_m1(reactor)
+    m2 = manager("m2", reactor, m)
+    m2._poll()
+    for _ in range(3):
+        reactor.advance(2.0)
+        newer = copy.deepcopy(m2.map)
+        newer["epoch"] += 1  # e.g. a partition created meanwhile, the join still pending
+        assert m2.adopt(newer, "pushed by a peer")
+        m2._poll()
+    assert m2.driving is not None
 
 
 def test_only_the_smallest_live_master_takes_over() -> None:
@@ -93,8 +109,8 @@ def test_only_the_smallest_live_master_takes_over() -> None:
         m2.heard["m3"] = reactor.seconds()
         m2._poll()
         m3._poll()
-    assert m3.map["pending"]["driver"] == "m1"  # m3 leaves it to m2
-    assert m2.map["pending"]["driver"] == "m2"
+    assert m3.driving is None  # m3 leaves it to m2
+    assert m2.driving is not None
 
 
 def test_admin_answers_name_the_master_only_to_authorized_callers() -> None:
@@ -113,19 +129,38 @@ def test_admin_answers_name_the_master_only_to_authorized_callers() -> None:
     assert anonymous.responseHeaders.getRawHeaders(b"kvha-master") is None
 
 
-def test_a_driver_that_was_taken_over_stands_down() -> None:
-    """The old driver (cut off, or restarted from its saved map) copies nothing and
-    proposes no cut-over once the map names another driver."""
+def test_a_driver_whose_change_was_cut_over_elsewhere_stands_down() -> None:
+    """The old driver (slow, or restarted from its saved map) copies nothing and
+    proposes nothing once the map shows the change done by the master that took it
+    over."""
     reactor = MemoryReactorClock()
     m1 = manager("m1", reactor)
     m1.add_node({"id": "d9", "address": "tcp:127.0.0.1:7199"})
     assert m1.driving is not None
-    taken = copy.deepcopy(m1.map)
-    taken["pending"]["driver"] = "m2"
-    taken["epoch"] += 1
-    taken["proposer"] = "m2"
-    assert m1.adopt(taken, "pushed by a peer")
+    done = copy.deepcopy(m1.map)
+    done["nodes"] = done["pending"]["nodes_after"]
+    done["tokens"] = done["pending"]["tokens_after"]
+    done["pending"] = None
+    done["epoch"] += 1
+    done["proposer"] = "m2"
+    assert m1.adopt(done, "pushed by a peer")
     reactor.advance(1.5)  # the grace before streaming passes
     assert m1.driving is None
-    assert m1.map == taken
+    assert m1.map == done
     assert m1.progress == {}  # nothing was streamed
+
+
+def test_a_taken_over_change_is_dropped_when_it_is_done() -> None:
+    reactor = MemoryReactorClock()
+    m = join_driven_by_m1(reactor)
+    m2 = manager("m2", reactor, m)
+    m2._poll()
+    reactor.advance(5.1)
+    m2._poll()
+    assert m2.taken_over == ("join", "d9")
+    done = copy.deepcopy(m)
+    done["pending"] = None
+    done["epoch"] += 1
+    m2.adopt(done, "pushed by a peer")
+    m2._poll()
+    assert m2.taken_over is None

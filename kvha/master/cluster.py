@@ -26,11 +26,11 @@ master dies for good the change would stay pending, with every write going to
 both rings.  So each master notes when it last heard each peer (every poll's
 answer names the master that sent it, in a ``Kvha-Master`` header); when the
 driver has not been heard for ``takeover_after`` (``merge.lease``), the
-smallest id among the masters heard within that time proposes itself as the
-driver and drives the change from the start.  Streaming is idempotent (newest
-wins), and a driver that was only cut off and comes back loses the race for
-the cut-over by the usual epoch rule, so two drivers at once cost time, not
-data.
+smallest id among the masters heard within that time drives the change too,
+from the start, without changing the map.  A driver that was only slow may
+finish as well: both stream the same ranges (newest wins) and propose the
+same cut-over, so whichever lands first gives the same ring, and the other
+finds the change done.  Two drivers cost time, not data.
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ class ClusterManager:
         #: The pending change (epoch, driver) seen, and since when: a take-over waits
         #: ``takeover_after`` from then, so a master that just started does not take over.
         self._pending_seen: tuple[Any, float] = (None, 0.0)
-        self._taking_over = False
+        #: (kind, node) of the pending change this master drives for a silent driver.
+        self.taken_over: Optional[tuple[str, str]] = None
         self.driving: Optional[Deferred] = None
         self.progress: dict[str, Any] = {}
         self._loop: Optional[task.LoopingCall] = None
@@ -250,15 +251,24 @@ class ClusterManager:
         return readBody(response)  # type: ignore[no-any-return]
 
     def _maybe_take_over(self) -> None:
-        """Drive the pending change if its driver has been silent for ``takeover_after``."""
+        """Drive the pending change too if its driver has been silent for ``takeover_after``.
+
+        The map is not changed: a claim proposed in a new epoch could tie with a
+        cut-over by a driver that was only slow, and undo it.  Both drivers
+        stream the same ranges (newest wins) and propose the same cut-over, so
+        whichever lands is the same ring.
+        """
         pending = self.map.get("pending")
         if not pending or pending.get("driver") == self.id:
+            self.taken_over = None
             return
         now = self.reactor.seconds()
-        key = (self.map["epoch"], pending.get("driver"))
+        change = (pending["kind"], pending["node"])
+        key = (pending.get("driver"), *change)
         if self._pending_seen[0] != key:
             self._pending_seen = (key, now)
-        if self._taking_over or self.driving is not None:
+            self.taken_over = None
+        if self.driving is not None:
             return
         driver = pending.get("driver", "")
         last = max(self.heard.get(driver, 0.0), self._pending_seen[1])
@@ -267,33 +277,17 @@ class ClusterManager:
         live = [i for i, t in self.heard.items() if now - t < self.takeover_after]
         if min([self.id, *live]) != self.id:
             return  # a smaller live master takes over
-        log.warn(
-            "the {kind} of {node} is driven by {driver}, not heard for {silent:.1f}s: "
-            "this master takes it over",
-            kind=pending["kind"],
-            node=pending["node"],
-            driver=driver,
-            silent=now - last,
-        )
-        epoch = self.map["epoch"]
-
-        def claim(m: dict[str, Any]) -> dict[str, Any]:
-            m["pending"]["driver"] = self.id
-            return m
-
-        def over(result: Any) -> Any:
-            self._taking_over = False
-            return result
-
-        def lost(failure: Any) -> None:
-            log.info(
-                "take-over of the change at epoch {epoch} not applied: {why}",
-                epoch=epoch,
-                why=failure.getErrorMessage(),
+        if self.taken_over != change:
+            log.warn(
+                "the {kind} of {node} is driven by {driver}, not heard for {silent:.1f}s: "
+                "this master takes it over",
+                kind=pending["kind"],
+                node=pending["node"],
+                driver=driver,
+                silent=now - last,
             )
-
-        self._taking_over = True
-        self.propose(claim).addBoth(over).addErrback(lost)
+        self.taken_over = change
+        self._start_driving()
 
     def propose(self, change: Callable[[dict[str, Any]], dict[str, Any]]) -> Deferred:
         """Apply ``change`` to a copy of the map at the next epoch and spread it.
@@ -384,19 +378,20 @@ class ClusterManager:
         pending = self.map.get("pending")
         if not pending or pending.get("driver") != self.id or self.driving is not None:
             return
+        self._start_driving()
+
+    def _start_driving(self) -> None:
         self.driving = self._drive(self.map)
         self.driving.addErrback(self._drive_failed)
         self.driving.addBoth(self._drive_over)
 
     def _drives(self, pending: dict[str, Any]) -> bool:
-        """Whether ``pending`` is still the map's pending change, driven by this master."""
+        """Whether ``pending`` is still the map's pending change, and this master its driver
+        (named in the map, or taking over for a silent one)."""
         cur = self.map.get("pending")
-        return (
-            cur is not None
-            and cur.get("driver") == self.id
-            and cur["kind"] == pending["kind"]
-            and cur["node"] == pending["node"]
-        )
+        if cur is None or cur["kind"] != pending["kind"] or cur["node"] != pending["node"]:
+            return False
+        return cur.get("driver") == self.id or self.taken_over == (cur["kind"], cur["node"])
 
     def _drive_over(self, result: Any) -> Any:
         self.driving = None
@@ -603,6 +598,7 @@ class ClusterManager:
                 "kind": pending["kind"],
                 "node": pending["node"],
                 "driver": pending["driver"],
+                "taken_over_here": self.taken_over == (pending["kind"], pending["node"]),
                 "new_node_share": share,
             },
             "progress": self.progress,
