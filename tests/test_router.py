@@ -892,3 +892,29 @@ def test_flush_waits_for_merges_and_ring_changes_to_finish() -> None:
     c.router.set_rings(c.ring)
     assert result_of(c.router.flush(P)) is None
     assert result_of(c.router.get(P, b"k")) is None
+
+
+def test_serving_needs_one_copy_of_every_key_or_a_majority_with_quorum_reads() -> None:
+    """Router.serving() (a starting master's LOADING, and /health): with replicas 1 on
+    three nodes any two up hold a copy of every key; a quorum-read partition with
+    replicas 2 needs two copies of every key, so two of three nodes too, and one
+    partition with quorum reads is enough to ask for it."""
+    c = Cluster(n=3, replicas=1)
+    assert c.router.serving()
+    c.kill("data1")
+    assert c.router.serving()
+    c.kill("data2")
+    assert not c.router.serving()
+    c.stop()
+    q = Cluster(
+        n=3,
+        replicas=2,
+        partitions=[PartitionPolicy("default"), PartitionPolicy("q", read="quorum")],
+    )
+    q.kill("data1")
+    assert q.router.serving()  # two copies of every key up: a majority of three
+    q.kill("data2")
+    assert not q.router.serving()  # one copy would do for "default", not for "q"
+    q.router.set_partitions([PartitionPolicy("default")])
+    assert q.router.serving()
+    q.stop()

@@ -379,6 +379,8 @@ class Api(Resource):
         links = self.router.links.values()
         ok = self.router.serving() and not self.router.loading
         request.setResponseCode(200 if ok else 503)
+        if self.router.loading:
+            request.setHeader("Retry-After", b"1")
         request.setHeader("Content-Type", b"application/json")
         return json.dumps(
             {

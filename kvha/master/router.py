@@ -245,13 +245,18 @@ class Router:
         self.loading = False
 
     def serving(self) -> bool:
-        """Whether every key has a readable copy: enough data nodes are up.
+        """Whether every key can be read: enough data nodes are up.
 
-        With ``copies`` copies of each key on distinct nodes, any
-        ``nodes - copies + 1`` nodes up hold at least one copy of every key.
+        A read needs one copy up, or a majority of the copies in a partition
+        with ``read: quorum``.  With ``copies`` copies of each key on distinct
+        nodes, any ``nodes - copies + needed`` nodes up hold ``needed`` copies
+        of every key.
         """
+        needed = 1
+        if any(p.read == "quorum" for p in self.policies.values()):
+            needed = self.copies // 2 + 1
         up = sum(1 for link in self.links.values() if link.state == "up")
-        return up > 0 and up >= len(self.links) - self.copies + 1
+        return up >= needed and up >= len(self.links) - self.copies + needed
 
     def policy(self, partition: bytes) -> PartitionPolicy:
         policy = self.policies.get(partition)
