@@ -432,6 +432,8 @@ def run(
                 memcslap_suite("127.0.0.1", memcached_port, memcslap_execute * 5)
             )
             if floor_port is not None:
+                # As many requests as a kvha target, four times as many with -P 16
+                # (at 0.7-1 million a second, 100,000 would last a tenth of a second).
                 for p in (1, 16):
                     redis_runs.setdefault(f"{FLOOR} P{p}", []).append(
                         redis_suite("127.0.0.1", floor_port, requests * (4 if p == 16 else 1), p)
