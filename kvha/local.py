@@ -310,6 +310,8 @@ def node_status(config: LocalConfig, node: Node) -> dict[str, Any]:
             stats = memcached_stats(node.host, node.port)
             up, total = stats.get("data_nodes_up", "?"), stats.get("data_nodes", "?")
             row["state"] = "up" if up == total else f"degraded ({up}/{total} data nodes up)"
+            if stats.get("loading") == "1":
+                row["state"] = f"loading ({up}/{total} data nodes up)"
             row["data_nodes_up"] = f"{up}/{total}"
             http = node.extra_ports[1]
             cluster = admin_get(http[1], http[2], config.admin_token, "/v1/admin/status")

@@ -860,6 +860,7 @@ class MemcacheProtocol(OrderedReplies):
             ("bytes", nbytes // copies),
             ("data_nodes_up", sum(1 for link in self.router.links.values() if link.state == "up")),
             ("data_nodes", len(self.router.links)),
+            ("loading", int(self.router.loading)),  # 1 while the master starts (LOADING)
         ]
         return b"".join(b"STAT %s %s\r\n" % (k.encode(), str(v).encode()) for k, v in lines) + END
 
