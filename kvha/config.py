@@ -708,7 +708,7 @@ def _value(hint: Any, meta: Mapping[str, Any], raw: Any, path: tuple[str, ...]) 
             return None
         hint = args[0] if len(args) == 1 else hint
     if dataclasses.is_dataclass(hint):
-        return _build(hint, raw, path)
+        return _build(typing.cast(type, hint), raw, path)
     if typing.get_origin(hint) in (list, tuple):
         # Metadata applies to each element; tuples keep frozen configs immutable.
         if not isinstance(raw, list):

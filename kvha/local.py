@@ -133,7 +133,7 @@ def vip_ports(config: LocalConfig) -> list[tuple[str, int]]:
 def taken_ports(config: LocalConfig, nodes: Sequence[Node]) -> list[str]:
     """A message for every port the cluster needs that something else holds."""
     problems = []
-    wanted: list[tuple[str, str, int, int]] = []
+    wanted: list[tuple[str, str, int, socket.SocketKind]] = []
     for node in nodes:
         wanted.append((node.id, node.host, node.port, socket.SOCK_STREAM))
         for what, host, port in node.extra_ports:

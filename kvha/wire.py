@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 PROTOCOL_VERSION = 1
 
@@ -265,6 +265,9 @@ for _kind in ("str", "u64s", "ranges", "records"):
 # Messages ----------------------------------------------------------------
 
 
+_M = TypeVar("_M", bound="Message")
+
+
 class Message:
     """A message: an opcode and named, typed fields."""
 
@@ -300,7 +303,7 @@ class Message:
         return FRAME.pack(len(body) + _FRAME_BODY, self.OPCODE, request_id) + body
 
     @classmethod
-    def decode(cls, body: bytes) -> Message:
+    def decode(cls: type[_M], body: bytes) -> _M:
         offset = 0
         values = []
         for _name, _enc, dec in cls._CODECS:
@@ -344,6 +347,9 @@ def message(opcode: int, *fields: tuple[str, str]) -> Any:
 
 @message(1, ("version", "u16"), ("node_id", "str"), ("proof", "bytes"))
 class Hello(Message):
+    version: int
+    node_id: str
+    proof: bytes
     __slots__ = ("version", "node_id", "proof")
 
 
@@ -370,6 +376,9 @@ def _two_bytes(body: bytes) -> tuple[bytes, bytes, int]:
 
 @message(3, ("partition", "bytes"), ("key", "bytes"), ("tombstones", "u8"))
 class Get(Message):
+    partition: bytes
+    key: bytes
+    tombstones: int
     __slots__ = ("partition", "key", "tombstones")
 
     def __init__(self, partition: bytes, key: bytes, tombstones: int) -> None:
@@ -405,6 +414,9 @@ def get_frame(request_id: int, partition: bytes, key: bytes, tombstones: int) ->
 
 @message(4, ("partition", "bytes"), ("keys", "list"), ("tombstones", "u8"))
 class MultiGet(Message):
+    partition: bytes
+    keys: list[bytes]
+    tombstones: int
     __slots__ = ("partition", "keys", "tombstones")
 
 
@@ -412,6 +424,9 @@ class MultiGet(Message):
 class Apply(Message):
     """Store a versioned record or tombstone if newer (version 0: node issues one)."""
 
+    partition: bytes
+    key: bytes
+    packed: bytes
     __slots__ = ("partition", "key", "packed")
 
     def __init__(self, partition: bytes, key: bytes, packed: bytes) -> None:
@@ -452,6 +467,9 @@ class ApplyMany(Message):
     one Apply per key.  ``keys`` and ``packed`` are parallel.
     """
 
+    partition: bytes
+    keys: list[bytes]
+    packed: list[bytes]
     __slots__ = ("partition", "keys", "packed")
 
 
@@ -468,21 +486,38 @@ class ApplyMany(Message):
 class Store(Message):
     """add / replace / append / prepend / cas, run on the primary."""
 
+    mode: int
+    partition: bytes
+    key: bytes
+    value: bytes
+    flags: int
+    expires_ms: int
+    cas: int
     __slots__ = ("mode", "partition", "key", "value", "flags", "expires_ms", "cas")
 
 
 @message(7, ("mode", "u8"), ("partition", "bytes"), ("key", "bytes"), ("delta", "bytes"))
 class Incr(Message):
+    mode: int
+    partition: bytes
+    key: bytes
+    delta: bytes
     __slots__ = ("mode", "partition", "key", "delta")
 
 
 @message(8, ("partition", "bytes"), ("key", "bytes"), ("expires_ms", "u64"))
 class Touch(Message):
+    partition: bytes
+    key: bytes
+    expires_ms: int
     __slots__ = ("partition", "key", "expires_ms")
 
 
 @message(9, ("partition", "bytes"), ("key", "bytes"), ("version", "u64"))
 class Delete(Message):
+    partition: bytes
+    key: bytes
+    version: int
     __slots__ = ("partition", "key", "version")
 
 
@@ -501,6 +536,10 @@ class Stream(Message):
     grant more with Credit (flow control); an empty range list means all.
     """
 
+    ranges: list[tuple[int, int]]
+    min_version: int
+    partitions: list[bytes]
+    window: int
     __slots__ = ("ranges", "min_version", "partitions", "window")
 
 
@@ -508,6 +547,7 @@ class Stream(Message):
 class Credit(Message):
     """Flow control: the receiver of a stream may take this many more batches."""
 
+    batches: int
     __slots__ = ("batches",)
 
 
@@ -518,6 +558,7 @@ class Cancel(Message):
 
 @message(14, ("partition", "bytes"))
 class Flush(Message):
+    partition: bytes
     __slots__ = ("partition",)
 
 
@@ -525,6 +566,9 @@ class Flush(Message):
 class Scan(Message):
     """The live keys with the smallest tokens above ``after`` (a SCAN cursor)."""
 
+    partition: bytes
+    after: int
+    count: int
     __slots__ = ("partition", "after", "count")
 
 
@@ -545,6 +589,12 @@ class Control(Message):
     ``up``) or gives it up with RELEASE.
     """
 
+    action: int
+    holder: str
+    lease_ms: int
+    done_keys: int
+    done_bytes: int
+    total_keys: int
     __slots__ = ("action", "holder", "lease_ms", "done_keys", "done_bytes", "total_keys")
 
 
@@ -556,6 +606,7 @@ class Retain(Message):
     ranges it owns under the new ring.
     """
 
+    ranges: list[tuple[int, int]]
     __slots__ = ("ranges",)
 
 
@@ -578,6 +629,11 @@ class Partitions(Message):
     ignored.
     """
 
+    epoch: int
+    names: list[bytes]
+    limits: list[int]
+    evict: bytes
+    ttls: list[int]
     __slots__ = ("epoch", "names", "limits", "evict", "ttls")
 
 
@@ -591,11 +647,17 @@ CONTROL_RELEASE = 3
 
 @message(64, ("version", "u16"), ("node_id", "str"), ("nonce", "bytes"))
 class Challenge(Message):
+    version: int
+    node_id: str
+    nonce: bytes
     __slots__ = ("version", "node_id", "nonce")
 
 
 @message(65, ("node_id", "str"), ("proof", "bytes"), ("state", "str"))
 class Welcome(Message):
+    node_id: str
+    proof: bytes
+    state: str
     __slots__ = ("node_id", "proof", "state")
 
 
@@ -603,6 +665,8 @@ class Welcome(Message):
 class Result(Message):
     """A status (kvha.data.store.Status) and a packed record, empty for none."""
 
+    status: int
+    packed: bytes
     __slots__ = ("status", "packed")
 
     def __init__(self, status: int, packed: bytes) -> None:  # the reply hot path
@@ -622,6 +686,7 @@ def result_frame(request_id: int, status: int, packed: bytes) -> bytes:
 class Records(Message):
     """Multi-get reply: one (partition, key, packed) per key asked, packed empty if absent."""
 
+    records: list[tuple[bytes, bytes, bytes]]
     __slots__ = ("records",)
 
 
@@ -629,36 +694,49 @@ class Records(Message):
 class StatsReply(Message):
     """Alternating names and values, as ASCII."""
 
+    pairs: list[bytes]
     __slots__ = ("pairs",)
 
 
 @message(69, ("code", "u16"), ("message", "str"))
 class Error(Message):
+    code: int
+    message: str
     __slots__ = ("code", "message")
 
 
 @message(70, ("records", "records"))
 class StreamBatch(Message):
+    records: list[tuple[bytes, bytes, bytes]]
     __slots__ = ("records",)
 
 
 @message(71, ("count", "u64"), ("bytes", "u64"))
 class StreamEnd(Message):
+    count: int
+    bytes: int
     __slots__ = ("count", "bytes")
 
 
 @message(72, ("state", "str"), ("high_water", "u64"))
 class Pong(Message):
+    state: str
+    high_water: int
     __slots__ = ("state", "high_water")
 
 
 @message(73, ("tokens", "u64s"), ("keys", "list"))
 class ScanReply(Message):
+    tokens: list[int]
+    keys: list[bytes]
     __slots__ = ("tokens", "keys")
 
 
 @message(74, ("granted", "u8"), ("state", "str"), ("high_water", "u64"))
 class ControlReply(Message):
+    granted: int
+    state: str
+    high_water: int
     __slots__ = ("granted", "state", "high_water")
 
 
@@ -668,6 +746,8 @@ class Results(Message):
     record the node holds where it is not the one sent (else empty), as in Result.
     """
 
+    statuses: bytes
+    packed: list[bytes]
     __slots__ = ("statuses", "packed")
 
 

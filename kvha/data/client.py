@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, endpoints
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -76,6 +76,8 @@ class _StreamState:
 
 class DataClientProtocol(BufferedWrites, Protocol):
     """One authenticated, pipelined connection to a data node."""
+
+    transport: ITCPTransport  # TCP or TLS; None only before connectionMade
 
     def __init__(
         self,
@@ -389,11 +391,11 @@ def _decode_result(body: bytes) -> wire.Message:
     return wire.Result(status, body[5:])
 
 
-def _result(msg: wire.Message) -> Result:
+def _result(msg: wire.Result) -> Result:
     return Result(_STATUSES[msg.status], msg.packed or None)
 
 
-def _applied(msg: wire.Message, sent: bytes) -> Result:
+def _applied(msg: wire.Result, sent: bytes) -> Result:
     """An Apply's Result.  A record stored as sent is not sent back: it is ``sent``."""
     status = _STATUSES[msg.status]
     if not msg.packed and status is Status.STORED:
@@ -428,7 +430,7 @@ def _incr_frame(
     return wire.Incr(int(mode), partition, key, delta).frame(request_id)
 
 
-def _record(msg: wire.Message) -> Optional[Record]:
+def _record(msg: wire.Result) -> Optional[Record]:
     return _result(msg).record
 
 
@@ -758,7 +760,7 @@ class DataNodeClient:
     def stats(self) -> Deferred:
         """Fires with a dict of str -> str."""
 
-        def to_dict(msg: wire.Message) -> dict[str, str]:
+        def to_dict(msg: wire.StatsReply) -> dict[str, str]:
             pairs = msg.pairs
             return {pairs[i].decode(): pairs[i + 1].decode() for i in range(0, len(pairs) - 1, 2)}
 

@@ -424,6 +424,10 @@ class StreamSender:
 class DataServerProtocol(Protocol):
     """One master's connection to this data node."""
 
+    #: Producer and consumer as well as a TCP/TLS transport (registerProducer,
+    #: pauseProducing, abortConnection): no one Twisted interface covers all of it.
+    transport: Any
+
     def __init__(self, node: DataNode) -> None:
         self.node = node
         self.reader = wire.FrameReader(node.max_frame_bytes)

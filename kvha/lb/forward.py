@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from twisted.internet import endpoints
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
@@ -25,6 +25,10 @@ log = Logger()
 
 class ClientSide(BufferedWrites, Protocol):
     """The client's connection to the VIP."""
+
+    #: Producer and consumer as well as a TCP/TLS transport (registerProducer,
+    #: pauseProducing, abortConnection): no one Twisted interface covers all of it.
+    transport: Any
 
     def __init__(self, factory: ForwardFactory) -> None:
         self.factory = factory
@@ -122,6 +126,10 @@ class ClientSide(BufferedWrites, Protocol):
 class BackendSide(BufferedWrites, Protocol):
     """The load balancer's connection to the chosen master."""
 
+    #: Producer and consumer as well as a TCP/TLS transport (registerProducer,
+    #: pauseProducing, abortConnection): no one Twisted interface covers all of it.
+    transport: Any
+
     def __init__(self, client: ClientSide) -> None:
         self.client = client
         self.got_data = False
@@ -172,6 +180,8 @@ class ForwardFactory(Factory):
 
 class HealthProbe(Protocol):
     """Connect, send the protocol's probe, and expect its answer in time."""
+
+    transport: ITCPTransport  # None only before connectionMade
 
     PROBES = {
         "redis": (b"PING\r\n", b"+PONG"),

@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 from twisted.application import service, strports
 from twisted.internet import threads
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web import server
@@ -357,7 +358,7 @@ class LoadBalancer(service.MultiService):
             return
         self._fetching = True
         url = (self.config.admin.peer.rstrip("/") + "/v1/masters").encode()
-        d = self.agent.request(b"GET", url, self._headers())
+        d: Deferred[Any] = self.agent.request(b"GET", url, self._headers())
         d.addCallback(readBody)
 
         def adopt(body: bytes) -> None:

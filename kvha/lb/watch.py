@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from twisted.internet import endpoints
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ITransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
@@ -43,6 +43,8 @@ RETRY = 0.1
 
 class WatchConnection(Protocol):
     """The load balancer's open connection to one master's port."""
+
+    transport: ITransport  # None only before connectionMade
 
     def __init__(self, watcher: MasterWatcher, backend: Backend, proto: str) -> None:
         self.watcher = watcher

@@ -304,7 +304,7 @@ class ClusterManager:
         body = json.dumps(new).encode()
         ds = []
         for peer in self.peers:
-            d = self.agent.request(
+            d: Deferred[Any] = self.agent.request(
                 b"POST", (peer + "/v1/admin/cluster").encode(), self._headers(), BytesBody(body)
             )
             d.addCallback(readBody)

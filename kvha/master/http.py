@@ -30,16 +30,16 @@ import base64
 import binascii
 import json
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 from urllib.parse import parse_qs, unquote_to_bytes
 from xml.sax.saxutils import escape, quoteattr
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ITransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -411,8 +411,13 @@ class Api(Resource):
         """``(value, flags, ttl)`` from a PUT body, raw or JSON."""
         length = request.getHeader(b"content-length")
         limit = self.max_value_bytes
-        ctype = (request.getHeader(b"content-type") or b"application/octet-stream").split(b";")[0]
-        ctype = ctype.strip().lower().decode("latin-1")
+        ctype = (
+            (request.getHeader(b"content-type") or b"application/octet-stream")
+            .split(b";")[0]
+            .strip()
+            .lower()
+            .decode("latin-1")
+        )
         json_limit = limit * 4 // 3 + 64 * 1024
         if (
             length is not None
@@ -607,7 +612,8 @@ class Api(Resource):
         return self.router.get_many(partition, raw_keys).addCallback(render)
 
     def _list(self, request: Request, fmt: bytes, partition: bytes) -> Deferred:
-        args = request.args
+        # Twisted declares Request.args as None (it is set per request).
+        args = cast("dict[bytes, list[bytes]]", request.args)
         prefix = args.get(b"prefix", [b""])[0]
         limit_raw = args.get(b"limit", [b"%d" % min(100, self.max_list)])[0]
         cursor_raw = args.get(b"cursor", [b"0"])[0]
@@ -726,7 +732,7 @@ class ApiSite(server.Site):
             channel.connectionLost = connectionLost
         return channel
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 
@@ -745,6 +751,8 @@ _TOO_MANY = b'{"error": {"code": 503, "status": "unavailable", "message": "too m
 
 class _Refuse(Protocol):
     """What a client over the connection limit gets: 503, then the connection closes."""
+
+    transport: ITransport  # None only before connectionMade
 
     def connectionMade(self) -> None:
         self.transport.write(

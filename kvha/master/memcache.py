@@ -145,6 +145,28 @@ class MemcacheStats:
         "server_errors",
     )
 
+    # The COUNTERS, set to 0 by __init__ (declared here for type checkers).
+    cmd_get: int
+    cmd_set: int
+    cmd_flush: int
+    cmd_touch: int
+    get_hits: int
+    get_misses: int
+    delete_misses: int
+    delete_hits: int
+    incr_misses: int
+    incr_hits: int
+    decr_misses: int
+    decr_hits: int
+    cas_misses: int
+    cas_hits: int
+    cas_badval: int
+    touch_hits: int
+    touch_misses: int
+    total_connections: int
+    rejected_connections: int
+    server_errors: int
+
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
         self.started = clock.seconds()

@@ -177,7 +177,9 @@ class Merger:
                 return
             job = MergeJob(self, link, high_water)
             self.jobs[link.node_id] = job
-            job.run().addCallbacks(self._done, self._failed, (link,), None, (link,))
+            job.run().addCallbacks(
+                self._done, self._failed, callbackArgs=(link,), errbackArgs=(link,)
+            )
 
         d.addCallbacks(claimed, lambda f: None)
 

@@ -69,6 +69,10 @@ class ClientFactory(Factory):
 class OrderedReplies(BufferedWrites, Protocol):
     """Base for client protocols: slots, per-key ordering and back-pressure."""
 
+    #: Producer and consumer as well as a TCP/TLS transport (registerProducer,
+    #: pauseProducing, abortConnection): no one Twisted interface covers all of it.
+    transport: Any
+
     max_in_flight = 256
 
     def __init__(self) -> None:

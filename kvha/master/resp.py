@@ -1658,8 +1658,13 @@ _NOTES = {
     "set": "RW and ACCESS due to the optional `GET` argument",
     "getex": "RW and UPDATE because it changes the TTL",
 }
+# Rows have 8 or 9 fields, so tips and notes are never also given by position;
+# mypy cannot tell that from tuple[Any, ...].
 _UNIQUE_COMMANDS = [
-    Command(*row, tips=_TIPS.get(row[0], ()), notes=_NOTES.get(row[0], "")) for row in _TABLE
+    Command(  # type: ignore[misc]
+        *row, tips=_TIPS.get(row[0], ()), notes=_NOTES.get(row[0], "")
+    )
+    for row in _TABLE
 ]
 COMMANDS: dict[bytes, Command] = {c.name.encode(): c for c in _UNIQUE_COMMANDS}
 #: What runs while the master is starting (Router.loading): as in Redis, the

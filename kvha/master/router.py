@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -33,6 +33,20 @@ from kvha.data.store import IncrMode, Result, Status, StoreMode
 from kvha.master.health import NodeLink
 from kvha.record import HEADER, Record, pack
 from kvha.ring import Ring
+
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class NodeOp(Protocol):
+        """``op(client)``: one request to one data node.
+
+        A callback protocol rather than ``Callable[[DataNodeClient], Deferred]``
+        so that mypy accepts the lambdas that bind a loop variable as a default
+        (``lambda c, k=k: ...``).
+        """
+
+        def __call__(self, client: DataNodeClient, /) -> Deferred: ...
+
 
 log = Logger()
 
@@ -493,18 +507,14 @@ class Router:
             return None
         return record
 
-    def _read_from(
-        self, order: list[NodeLink], i: int, op: Callable[[DataNodeClient], Deferred]
-    ) -> Deferred:
+    def _read_from(self, order: list[NodeLink], i: int, op: NodeOp) -> Deferred:
         link = order[i]
         d = op(link.client)
         if i + 1 < len(order):
             d.addErrback(self._read_next, order, i, op)
         return d
 
-    def _read_next(
-        self, failure: Any, order: list[NodeLink], i: int, op: Callable[[DataNodeClient], Deferred]
-    ) -> Deferred:
+    def _read_next(self, failure: Any, order: list[NodeLink], i: int, op: NodeOp) -> Deferred:
         failure.trap(*RETRYABLE)
         order[i].mark_failed(failure.getErrorMessage())
         return self._read_from(order, i + 1, op)
@@ -753,18 +763,19 @@ class Router:
         targets = self.write_copies_of(partition, key)
         seen_live: list[bool] = []
 
+        def noted(r: Result) -> Result:
+            seen_live.append(r.status is Status.DELETED)
+            return r
+
         def send(client: DataNodeClient) -> Deferred:
-            d = client.delete(partition, key, version)
-            return d.addCallback(lambda r: seen_live.append(r.status is Status.DELETED) or r)
+            return client.delete(partition, key, version).addCallback(noted)
 
         d = self._fanout(partition, targets, send)
         return d.addCallback(
             lambda r: Result(Status.DELETED if any(seen_live) else Status.NOT_FOUND, r.packed)
         )
 
-    def conditional(
-        self, partition: bytes, key: bytes, op: Callable[[DataNodeClient], Deferred]
-    ) -> Deferred:
+    def conditional(self, partition: bytes, key: bytes, op: NodeOp) -> Deferred:
         """Run ``op`` on the primary, then replicate the record it stored.
 
         Fires with the primary's Result.  Only a primary that was not
