@@ -38,6 +38,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check kvha tests bench twisted
 	$(BIN)/ruff format --check kvha tests bench twisted
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
