@@ -334,6 +334,12 @@ class MasterLimits:
     max_value_bytes: int = _opt(1 * MiB, kind="size", min=1)
     #: Close client connections idle this long; 0 keeps them forever.
     idle_timeout: float = _opt(0.0, kind="duration", min=0)
+    #: Failed logins (Redis AUTH / HELLO AUTH, memcached's auth set, HTTP bearer
+    #: tokens) to one partition from one client address within ``auth_window``
+    #: after which those logins are refused unchecked until the window has
+    #: passed; 0: no limit.
+    auth_failures: int = _opt(10, min=0)
+    auth_window: float = _opt(60.0, kind="duration", min=0, min_exclusive=True)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
@@ -45,9 +46,9 @@ def policies() -> list[PartitionPolicy]:
 class Line:
     """One client connection of a line protocol over a StringTransport."""
 
-    def __init__(self, factory: Any) -> None:
+    def __init__(self, factory: Any, peer: str = "192.168.1.1") -> None:
         self.proto = factory.buildProtocol(None)
-        self.transport = StringTransport()
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
         self.proto.makeConnection(self.transport)
 
     def send(self, data: bytes) -> bytes:
@@ -477,3 +478,86 @@ def test_one_key_three_protocols_three_partitions(cluster: Cluster) -> None:
         "GET", "/v1/p/alpha/k/shared", headers={"Authorization": f"Bearer {ALPHA_PW}"}
     )
     assert got.json()["value"] == "from-redis"
+
+
+# Failed logins ------------------------------------------------------------------------------
+
+LIMITED = b"too many failed authentication attempts from this address for this partition"
+
+
+def test_redis_logins_are_refused_after_ten_failures_per_address_and_partition(
+    cluster: Cluster,
+) -> None:
+    """Ten wrong passwords for alpha from one address: its next alpha logins are refused
+    unchecked, the right password too, for the rest of the minute; other partitions and
+    other addresses are not affected; a success clears the count."""
+    port = redis_port(cluster)
+    conn = Line(port)
+    for _ in range(10):
+        assert conn.send(resp("AUTH", "alpha", "wrong-password")) == WRONGPASS
+    refused = conn.send(resp("AUTH", "alpha", ALPHA_PW))
+    assert refused.startswith(b"-ERR " + LIMITED) and b"try again in 60 s" in refused
+    assert conn.send(resp("SET", "k", "v")) == OK  # still in its old (default) partition
+    assert stored(cluster, b"default", b"k") == [b"v", b"v"]
+    assert Line(port).send(resp("AUTH", "alpha", ALPHA_PW)).startswith(b"-ERR " + LIMITED)
+    assert conn.send(resp("AUTH", "beta", BETA_PW)) == OK  # another partition
+    assert Line(port, peer="10.0.0.7").send(resp("AUTH", "alpha", ALPHA_PW)) == OK
+    cluster.clock.advance(30)
+    assert b"try again in 30 s" in Line(port).send(resp("AUTH", "alpha", ALPHA_PW))
+    cluster.clock.advance(30)
+    assert Line(port).send(resp("AUTH", "alpha", ALPHA_PW)) == OK  # the window has passed
+    # A success clears the count: nine more failures do not block.
+    for _ in range(9):
+        assert conn.send(resp("AUTH", "alpha", "wrong-password")) == WRONGPASS
+    assert conn.send(resp("AUTH", "alpha", ALPHA_PW)) == OK
+    for _ in range(9):
+        assert conn.send(resp("AUTH", "alpha", "wrong-password")) == WRONGPASS
+    assert conn.send(resp("AUTH", "alpha", ALPHA_PW)) == OK
+
+
+def test_a_refused_login_costs_no_password_check(cluster: Cluster) -> None:
+    verifier = Verifier()
+    port = redis_port(cluster, authenticator=Authenticator(cluster.router, verifier))
+    conn = Line(port)
+    out = b""
+    for _ in range(10):
+        out += conn.send(resp("AUTH", "alpha", "wrong-password"))
+        verifier.finish()
+    assert verifier.calls == 10
+    assert out + conn.take() == WRONGPASS * 10
+    assert conn.send(resp("AUTH", "alpha", "another-guess")).startswith(b"-ERR " + LIMITED)
+    assert verifier.calls == 10
+
+
+def test_memcached_logins_are_refused_after_ten_failures(cluster: Cluster) -> None:
+    conn = Line(memcached_port(cluster, b"alpha"))
+    failure = b"CLIENT_ERROR authentication failure\r\n"
+    for _ in range(10):
+        assert conn.send(mc_auth("alpha", "wrong-password")) == failure
+    assert conn.send(mc_auth("alpha", ALPHA_PW)).startswith(b"CLIENT_ERROR " + LIMITED)
+    # The data block was read: the next command is parsed as a command.
+    assert conn.send(b"get k\r\n") == b"CLIENT_ERROR unauthenticated\r\n"
+    other = Line(memcached_port(cluster, b"alpha"), peer="10.0.0.7")
+    assert other.send(mc_auth("alpha", ALPHA_PW)) == b"STORED\r\n"
+
+
+def test_http_tokens_are_refused_after_ten_failures(cluster: Cluster) -> None:
+    web = Web(cluster)
+    wrong = {"Authorization": "Bearer wrong-password"}
+    right = {"Authorization": f"Bearer {ALPHA_PW}"}
+    for _ in range(10):
+        assert web.request("GET", "/v1/p/alpha/k/k", headers=wrong).status == 403
+    reply = web.request("GET", "/v1/p/alpha/k/k", headers=right)
+    assert reply.status == 429
+    assert reply.headers["Retry-After"] == "60"
+    assert LIMITED.decode() in reply.json()["error"]["message"]
+    cluster.clock.advance(60)
+    assert web.request("GET", "/v1/p/alpha/k/k", headers=right).status == 404  # in: no key
+
+
+def test_auth_failures_0_turns_the_limit_off(cluster: Cluster) -> None:
+    auth = Authenticator(cluster.router, max_failures=0)
+    conn = Line(redis_port(cluster, authenticator=auth))
+    for _ in range(30):
+        assert conn.send(resp("AUTH", "alpha", "wrong-password")) == WRONGPASS
+    assert conn.send(resp("AUTH", "alpha", ALPHA_PW)) == OK

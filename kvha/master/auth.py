@@ -13,13 +13,25 @@ that reconnects with the same password is let in at the cost of one HMAC.
 Wrong passwords are never remembered and always pay the full check.  The
 memory of successes goes with the policy object, so a changed password or a
 changed map forgets it.
+
+Failed attempts are counted per client address and partition: after
+``max_failures`` within ``window`` seconds, every attempt from that address
+on that partition is refused at once (:class:`TooManyFailures`, without a
+check, right password or not) until the oldest of those failures is
+``window`` old.  That bounds both password guessing and the CPU an address
+can make the master spend on scrypt.  Counting per partition keeps a client
+with a wrong password from locking everyone else behind the same address (a
+load balancer in ``proxy`` mode, a NAT) out of their own partitions.  A
+success clears the count.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
+from collections import OrderedDict, deque
 from typing import Any, Callable, Optional, Union
 
 from twisted.internet import defer
@@ -36,6 +48,25 @@ Verify = Callable[[bytes, str], Deferred]
 NO_PARTITION = b""
 #: Passwords remembered per partition before the memory is cleared.
 MAX_REMEMBERED = 16
+#: (address, partition) pairs whose failures are tracked; the least recently failing go first.
+MAX_TRACKED = 10_000
+
+
+class TooManyFailures(Exception):
+    """This address failed to authenticate too often; ``retry_after`` seconds to wait."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            f"too many failed authentication attempts from this address for this "
+            f"partition; try again in {retry_after} s"
+        )
+        self.retry_after = retry_after
+
+
+def peer_host(address: Any) -> str:
+    """The part of a transport's peer address that identifies the client: its IP."""
+    host = getattr(address, "host", None)
+    return str(host) if host is not None else str(address)
 
 
 def verify_now(password: bytes, encoded: str) -> Deferred:
@@ -63,50 +94,101 @@ class Authenticator:
         router: Router,
         verify: Optional[Verify] = None,
         urandom: Callable[[int], bytes] = os.urandom,
+        max_failures: int = 10,
+        window: float = 60.0,
     ) -> None:
         self.router = router
         self._verify = verify if verify is not None else verify_now
         self._key = urandom(32)
         self.successes = 0
         self.failures = 0
+        #: Attempts refused because their address had failed too often.
+        self.refused = 0
+        self.max_failures = max_failures
+        self.window = window
+        #: Per (client address, partition), the times of its recent failures
+        #: (router.clock seconds).
+        self._failed: OrderedDict[tuple[str, bytes], deque[float]] = OrderedDict()
+
+    def _recent(self, peer: tuple[str, bytes], now: float) -> Optional[deque[float]]:
+        times = self._failed.get(peer)
+        if times is None:
+            return None
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._failed[peer]
+            return None
+        return times
+
+    def _blocked(self, peer: Optional[tuple[str, bytes]]) -> None:
+        """Raise TooManyFailures if ``peer`` (address, partition) has used up its failures."""
+        if peer is None or not self.max_failures:
+            return
+        now = self.router.clock.seconds()
+        times = self._recent(peer, now)
+        if times is not None and len(times) >= self.max_failures:
+            self.refused += 1
+            raise TooManyFailures(max(1, math.ceil(times[0] + self.window - now)))
+
+    def _outcome(self, ok: bool, peer: Optional[tuple[str, bytes]]) -> bool:
+        if ok:
+            self.successes += 1
+            if peer is not None:
+                self._failed.pop(peer, None)
+            return True
+        self.failures += 1
+        if peer is not None and self.max_failures:
+            now = self.router.clock.seconds()
+            times = self._recent(peer, now)
+            if times is None:
+                times = self._failed[peer] = deque(maxlen=self.max_failures)
+                if len(self._failed) > MAX_TRACKED:
+                    self._failed.popitem(last=False)
+            times.append(now)
+            self._failed.move_to_end(peer)
+        return False
 
     def anonymous(self, partition: bytes) -> bool:
         """Whether a connection with no credentials may use ``partition``."""
         policy = self.router.policies.get(partition)
         return policy is not None and policy.anonymous
 
-    def check(self, partition: bytes, password: bytes) -> Union[bool, Deferred]:
+    def check(
+        self, partition: bytes, password: bytes, peer: Optional[str] = None
+    ) -> Union[bool, Deferred]:
         """Whether ``password`` opens ``partition``: a bool now, or a Deferred firing with one.
 
         A partition without a password opens with any password if it allows
         anonymous access (as Redis's ``nopass`` user), else with none.
+        ``peer`` (see :func:`peer_host`) is the client's address, whose
+        failures on ``partition`` are counted; raises :class:`TooManyFailures`
+        when it has failed there too often.
         """
+        key = None if peer is None else (peer, partition)
+        self._blocked(key)
         policy = self.router.policies.get(partition)
         if policy is None:
-            self.failures += 1
-            return False
+            return self._outcome(False, key)
         if policy.password_hash is None:
             if policy.anonymous:
                 return True
-            self.failures += 1
-            return False
+            return self._outcome(False, key)
         tag = hmac.new(self._key, partition + b"\x00" + password, hashlib.sha256).digest()
         if tag in policy.verified:
-            self.successes += 1
-            return True
+            return self._outcome(True, key)
         d = self._verify(password, policy.password_hash)
-        d.addCallback(self._verified, policy, tag)
+        d.addCallback(self._verified, policy, tag, key)
         return d
 
-    def _verified(self, ok: bool, policy: PartitionPolicy, tag: bytes) -> bool:
+    def _verified(
+        self, ok: bool, policy: PartitionPolicy, tag: bytes, peer: Optional[tuple[str, bytes]]
+    ) -> bool:
         if ok:
-            self.successes += 1
             if len(policy.verified) >= MAX_REMEMBERED:
                 policy.verified.clear()
             policy.verified.add(tag)
-        else:
-            self.failures += 1
-        return bool(ok)
+        return self._outcome(bool(ok), peer)
 
 
 def when_checked(answer: Union[bool, Deferred], then: Callable[[bool], Any]) -> Any:

@@ -44,7 +44,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from kvha.data.store import Status, StoreMode
-from kvha.master.auth import Authenticator
+from kvha.master.auth import Authenticator, TooManyFailures, peer_host
 from kvha.master.limits import ConnectionBudget
 from kvha.master.router import RETRYABLE, OutOfSpace, Router, Unavailable
 from kvha.record import Record
@@ -71,6 +71,7 @@ _REASONS = {
     412: "precondition_failed",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    429: "too_many_requests",
     503: "unavailable",
     507: "insufficient_storage",
 }
@@ -331,7 +332,18 @@ class Api(Resource):
                 )
                 raise HttpError(403, "the bearer token does not open this partition")
 
-        answer = self.authenticator.check(partition, token)
+        try:
+            answer = self.authenticator.check(
+                partition, token, peer_host(request.getClientAddress())
+            )
+        except TooManyFailures as e:
+            log.warn(
+                "HTTP client {peer}: bearer token not checked: {why}",
+                peer=request.getClientAddress(),
+                why=str(e),
+            )
+            request.setHeader("Retry-After", str(e.retry_after).encode())
+            raise HttpError(429, str(e)) from None
         if isinstance(answer, Deferred):
             return answer.addCallback(decide)
         decide(answer)

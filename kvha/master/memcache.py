@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from kvha import __version__
 from kvha.data.store import IncrMode, Result, Status, StoreMode
 from kvha.flush import TurnFlusher, no_delay
-from kvha.master.auth import NO_PARTITION, Authenticator
+from kvha.master.auth import NO_PARTITION, Authenticator, TooManyFailures, peer_host
 from kvha.master.limits import ConnectionBudget
 from kvha.master.pipeline import ClientFactory, OrderedReplies
 from kvha.master.router import Router
@@ -401,7 +401,13 @@ class MemcacheProtocol(OrderedReplies):
         elif not space or not name:
             self.reply(AUTH_FORMAT)
             return True
-        answer = self.factory.authenticator.check(name, password)
+        peer = self.transport.getPeer()
+        try:
+            answer = self.factory.authenticator.check(name, password, peer_host(peer))
+        except TooManyFailures as e:
+            log.warn("memcached client {peer}: login not checked: {why}", peer=peer, why=str(e))
+            self.reply(b"CLIENT_ERROR %s\r\n" % str(e).encode())
+            return True
         if not isinstance(answer, Deferred):
             self.reply(self._auth_done(answer, name))
             return True

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from kvha import __version__
 from kvha.data.store import IncrMode, Result, Status, StoreMode
 from kvha.flush import TurnFlusher, no_delay
-from kvha.master.auth import NO_PARTITION, Authenticator
+from kvha.master.auth import NO_PARTITION, Authenticator, TooManyFailures, peer_host
 from kvha.master.limits import ConnectionBudget
 from kvha.master.pipeline import ClientFactory, OrderedReplies
 from kvha.master.resp3 import map_reply, to_resp3
@@ -744,7 +744,12 @@ class RespProtocol(OrderedReplies):
         """
         if self.factory.bound and name != self.factory.partition:
             return E_WRONGPASS
-        answer = self.factory.authenticator.check(name, password)
+        peer = self.transport.getPeer()
+        try:
+            answer = self.factory.authenticator.check(name, password, peer_host(peer))
+        except TooManyFailures as e:
+            log.warn("Redis client {peer}: AUTH not checked: {why}", peer=peer, why=str(e))
+            return error(f"ERR {e}")
         if not isinstance(answer, Deferred):
             return self._authenticated(answer, name, then)
         self.hold_input()

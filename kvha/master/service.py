@@ -68,7 +68,12 @@ class MasterNode(service.MultiService):
         # data commands: see Router.loading.
         self.router.loading = health.startup_wait > 0
         self._startup_timer: Any = None
-        self.authenticator = Authenticator(self.router, thread_verifier(reactor))
+        self.authenticator = Authenticator(
+            self.router,
+            thread_verifier(reactor),
+            max_failures=config.limits.auth_failures,
+            window=config.limits.auth_window,
+        )
         self.budget = ConnectionBudget(config.limits.max_connections)
         merge = config.merge
         self.merger = Merger(

@@ -207,6 +207,27 @@ def test_partitions_are_isolated_in_every_protocol_through_the_vip(nodes: NodeFa
     for conn in (mc_anon, mb, ma):
         conn.close()
 
+    # Ten failed logins to alpha from one address (all of this test's come from
+    # 127.0.0.1, the load balancer's included; straight to master1, whose count it is):
+    # alpha logins from there are refused unchecked, in every protocol; beta's are not.
+    # One AUTH per attempt, on a raw socket (redis-py retries a failed login).
+    m1 = masters[0].ports  # type: ignore[attr-defined]
+
+    def auth(partition: str, password: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", m1["redis"]), timeout=TIMEOUT) as raw:
+            raw.sendall(f"AUTH {partition} {password}\r\n".encode())
+            return raw.recv(200)
+
+    for _ in range(11):  # ten failures at most, counting the test's earlier ones
+        answer = auth("alpha", "wrong-pw")
+        if not answer.startswith(b"-WRONGPASS"):
+            break
+    assert answer.startswith(b"-ERR too many failed authentication attempts"), answer
+    assert auth("alpha", ALPHA_PW).startswith(b"-ERR too many failed authentication attempts")
+    status, body = http(f"http://127.0.0.1:{m1['http']}", "GET", "/v1/p/alpha/k/k", token=ALPHA_PW)
+    assert status == 429, body
+    assert rclient("127.0.0.1", m1["redis"], username="beta", password=BETA_PW).ping()
+
 
 def admin(url: str, *args: str) -> int:
     return cli.main(["partition", *args, "--master", url, "--token", ADMIN_TOKEN])
