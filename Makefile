@@ -46,15 +46,15 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check kvha tests bench twisted
 	$(BIN)/mypy
 
-# bench/storage.py loads every storage engine with 100,000 and 1,000,000
-# records (a few minutes); STORAGE_BENCH_ARGS=--big adds 1 GB of 10 KiB values
-# in mmap-index.  bench/hotpath.py measures the Python work per request in one
-# process, without sockets: the figure to compare before and after a change.
+# `kvha bench` (kvha/cli.py): bench/run.py (data node, protocols beside
+# redis-server and memcached, memory), bench/storage.py (every storage engine
+# with 100,000 and 1,000,000 records; a few minutes) and bench/hotpath.py (the
+# Python work per request in one process, without sockets: the figure to
+# compare before and after a change).  BENCH_ARGS are kvha bench's options:
+# --quick, --sections data,protocols,memory, --repeats N, --big (1 GB of
+# 10 KiB values in mmap-index).
 bench: $(STAMP)
-	$(BIN)/python bench/run.py $(BENCH_ARGS)
-	$(BIN)/python bench/storage.py $(STORAGE_BENCH_ARGS)
-	PYTHONHASHSEED=0 $(BIN)/python bench/hotpath.py --replicas 0 --out bench/results/$(HOTPATH)-r0.json
-	PYTHONHASHSEED=0 $(BIN)/python bench/hotpath.py --replicas 1 --out bench/results/$(HOTPATH)-r1.json
+	$(BIN)/kvha bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-pypy var build *.egg-info

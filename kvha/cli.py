@@ -2,9 +2,8 @@
 
 Each command group registers itself through an ``_add_<group>`` function that
 attaches a parser and a handler (``set_defaults(func=...)``); ``main`` only
-parses and dispatches.  Adding ``up``, ``status``, ``node``, ``master``,
-``partition`` or ``bench`` later means writing one more such function and
-listing it in ``_COMMANDS``.  Handlers take the parsed arguments and return
+parses and dispatches.  Adding a command means writing one more such
+function and listing it in ``_COMMANDS``.  Handlers take the parsed arguments and return
 the exit status, so ``main`` is callable from tests without spawning a process.
 """
 
@@ -12,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable, Optional
 
@@ -437,10 +437,88 @@ def _add_cluster(commands: argparse._SubParsersAction) -> None:
     node.set_defaults(func=_node)
 
 
+def bench_steps(args: argparse.Namespace, python: str, root: str) -> list[list[str]]:
+    """The commands ``kvha bench`` runs, in order (``make bench`` runs the same)."""
+    import platform
+
+    bench = os.path.join(root, "bench")
+    run = [python, os.path.join(bench, "run.py")]
+    if args.sections:
+        run += ["--sections", args.sections]
+    if args.quick:
+        run.append("--quick")
+    if args.repeats is not None:
+        run += ["--repeats", str(args.repeats)]
+    steps = [run]
+    if not args.quick:
+        storage = [python, os.path.join(bench, "storage.py")]
+        if args.big:
+            storage.append("--big")
+        steps.append(storage)
+    stem = "hotpath-pypy" if platform.python_implementation() == "PyPy" else "hotpath"
+    for replicas in (0, 1):
+        out = os.path.join(bench, "results", f"{stem}-r{replicas}.json")
+        steps.append(
+            [python, os.path.join(bench, "hotpath.py"), "--replicas", str(replicas), "--out", out]
+        )
+    return steps
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run the benchmark of ``bench/`` (needs the source tree, redis-server, memcached)."""
+    import subprocess
+
+    from kvha.procs import SOURCE_ROOT
+
+    if not os.path.isfile(os.path.join(SOURCE_ROOT, "bench", "run.py")):
+        print(
+            f"kvha bench needs kvha's source tree (bench/ is not in {SOURCE_ROOT}); "
+            "run it from a clone, or use `make bench` there",
+            file=sys.stderr,
+        )
+        return 1
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SOURCE_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    for step in bench_steps(args, sys.executable, SOURCE_ROOT):
+        step_env = env
+        if step[1].endswith("hotpath.py"):
+            # Random hash seeds moved hotpath runs of the same code by up to a third.
+            step_env = dict(env, PYTHONHASHSEED="0")
+        print("+ " + " ".join(step), flush=True)
+        if args.dry_run:
+            continue
+        code = subprocess.run(step, env=step_env, cwd=SOURCE_ROOT).returncode
+        if code:
+            return code
+    return 0
+
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark kvha beside redis-server and memcached (what `make bench` runs)",
+        description="Runs bench/run.py (data node, protocols against redis-server and "
+        "memcached, memory), bench/storage.py and bench/hotpath.py under this Python, "
+        "and writes bench/results/.  Needs the source tree, redis-server, redis-benchmark, "
+        "memcached and memcslap.",
+    )
+    bench.add_argument(
+        "--sections", help="bench/run.py sections, comma-separated: data,protocols,memory"
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="protocols with replicas 1 only; no storage bench"
+    )
+    bench.add_argument("--repeats", type=int, help="runs per figure (default 3)")
+    bench.add_argument("--big", action="store_true", help="storage: add 1 GB of 10 KiB values")
+    bench.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")
+    bench.set_defaults(func=_bench)
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_config,
     _add_cluster,
     _add_partition,
+    _add_bench,
 ]
 
 

@@ -127,3 +127,54 @@ def test_floor_relay_answers_each_client_as_many_replies_as_it_sent_commands() -
     assert a.transport.value() == b"+OK\r\n" * 3
     assert b.transport.value() == b"+OK\r\n"
     assert not link.waiting
+
+
+def test_kvha_bench_runs_what_make_bench_runs(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`kvha bench` runs bench/run.py, storage.py and hotpath.py for replicas 0 and 1 under
+    this interpreter, passing its options on; hotpath gets a fixed hash seed."""
+    import subprocess
+    import sys
+
+    from kvha import cli
+
+    assert cli.main(["bench", "--dry-run"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")]
+    assert [line.split()[2].rsplit("/", 1)[1] for line in lines] == [
+        "run.py",
+        "storage.py",
+        "hotpath.py",
+        "hotpath.py",
+    ]
+    assert all(line.split()[1] == sys.executable for line in lines)
+    assert lines[2].endswith(
+        "--replicas 0 --out "
+        + os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            "bench",
+            "results",
+            "hotpath-r0.json",
+        )
+    )
+    ran: list[tuple[list[str], dict[str, str]]] = []
+
+    class Done:
+        returncode = 0
+
+    def fake_run(step: list[str], env: dict[str, str], cwd: str) -> Done:
+        ran.append((step, env))
+        return Done()
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert cli.main(["bench", "--quick", "--sections", "protocols", "--repeats", "1"]) == 0
+    assert ran[0][0][2:] == ["--sections", "protocols", "--quick", "--repeats", "1"]
+    assert len(ran) == 3  # --quick: no storage bench
+    assert ran[0][1].get("PYTHONHASHSEED") == os.environ.get("PYTHONHASHSEED")
+    assert all(env["PYTHONHASHSEED"] == "0" for _step, env in ran[1:])
+
+
+def test_kvha_bench_outside_the_source_tree_says_why(capsys, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kvha import cli, procs
+
+    monkeypatch.setattr(procs, "SOURCE_ROOT", str(tmp_path))
+    assert cli.main(["bench"]) == 1
+    assert "needs kvha's source tree" in capsys.readouterr().err
