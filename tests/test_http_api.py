@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
+from kvha.master.auth import Authenticator
 from kvha.master.http import MAX_TTL, Api, ApiSite
 from kvha.master.memcache import MemcacheStats
 from kvha.master.metrics import registry_for, render
@@ -1116,8 +1117,46 @@ def test_metrics_is_valid_prometheus_text(cluster: Cluster) -> None:
     assert samples[("kvha_data_node_up", (("node", "data3"),))] == 0
     assert ("kvha_memcached_commands_total", (("counter", "cmd_get"),)) in samples
     assert ("kvha_quorum_read_repairs_total", ()) in samples
+    assert samples[("kvha_master_loading", ())] == 0
     head = web.request("HEAD", "/metrics")
     assert head.status == 200 and head.body == b""
+
+
+def test_metrics_show_loading_logins_and_take_overs(cluster: Cluster) -> None:
+    """The start-up LOADING state, login outcomes and a scaling take-over are visible."""
+    auth = Authenticator(cluster.router)
+    master = SimpleNamespace(
+        links=cluster.links,
+        router=cluster.router,
+        memcache_stats=MemcacheStats(cluster.clock),
+        resp_factory=None,
+        api=None,
+        authenticator=auth,
+        cluster_manager=SimpleNamespace(taken_over=("join", "data9")),
+    )
+    registry = registry_for(master)
+    cluster.router.loading = True
+    auth.successes, auth.failures, auth.refused = 3, 12, 2
+
+    def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = render(registry).decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    got = samples()
+    assert got[("kvha_master_loading", ())] == 1
+    assert got[("kvha_logins_total", (("outcome", "success"),))] == 3
+    assert got[("kvha_logins_total", (("outcome", "failure"),))] == 12
+    assert got[("kvha_logins_total", (("outcome", "refused"),))] == 2
+    assert got[("kvha_scaling_taken_over", ())] == 1
+    cluster.router.loading = False
+    master.cluster_manager.taken_over = None
+    got = samples()
+    assert got[("kvha_master_loading", ())] == 0
+    assert got[("kvha_scaling_taken_over", ())] == 0
 
 
 def test_metrics_without_a_registry_is_empty(web: Web) -> None:

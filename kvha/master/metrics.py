@@ -67,6 +67,31 @@ class MasterCollector:
             "Stale copies repaired by quorum reads",
             value=master.router.repairs,
         )
+        yield GaugeMetricFamily(
+            "kvha_master_loading",
+            "1 while the master starts and refuses clients (LOADING), until enough data "
+            "nodes are up to read every key",
+            value=1.0 if master.router.loading else 0.0,
+        )
+        auth = getattr(master, "authenticator", None)
+        if auth is not None:
+            logins = CounterMetricFamily(
+                "kvha_logins",
+                "Logins (Redis AUTH/HELLO, memcached auth set, HTTP bearer tokens) by outcome; "
+                "refused: not checked, the address failed too often",
+                labels=["outcome"],
+            )
+            logins.add_metric(["success"], float(auth.successes))
+            logins.add_metric(["failure"], float(auth.failures))
+            logins.add_metric(["refused"], float(auth.refused))
+            yield logins
+        manager = getattr(master, "cluster_manager", None)
+        if manager is not None:
+            yield GaugeMetricFamily(
+                "kvha_scaling_taken_over",
+                "1 while this master drives a join or leave for a driver it has not heard",
+                value=1.0 if manager.taken_over is not None else 0.0,
+            )
 
 
 def registry_for(master: Any) -> CollectorRegistry:
