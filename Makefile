@@ -8,11 +8,9 @@ PY ?= python3
 ifeq ($(findstring pypy,$(PY)),pypy)
 VENV ?= .venv-pypy
 EXTRAS ?= bench
-HOTPATH ?= hotpath-pypy
 else
 VENV ?= .venv
 EXTRAS ?= test
-HOTPATH ?= hotpath
 endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -51,8 +49,8 @@ lint: $(STAMP)
 # with 100,000 and 1,000,000 records; a few minutes) and bench/hotpath.py (the
 # Python work per request in one process, without sockets: the figure to
 # compare before and after a change).  BENCH_ARGS are kvha bench's options:
-# --quick, --sections data,protocols,memory, --repeats N, --big (1 GB of
-# 10 KiB values in mmap-index).
+# --quick (run.py's replicas-1 target only), --sections data,protocols,memory,
+# --repeats N, --requests N, --big (1 GB of 10 KiB values in mmap-index).
 bench: $(STAMP)
 	$(BIN)/kvha bench $(BENCH_ARGS)
 

@@ -449,12 +449,15 @@ def bench_steps(args: argparse.Namespace, python: str, root: str) -> list[list[s
         run.append("--quick")
     if args.repeats is not None:
         run += ["--repeats", str(args.repeats)]
+    if args.requests is not None:
+        run += ["--requests", str(args.requests)]
     steps = [run]
-    if not args.quick:
-        storage = [python, os.path.join(bench, "storage.py")]
-        if args.big:
-            storage.append("--big")
-        steps.append(storage)
+    if args.quick:
+        return steps  # a quick look: no storage bench, and the hotpath figures stay
+    storage = [python, os.path.join(bench, "storage.py")]
+    if args.big:
+        storage.append("--big")
+    steps.append(storage)
     stem = "hotpath-pypy" if platform.python_implementation() == "PyPy" else "hotpath"
     for replicas in (0, 1):
         out = os.path.join(bench, "results", f"{stem}-r{replicas}.json")
@@ -506,9 +509,14 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         "--sections", help="bench/run.py sections, comma-separated: data,protocols,memory"
     )
     bench.add_argument(
-        "--quick", action="store_true", help="protocols with replicas 1 only; no storage bench"
+        "--quick",
+        action="store_true",
+        help="protocols with replicas 1 only; no storage bench and no hotpath run",
     )
     bench.add_argument("--repeats", type=int, help="runs per figure (default 3)")
+    bench.add_argument(
+        "--requests", type=int, help="redis-benchmark -n per kvha test (default 100,000)"
+    )
     bench.add_argument("--big", action="store_true", help="storage: add 1 GB of 10 KiB values")
     bench.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")
     bench.set_defaults(func=_bench)

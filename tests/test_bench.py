@@ -167,9 +167,13 @@ def test_kvha_bench_runs_what_make_bench_runs(capsys, monkeypatch) -> None:  # t
     monkeypatch.setattr(subprocess, "run", fake_run)
     assert cli.main(["bench", "--quick", "--sections", "protocols", "--repeats", "1"]) == 0
     assert ran[0][0][2:] == ["--sections", "protocols", "--quick", "--repeats", "1"]
-    assert len(ran) == 3  # --quick: no storage bench
+    assert len(ran) == 1  # --quick: run.py alone
     assert ran[0][1].get("PYTHONHASHSEED") == os.environ.get("PYTHONHASHSEED")
-    assert all(env["PYTHONHASHSEED"] == "0" for _step, env in ran[1:])
+    ran.clear()
+    assert cli.main(["bench", "--requests", "5000", "--big"]) == 0
+    assert ran[0][0][2:] == ["--requests", "5000"]
+    assert ran[1][0][2:] == ["--big"]
+    assert all(env["PYTHONHASHSEED"] == "0" for _step, env in ran[2:])
 
 
 def test_kvha_bench_outside_the_source_tree_says_why(capsys, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]

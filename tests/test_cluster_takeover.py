@@ -109,8 +109,8 @@ def test_only_the_smallest_live_master_takes_over() -> None:
         m2.heard["m3"] = reactor.seconds()
         m2._poll()
         m3._poll()
-    assert m3.driving is None  # m3 leaves it to m2
-    assert m2.driving is not None
+    assert m3.driving is None and m3.taken_over is None  # m3 leaves it to m2
+    assert m2.taken_over == ("join", "d9")
 
 
 def test_admin_answers_name_the_master_only_to_authorized_callers() -> None:
@@ -164,3 +164,22 @@ def test_a_taken_over_change_is_dropped_when_it_is_done() -> None:
     m2.adopt(done, "pushed by a peer")
     m2._poll()
     assert m2.taken_over is None
+
+
+def test_a_failed_take_over_waits_before_trying_again() -> None:
+    """A drive that fails (here: no links to stream with) is retried after 2 s, not at
+    every poll."""
+    reactor = MemoryReactorClock()
+    m2 = manager("m2", reactor, join_driven_by_m1(reactor))
+    m2._poll()
+    reactor.advance(5.1)
+    m2._poll()
+    first = m2.driving
+    assert first is not None
+    reactor.advance(1.5)  # the grace passes; streaming fails: no link to the new node
+    assert m2.driving is None
+    m2._poll()
+    assert m2.driving is None  # not at once
+    reactor.advance(2.1)
+    m2._poll()
+    assert m2.driving is not None

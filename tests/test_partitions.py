@@ -506,13 +506,42 @@ def test_redis_logins_are_refused_after_ten_failures_per_address_and_partition(
     assert b"try again in 30 s" in Line(port).send(resp("AUTH", "alpha", ALPHA_PW))
     cluster.clock.advance(30)
     assert Line(port).send(resp("AUTH", "alpha", ALPHA_PW)) == OK  # the window has passed
-    # A success clears the count: nine more failures do not block.
-    for _ in range(9):
+    # A success does not clear the count (behind a shared address it would clear a
+    # guesser's): failures expire with the window only.
+    for _ in range(5):
         assert conn.send(resp("AUTH", "alpha", "wrong-password")) == WRONGPASS
     assert conn.send(resp("AUTH", "alpha", ALPHA_PW)) == OK
-    for _ in range(9):
+    for _ in range(5):
         assert conn.send(resp("AUTH", "alpha", "wrong-password")) == WRONGPASS
-    assert conn.send(resp("AUTH", "alpha", ALPHA_PW)) == OK
+    assert conn.send(resp("AUTH", "alpha", ALPHA_PW)).startswith(b"-ERR " + LIMITED)
+
+
+def test_guesses_sent_at_once_get_no_more_checks_than_the_limit(cluster: Cluster) -> None:
+    """Checks still running count: 30 AUTHs on 30 connections at once, 10 checked."""
+    verifier = Verifier()
+    port = redis_port(cluster, authenticator=Authenticator(cluster.router, verifier))
+    conns = [Line(port) for _ in range(30)]
+    answers = [c.send(resp("AUTH", "alpha", f"guess-{i}")) for i, c in enumerate(conns)]
+    assert verifier.calls == 10
+    assert sum(a.startswith(b"-ERR " + LIMITED) for a in answers) == 20
+    verifier.finish()
+    assert [c.take() for c in conns[:10]] == [WRONGPASS] * 10
+    assert Line(port).send(resp("AUTH", "alpha", ALPHA_PW)).startswith(b"-ERR " + LIMITED)
+
+
+def test_made_up_partition_names_count_as_one_and_cannot_flush_the_table(
+    cluster: Cluster,
+) -> None:
+    auth = Authenticator(cluster.router)
+    port = redis_port(cluster, authenticator=auth)
+    conn = Line(port)
+    for _ in range(10):
+        assert conn.send(resp("AUTH", "alpha", "wrong-password")) == WRONGPASS
+    for i in range(12_000):
+        conn.send(resp("AUTH", f"no-such-{i}", "x"))
+    assert len(auth._failed) == 2  # (address, alpha) and (address, any unknown name)
+    assert conn.send(resp("AUTH", "alpha", ALPHA_PW)).startswith(b"-ERR " + LIMITED)
+    assert conn.send(resp("AUTH", "beta", BETA_PW)) == OK
 
 
 def test_a_refused_login_costs_no_password_check(cluster: Cluster) -> None:
@@ -530,15 +559,23 @@ def test_a_refused_login_costs_no_password_check(cluster: Cluster) -> None:
 
 
 def test_memcached_logins_are_refused_after_ten_failures(cluster: Cluster) -> None:
-    conn = Line(memcached_port(cluster, b"alpha"))
+    auth = Authenticator(cluster.router)  # one master: its ports share the counts
+    conn = Line(memcached_port(cluster, b"alpha", authenticator=auth))
     failure = b"CLIENT_ERROR authentication failure\r\n"
     for _ in range(10):
         assert conn.send(mc_auth("alpha", "wrong-password")) == failure
     assert conn.send(mc_auth("alpha", ALPHA_PW)).startswith(b"CLIENT_ERROR " + LIMITED)
     # The data block was read: the next command is parsed as a command.
     assert conn.send(b"get k\r\n") == b"CLIENT_ERROR unauthenticated\r\n"
-    other = Line(memcached_port(cluster, b"alpha"), peer="10.0.0.7")
+    other = Line(memcached_port(cluster, b"alpha", authenticator=auth), peer="10.0.0.7")
     assert other.send(mc_auth("alpha", ALPHA_PW)) == b"STORED\r\n"
+    # On an anonymous port, a refused first-command login leaves the connection
+    # unauthenticated, never in the anonymous partition (as a failed one does).
+    anon = Line(memcached_port(cluster, authenticator=auth))
+    assert anon.send(mc_auth("alpha", ALPHA_PW)).startswith(b"CLIENT_ERROR " + LIMITED)
+    assert anon.send(b"set k 0 0 1\r\nv\r\n") != b"STORED\r\n"
+    assert anon.send(b"get k\r\n") == b"CLIENT_ERROR unauthenticated\r\n"
+    assert stored(cluster, b"default", b"k") == [None, None]
 
 
 def test_http_tokens_are_refused_after_ten_failures(cluster: Cluster) -> None:

@@ -915,6 +915,7 @@ def test_serving_needs_one_copy_of_every_key_or_a_majority_with_quorum_reads() -
     assert q.router.serving()  # two copies of every key up: a majority of three
     q.kill("data2")
     assert not q.router.serving()  # one copy would do for "default", not for "q"
+    assert q.router.serving(quorum=False)  # /health: every key still has a copy
     q.router.set_partitions([PartitionPolicy("default")])
     assert q.router.serving()
     q.stop()

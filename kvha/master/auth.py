@@ -18,11 +18,14 @@ Failed attempts are counted per client address and partition: after
 ``max_failures`` within ``window`` seconds, every attempt from that address
 on that partition is refused at once (:class:`TooManyFailures`, without a
 check, right password or not) until the oldest of those failures is
-``window`` old.  That bounds both password guessing and the CPU an address
-can make the master spend on scrypt.  Counting per partition keeps a client
-with a wrong password from locking everyone else behind the same address (a
-load balancer in ``proxy`` mode, a NAT) out of their own partitions.  A
-success clears the count.
+``window`` old.  Checks still running count against that budget, so
+guesses sent at once on many connections get no more checks.  That bounds
+both password guessing and the CPU an address can make the master spend on
+scrypt.  Counting per partition keeps a client with a wrong password from
+locking everyone else behind the same address (a load balancer in ``proxy``
+mode, a NAT) out of their own partitions; names of partitions that do not
+exist count as one, so they cannot crowd out the table.  A success does not
+clear the count: behind a shared address it would reset a guesser's too.
 """
 
 from __future__ import annotations
@@ -109,6 +112,8 @@ class Authenticator:
         #: Per (client address, partition), the times of its recent failures
         #: (router.clock seconds).
         self._failed: OrderedDict[tuple[str, bytes], deque[float]] = OrderedDict()
+        #: Per (client address, partition), password checks still running.
+        self._checking: dict[tuple[str, bytes], int] = {}
 
     def _recent(self, peer: tuple[str, bytes], now: float) -> Optional[deque[float]]:
         times = self._failed.get(peer)
@@ -127,15 +132,18 @@ class Authenticator:
             return
         now = self.router.clock.seconds()
         times = self._recent(peer, now)
-        if times is not None and len(times) >= self.max_failures:
+        failed = 0 if times is None else len(times)
+        if failed + self._checking.get(peer, 0) >= self.max_failures:
             self.refused += 1
-            raise TooManyFailures(max(1, math.ceil(times[0] + self.window - now)))
+            if times is not None and failed >= self.max_failures:
+                wait = times[0] + self.window - now
+            else:
+                wait = 1.0  # checks still running: their outcome decides
+            raise TooManyFailures(max(1, math.ceil(wait)))
 
     def _outcome(self, ok: bool, peer: Optional[tuple[str, bytes]]) -> bool:
         if ok:
             self.successes += 1
-            if peer is not None:
-                self._failed.pop(peer, None)
             return True
         self.failures += 1
         if peer is not None and self.max_failures:
@@ -144,10 +152,18 @@ class Authenticator:
             if times is None:
                 times = self._failed[peer] = deque(maxlen=self.max_failures)
                 if len(self._failed) > MAX_TRACKED:
-                    self._failed.popitem(last=False)
+                    self._evict(now)
             times.append(now)
             self._failed.move_to_end(peer)
         return False
+
+    def _evict(self, now: float) -> None:
+        """Forget the least recently failing entry that is not blocking anyone."""
+        for key, times in self._failed.items():
+            if len(times) < self.max_failures or times[0] <= now - self.window:
+                del self._failed[key]
+                return
+        self._failed.popitem(last=False)  # every entry blocks: the oldest goes
 
     def anonymous(self, partition: bytes) -> bool:
         """Whether a connection with no credentials may use ``partition``."""
@@ -165,9 +181,11 @@ class Authenticator:
         failures on ``partition`` are counted; raises :class:`TooManyFailures`
         when it has failed there too often.
         """
-        key = None if peer is None else (peer, partition)
-        self._blocked(key)
         policy = self.router.policies.get(partition)
+        # Names that are not partitions count as one: made-up names must not
+        # fill the table (or push a blocked entry out of it).
+        key = None if peer is None else (peer, partition if policy is not None else b"")
+        self._blocked(key)
         if policy is None:
             return self._outcome(False, key)
         if policy.password_hash is None:
@@ -177,9 +195,21 @@ class Authenticator:
         tag = hmac.new(self._key, partition + b"\x00" + password, hashlib.sha256).digest()
         if tag in policy.verified:
             return self._outcome(True, key)
+        if key is not None:
+            self._checking[key] = self._checking.get(key, 0) + 1
         d = self._verify(password, policy.password_hash)
+        d.addBoth(self._checked, key)
         d.addCallback(self._verified, policy, tag, key)
         return d
+
+    def _checked(self, result: Any, key: Optional[tuple[str, bytes]]) -> Any:
+        if key is not None:
+            left = self._checking.get(key, 1) - 1
+            if left > 0:
+                self._checking[key] = left
+            else:
+                self._checking.pop(key, None)
+        return result
 
     def _verified(
         self, ok: bool, policy: PartitionPolicy, tag: bytes, peer: Optional[tuple[str, bytes]]

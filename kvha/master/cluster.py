@@ -172,6 +172,8 @@ class ClusterManager:
         self._pending_seen: tuple[Any, float] = (None, 0.0)
         #: (kind, node) of the pending change this master drives for a silent driver.
         self.taken_over: Optional[tuple[str, str]] = None
+        #: After a failed scaling step, no new attempt before this time.
+        self._retry_at = 0.0
         self.driving: Optional[Deferred] = None
         self.progress: dict[str, Any] = {}
         self._loop: Optional[task.LoopingCall] = None
@@ -268,7 +270,7 @@ class ClusterManager:
         if self._pending_seen[0] != key:
             self._pending_seen = (key, now)
             self.taken_over = None
-        if self.driving is not None:
+        if self.driving is not None or now < self._retry_at:
             return
         driver = pending.get("driver", "")
         last = max(self.heard.get(driver, 0.0), self._pending_seen[1])
@@ -399,6 +401,7 @@ class ClusterManager:
 
     def _drive_failed(self, failure: Any) -> None:
         log.failure("scaling step failed; retrying in 2 s", failure)
+        self._retry_at = self.reactor.seconds() + 2.0  # a take-over waits as long
         self.reactor.callLater(2.0, self._maybe_drive)
 
     @defer.inlineCallbacks

@@ -389,7 +389,7 @@ class Api(Resource):
 
     def _health(self, request: Request) -> bytes:
         links = self.router.links.values()
-        ok = self.router.serving() and not self.router.loading
+        ok = self.router.serving(quorum=False) and not self.router.loading
         request.setResponseCode(200 if ok else 503)
         if self.router.loading:
             request.setHeader("Retry-After", b"1")

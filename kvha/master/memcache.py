@@ -406,6 +406,7 @@ class MemcacheProtocol(OrderedReplies):
             answer = self.factory.authenticator.check(name, password, peer_host(peer))
         except TooManyFailures as e:
             log.warn("memcached client {peer}: login not checked: {why}", peer=peer, why=str(e))
+            self._auth_refused()
             self.reply(b"CLIENT_ERROR %s\r\n" % str(e).encode())
             return True
         if not isinstance(answer, Deferred):
@@ -426,6 +427,13 @@ class MemcacheProtocol(OrderedReplies):
         answer.addCallbacks(done, failed)
         return True
 
+    def _auth_refused(self) -> None:
+        """A client that tried to authenticate is never left in the anonymous
+        partition: it stays unauthenticated and may try again."""
+        self.partition = NO_PARTITION
+        self.stats = self.factory.stats
+        self._gate = True
+
     def _auth_done(self, ok: bool, name: bytes) -> bytes:
         peer = self.transport.getPeer() if self.transport is not None else None
         if ok:
@@ -438,11 +446,7 @@ class MemcacheProtocol(OrderedReplies):
                 partition=name.decode("utf-8", "replace"),
             )
             return STORED
-        # A client that tried to authenticate is never left in the anonymous
-        # partition: it stays unauthenticated and may try again.
-        self.partition = NO_PARTITION
-        self.stats = self.factory.stats
-        self._gate = True
+        self._auth_refused()
         log.warn(
             "memcached client {peer}: authentication to partition {partition} failed",
             peer=peer,

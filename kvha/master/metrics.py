@@ -77,8 +77,9 @@ class MasterCollector:
         if auth is not None:
             logins = CounterMetricFamily(
                 "kvha_logins",
-                "Logins (Redis AUTH/HELLO, memcached auth set, HTTP bearer tokens) by outcome; "
-                "refused: not checked, the address failed too often",
+                "Logins (Redis AUTH/HELLO, memcached auth set, HTTP bearer tokens: every "
+                "HTTP request with one) by outcome; refused: not checked, the address "
+                "failed too often",
                 labels=["outcome"],
             )
             logins.add_metric(["success"], float(auth.successes))

@@ -258,16 +258,19 @@ class Router:
         #: taking writes they could not read back.  Set and cleared by the master.
         self.loading = False
 
-    def serving(self) -> bool:
+    def serving(self, quorum: bool = True) -> bool:
         """Whether every key can be read: enough data nodes are up.
 
-        A read needs one copy up, or a majority of the copies in a partition
-        with ``read: quorum``.  With ``copies`` copies of each key on distinct
-        nodes, any ``nodes - copies + needed`` nodes up hold ``needed`` copies
-        of every key.
+        A read needs one copy up, or (with ``quorum``, as a starting master
+        asks before it leaves LOADING) a majority of the copies in a
+        partition with ``read: quorum``.  With ``copies`` copies of each key
+        on distinct nodes, any ``nodes - copies + needed`` nodes up hold
+        ``needed`` copies of every key.  ``/health`` asks for one copy only:
+        a load balancer that dropped every master because one partition
+        cannot reach a majority would cut off all the others too.
         """
         needed = 1
-        if any(p.read == "quorum" for p in self.policies.values()):
+        if quorum and any(p.read == "quorum" for p in self.policies.values()):
             needed = self.copies // 2 + 1
         up = sum(1 for link in self.links.values() if link.state == "up")
         return up >= needed and up >= len(self.links) - self.copies + needed

@@ -249,6 +249,9 @@ def test_partition_cli_quotas_and_password_changes(
                 state_dir=f"{nodes.tmp_path}/master{j + 1}",
                 peers=[f"http://127.0.0.1:{http_ports[1 - j]}"],
                 http={"listen": f"tcp:{http_ports[j]}:interface=127.0.0.1"},
+                # This test polls with stale passwords until changes spread: no
+                # failed-login limit (the other test here checks it).
+                limits={"auth_failures": 0},
             )
         )
         masters[-1].ports["http"] = http_ports[j]  # type: ignore[attr-defined]
