@@ -1086,15 +1086,21 @@ def test_cors_preflight(web: Web) -> None:
 # /metrics -------------------------------------------------------------------------------------
 
 
-def test_metrics_is_valid_prometheus_text(cluster: Cluster) -> None:
-    """/metrics parses as Prometheus text and counts HTTP requests and errors by code."""
-    master = SimpleNamespace(
+def stand_in_master(cluster: Cluster, **more: Any) -> SimpleNamespace:
+    """What the metrics collector reads of a master, over an in-process cluster."""
+    return SimpleNamespace(
         links=cluster.links,
         router=cluster.router,
         memcache_stats=MemcacheStats(cluster.clock),
         resp_factory=None,
         api=None,
+        **more,
     )
+
+
+def test_metrics_is_valid_prometheus_text(cluster: Cluster) -> None:
+    """/metrics parses as Prometheus text and counts HTTP requests and errors by code."""
+    master = stand_in_master(cluster)
     registry = registry_for(master)
     web = Web(cluster, metrics=lambda: render(registry))
     master.api = web.api
@@ -1125,12 +1131,8 @@ def test_metrics_is_valid_prometheus_text(cluster: Cluster) -> None:
 def test_metrics_show_loading_logins_and_take_overs(cluster: Cluster) -> None:
     """The start-up LOADING state, login outcomes and a scaling take-over are visible."""
     auth = Authenticator(cluster.router)
-    master = SimpleNamespace(
-        links=cluster.links,
-        router=cluster.router,
-        memcache_stats=MemcacheStats(cluster.clock),
-        resp_factory=None,
-        api=None,
+    master = stand_in_master(
+        cluster,
         authenticator=auth,
         cluster_manager=SimpleNamespace(taken_over=("join", "data9")),
     )
