@@ -183,3 +183,26 @@ def test_a_failed_take_over_waits_before_trying_again() -> None:
     reactor.advance(2.1)
     m2._poll()
     assert m2.driving is not None
+
+
+def test_one_poll_at_a_time_per_peer_and_a_silent_peer_is_given_up() -> None:
+    """A peer that accepts and never answers gets one poll at a time, given up after
+    POLL_TIMEOUT, instead of a new request every poll interval piling up."""
+    from kvha.master.cluster import POLL_TIMEOUT
+
+    reactor = MemoryReactorClock()
+    master = SimpleNamespace(
+        reactor=reactor,
+        config=SimpleNamespace(id="m2", merge=MergeConfig()),
+        adopt_map=lambda m: None,
+        links={},
+    )
+    mgr = ClusterManager(master, initial_map(NODES, 1, 16, []), None, ["http://127.0.0.1:9"], TOKEN)
+    for _ in range(5):
+        mgr._poll()
+        reactor.advance(0.25)
+    assert len(reactor.tcpClients) == 1  # one request out, not five
+    reactor.advance(POLL_TIMEOUT)
+    assert mgr.peer_epochs["http://127.0.0.1:9"] is None
+    mgr._poll()
+    assert len(reactor.tcpClients) == 2  # given up, then polled again

@@ -55,6 +55,9 @@ from kvha.webclient import BytesBody
 
 log = Logger()
 
+#: Seconds a poll of a peer's map may take before it is given up.
+POLL_TIMEOUT = 2.0
+
 
 class Conflict(Exception):
     """Another change won; the message names it."""
@@ -167,6 +170,8 @@ class ClusterManager:
         self.peer_epochs: dict[str, Optional[int]] = {p: None for p in self.peers}
         #: When this master last heard each peer master, by id (from a poll's answer).
         self.heard: dict[str, float] = {}
+        #: Peers with a poll out.
+        self._polling: set[str] = set()
         #: The pending change (epoch, driver) seen, and since when: a take-over waits
         #: ``takeover_after`` from then, so a master that just started does not take over.
         self._pending_seen: tuple[Any, float] = (None, 0.0)
@@ -232,8 +237,13 @@ class ClusterManager:
     def _poll(self) -> None:
         self._maybe_take_over()
         for peer in self.peers:
+            if peer in self._polling:
+                continue  # the last poll is still out: one at a time per peer
             d = self.agent.request(b"GET", (peer + "/v1/admin/cluster").encode(), self._headers())
             d.addCallback(self._answered)
+            # A peer that accepts and never answers must not pile up requests.
+            d.addTimeout(POLL_TIMEOUT, self.reactor)
+            self._polling.add(peer)
 
             def got(body: bytes, peer: str = peer) -> None:
                 doc = json.loads(body)
@@ -243,7 +253,15 @@ class ClusterManager:
             def failed(f: Any, peer: str = peer) -> None:
                 self.peer_epochs[peer] = None
 
+            def done(_: Any, peer: str = peer) -> None:
+                self._polling.discard(peer)
+
+            def broke(f: Any, peer: str = peer) -> None:
+                log.failure("taking the map polled from {peer} failed", f, peer=peer)
+
             d.addCallbacks(got, failed)
+            d.addErrback(broke)
+            d.addBoth(done)
 
     def _answered(self, response: Any) -> Deferred:
         """A peer answered a poll: note which master it is, then read the map."""
