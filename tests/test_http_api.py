@@ -955,7 +955,7 @@ def test_starting_master_answers_503_until_it_serves(web: Web) -> None:
     router = web.cluster.router
     router.loading = True
     health = web.get("/health")
-    assert health.status == 503 and health.json()["status"] == "unavailable"
+    assert health.status == 503 and health.json()["status"] == "loading"
     assert health.headers["Retry-After"] == "1"
     put = web.put("/v1/p/default/k/a", b"v")
     assert put.status == 503

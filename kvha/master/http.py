@@ -396,7 +396,7 @@ class Api(Resource):
         request.setHeader("Content-Type", b"application/json")
         return json.dumps(
             {
-                "status": "ok" if ok else "unavailable",
+                "status": "ok" if ok else "loading" if self.router.loading else "unavailable",
                 "data_nodes": {link.node_id: link.state for link in links},
             }
         ).encode()
