@@ -130,6 +130,8 @@ class Authenticator:
         """Raise TooManyFailures if ``peer`` (address, partition) has used up its failures."""
         if peer is None or not self.max_failures:
             return
+        if peer not in self._failed and peer not in self._checking:
+            return  # the usual case: nothing to count
         now = self.router.clock.seconds()
         times = self._recent(peer, now)
         failed = 0 if times is None else len(times)

@@ -46,7 +46,7 @@ from twisted.web.server import Request
 from kvha.data.store import Status, StoreMode
 from kvha.master.auth import Authenticator, TooManyFailures, peer_host
 from kvha.master.limits import ConnectionBudget
-from kvha.master.router import RETRYABLE, OutOfSpace, Router, Unavailable
+from kvha.master.router import LOADING_WHY, RETRYABLE, OutOfSpace, Router, Unavailable
 from kvha.record import Record
 
 log = Logger()
@@ -292,9 +292,7 @@ class Api(Resource):
         if len(segments) >= 3 and segments[0] == b"v1" and segments[1] == b"p":
             if self.router.loading:
                 request.setHeader("Retry-After", b"1")
-                raise HttpError(
-                    503, "kvha is starting: too few data nodes are up yet to read every key"
-                )
+                raise HttpError(503, f"kvha is starting: {LOADING_WHY}")
             partition = unquote_to_bytes(segments[2])
             if partition not in self.router.policies:
                 raise HttpError(404, f"unknown partition {partition.decode(errors='replace')!r}")

@@ -42,7 +42,7 @@ from kvha.flush import TurnFlusher, no_delay
 from kvha.master.auth import NO_PARTITION, Authenticator, TooManyFailures, peer_host
 from kvha.master.limits import ConnectionBudget
 from kvha.master.pipeline import ClientFactory, OrderedReplies
-from kvha.master.router import Router
+from kvha.master.router import LOADING_WHY, Router
 from kvha.record import Record, absolute_expiry_ms
 
 log = Logger()
@@ -59,7 +59,7 @@ BAD_CHUNK = b"CLIENT_ERROR bad data chunk\r\n"
 TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
 #: While the master is starting (Router.loading): every command but these fails,
 #: ``version`` too, so that a load balancer's probe fails until data can be read.
-LOADING = b"SERVER_ERROR loading: too few data nodes are up yet to read every key\r\n"
+LOADING = f"SERVER_ERROR loading: {LOADING_WHY}\r\n".encode()
 OK_LOADING = frozenset((b"stats", b"quit", b"verbosity"))
 LINE_TOO_LONG = b"CLIENT_ERROR line too long\r\n"
 BAD_DELTA = b"CLIENT_ERROR invalid numeric delta argument\r\n"
@@ -351,14 +351,14 @@ class MemcacheProtocol(OrderedReplies):
         if self._gate:
             self._gated(cmd, tokens, handler)
             return
-        if self._loading_refuses(cmd, handler):
+        if self.router.loading and self._loading_refuses(cmd, handler):
             return
         handler(self, tokens)
 
     def _loading_refuses(self, cmd: bytes, handler: Any) -> bool:
-        """Refuse ``cmd`` while the master is starting (storage commands once their
-        data block is read, in :meth:`_take_data`)."""
-        if self.router.loading and cmd not in OK_LOADING and handler is not _STORAGE:
+        """Refuse ``cmd`` (the master is starting): storage commands once their data
+        block is read, in :meth:`_take_data`."""
+        if cmd not in OK_LOADING and handler is not _STORAGE:
             self.reply(LOADING)
             return True
         return False
@@ -381,7 +381,7 @@ class MemcacheProtocol(OrderedReplies):
         elif cmd not in _BEFORE_AUTH:
             self.reply(UNAUTHENTICATED)
             return
-        if self._loading_refuses(cmd, handler):
+        if self.router.loading and self._loading_refuses(cmd, handler):
             return
         handler(self, tokens)
         if self._pending_data is None:
@@ -890,7 +890,7 @@ class MemcacheProtocol(OrderedReplies):
             ("threads", 1),
             ("curr_items", records // copies),
             ("bytes", nbytes // copies),
-            ("data_nodes_up", sum(1 for link in self.router.links.values() if link.state == "up")),
+            ("data_nodes_up", self.router.links_up()),
             ("data_nodes", len(self.router.links)),
             ("loading", int(self.router.loading)),  # 1 while the master starts (LOADING)
         ]

@@ -33,7 +33,7 @@ from kvha.master.auth import NO_PARTITION, Authenticator, TooManyFailures, peer_
 from kvha.master.limits import ConnectionBudget
 from kvha.master.pipeline import ClientFactory, OrderedReplies
 from kvha.master.resp3 import map_reply, to_resp3
-from kvha.master.router import Change, OutOfSpace, Router
+from kvha.master.router import LOADING_WHY, Change, OutOfSpace, Router
 from kvha.record import Record
 
 log = Logger()
@@ -72,7 +72,7 @@ E_NOAUTH_HELLO = (
 )
 E_OOM = b"-OOM command not allowed when used memory > 'maxmemory'.\r\n"
 #: While the master is starting (Router.loading), as Redis while it loads its dataset.
-E_LOADING = b"-LOADING kvha is starting: too few data nodes are up yet to read every key\r\n"
+E_LOADING = f"-LOADING kvha is starting: {LOADING_WHY}\r\n".encode()
 #: Commands a connection may send before it has a partition.  PING is one
 #: (Redis refuses it) so that load-balancer health checks need no password.
 NO_AUTH_COMMANDS = frozenset(("auth", "hello", "quit", "ping"))
@@ -943,7 +943,7 @@ class RespProtocol(OrderedReplies):
         def render(node_stats: dict[str, dict[str, str]]) -> bytes:
             factory = self.factory
             now = self.clock.seconds()
-            up = sum(1 for link in self.router.links.values() if link.state == "up")
+            up = self.router.links_up()
             lines: list[str] = []
             if b"server" in chosen:
                 lines += [

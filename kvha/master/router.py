@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+#: Why a starting master refuses clients (Router.loading), in every protocol's error.
+LOADING_WHY = "too few data nodes are up yet to read every key"
+
 #: Errors after which a read tries the next copy.
 RETRYABLE = (NodeUnavailable, RequestTimeout, DataNodeError)
 
@@ -272,8 +275,12 @@ class Router:
         needed = 1
         if quorum and any(p.read == "quorum" for p in self.policies.values()):
             needed = self.copies // 2 + 1
-        up = sum(1 for link in self.links.values() if link.state == "up")
+        up = self.links_up()
         return up >= needed and up >= len(self.links) - self.copies + needed
+
+    def links_up(self) -> int:
+        """How many data nodes are up (readable)."""
+        return sum(1 for link in self.links.values() if link.state == "up")
 
     def policy(self, partition: bytes) -> PartitionPolicy:
         policy = self.policies.get(partition)

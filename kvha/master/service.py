@@ -223,23 +223,28 @@ class MasterNode(service.MultiService):
     def _link_changed(self, link: NodeLink, old: str, state: str) -> None:
         if state != DOWN:
             self.push_partitions([link])
+        self._maybe_end_loading()
+
+    def _maybe_end_loading(self) -> None:
         if self.router.loading and self.router.serving():
             self._end_loading("enough data nodes are up to read every key")
 
-    def _end_loading(self, why: str, level: LogLevel = LogLevel.info) -> None:
-        """Start serving data commands (see Router.loading)."""
+    def _cancel_startup_timer(self) -> None:
         if self._startup_timer is not None and self._startup_timer.active():
             self._startup_timer.cancel()
         self._startup_timer = None
+
+    def _end_loading(self, why: str, level: LogLevel = LogLevel.info) -> None:
+        """Start serving data commands (see Router.loading)."""
+        self._cancel_startup_timer()
         if not self.router.loading:
             return
         self.router.loading = False
-        links = self.links.values()
         log.emit(
             level,
             "serving clients: {why} ({up} of {nodes} data nodes up)",
             why=why,
-            up=sum(1 for link in links if link.state == "up"),
+            up=self.router.links_up(),
             nodes=len(self.links),
         )
 
@@ -301,8 +306,7 @@ class MasterNode(service.MultiService):
             self.partition_entries = list(entries)
             self.router.set_partitions(self._policies_for(self.partition_entries))
         self.push_partitions()
-        if self.router.loading and self.router.serving():
-            self._end_loading("enough data nodes are up to read every key")
+        self._maybe_end_loading()
 
     def startService(self) -> None:
         for link in self.links.values():
@@ -317,9 +321,7 @@ class MasterNode(service.MultiService):
         super().startService()
 
     def stopService(self) -> Any:
-        if self._startup_timer is not None and self._startup_timer.active():
-            self._startup_timer.cancel()
-        self._startup_timer = None
+        self._cancel_startup_timer()
         self.merger.stop()
         if self.cluster_manager is not None:
             self.cluster_manager.stop()
