@@ -103,6 +103,17 @@ def _kernel_cluster(nodes: Any, vips: list[str], **extra: Any) -> tuple[Any, ...
     return data, masters, lb1, lb2
 
 
+def _hand_over(load: Any, end_lb1: Any, lb2: Any, vip: str) -> None:
+    """Under a steady ``load``, end lb1 (``kill`` or ``stop``): lb2 holds the VIP with its
+    own table alone, and new connections succeed through it."""
+    wait_until(lambda: load.successes_since(time.monotonic() - 0.5) > 50, 5, "a steady load")
+    end_lb1()
+    wait_until(lambda: lb_status(lb2)["holds_vip"], 3, "lb2 to hold the VIP")
+    assert nft_tables(vip) == [table_prefix(vip) + "lb2"]
+    mark = time.monotonic()
+    wait_until(lambda: load.successes_since(mark, new_connections=True) > 100, 10, "load")
+
+
 def _http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
@@ -162,12 +173,7 @@ def test_kernel_forwarding_survives_kill_9_of_a_master_and_of_the_active_lb(
     # kill -9 of the active load balancer: its table goes on forwarding until lb2,
     # ACTIVE, replaces it in one transaction.  No client notices.
     with Load(vip, port, threads=3, ops_per_conn=10, prefix="l") as load:
-        wait_until(lambda: load.successes_since(time.monotonic() - 0.5) > 50, 5, "a steady load")
-        lb1.kill()
-        wait_until(lambda: lb_status(lb2)["holds_vip"], 3, "lb2 to hold the VIP")
-        assert nft_tables(vip) == [prefix + "lb2"]
-        mark = time.monotonic()
-        wait_until(lambda: load.successes_since(mark, new_connections=True) > 100, 10, "load")
+        _hand_over(load, lb1.kill, lb2, vip)
     assert load.errors == []
     assert read_back(vip, port, load.acked) == []
     # A clean stop deletes the table, and the VIP port is then refused, not hung.
@@ -191,12 +197,7 @@ def test_kernel_forwarding_hands_the_vip_over_cleanly_on_stop_and_preemption(
     vip, port = lb1.vip, lb1.vip_ports["redis"]
     prefix = table_prefix(vip)
     with Load(vip, port, threads=3, ops_per_conn=10, prefix="h") as load:
-        wait_until(lambda: load.successes_since(time.monotonic() - 0.5) > 50, 5, "a steady load")
-        lb1.stop()
-        wait_until(lambda: lb_status(lb2)["holds_vip"], 3, "lb2 to hold the VIP")
-        assert nft_tables(vip) == [prefix + "lb2"]
-        mark = time.monotonic()
-        wait_until(lambda: load.successes_since(mark, new_connections=True) > 100, 10, "load")
+        _hand_over(load, lb1.stop, lb2, vip)
         lb1.start(wait=True)  # priority 150 > 100, preempt: it takes the VIP back
         wait_until(lambda: lb_status(lb1)["holds_vip"], 5, "lb1 to hold the VIP again")
         wait_until(lambda: lb_status(lb2)["state"] == "BACKUP", 3, "lb2 to yield")
