@@ -481,7 +481,8 @@ def render(results: dict[str, Any]) -> list[str]:
         " write nftables DNAT instead (`forward: kernel`).  `"
         + FLOOR
         + "` is bench/floor.py: a Python process on kvha's reactor that passes each"
-        " request to a second one and the `+OK` back, parsing nothing: one hop through"
+        " request to a second one and the `+OK` back, parsing nothing, and sends replies"
+        " as a master does (once per turn, straight to the socket): one hop through"
         " Python and back, the floor under any master before it does any work."
         + (
             f"  Kernel forwarding was {results['kernel_forwarding']}."

@@ -92,10 +92,11 @@ def test_interleaved_rounds_combine_into_the_median_run_of_each_test() -> None:
 
 def test_floor_relay_answers_each_client_as_many_replies_as_it_sent_commands() -> None:
     """bench/floor.py: requests go out in order, once per turn; replies split by count,
-    whatever the reads' boundaries."""
+    whatever the reads' boundaries, and each client's leave once per turn, as a master's."""
     from twisted.internet.testing import StringTransport as Plain
 
     from bench.floor import Backend, Client, Link
+    from kvha.flush import TurnFlusher
 
     class StringTransport(Plain):
         def setTcpNoDelay(self, enabled: bool) -> None:
@@ -122,8 +123,20 @@ def test_floor_relay_answers_each_client_as_many_replies_as_it_sent_commands() -
     backend.dataReceived(link.transport.value())
     replies = backend.transport.value()
     assert replies == b"+OK\r\n" * 4
-    link.dataReceived(replies[:7])  # one reply and a piece of the next
-    link.dataReceived(replies[7:])
+    flushes: list = []
+
+    class TurnEnd:  # a reactor with turn-end calls, as kvha's
+        call_at_turn_end = flushes.append
+
+    Client.flusher = TurnFlusher(TurnEnd())  # type: ignore[arg-type]
+    try:
+        link.dataReceived(replies[:7])  # one reply and a piece of the next
+        link.dataReceived(replies[7:])
+        assert a.transport.value() == b.transport.value() == b""  # replies wait for the turn's end
+        assert len(flushes) == 1
+        flushes.pop()()
+    finally:
+        del Client.flusher
     assert a.transport.value() == b"+OK\r\n" * 3
     assert b.transport.value() == b"+OK\r\n"
     assert not link.waiting
