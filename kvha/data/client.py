@@ -240,6 +240,36 @@ class DataClientProtocol(BufferedWrites, Protocol):
         """Like request_frame(), answered by plain functions instead of a Deferred."""
         self.out(build(self._pend(_Callbacks(on_reply, on_error)), *args))
 
+    def apply_cb(
+        self,
+        partition: bytes,
+        key: bytes,
+        packed: bytes,
+        on_done: Callable[[Result], None],
+        on_fail: Callable[[BaseException], None],
+    ) -> None:
+        """One Apply, answered by plain functions (the write hot path, in one call)."""
+        request_id = self._next_id
+        self._next_id = (request_id + 1) & 0xFFFFFFFF or 1
+        self.pending[request_id] = (
+            _AppliedCallbacks(packed, on_done, on_fail),
+            self.clock.seconds(),
+        )
+        self.out(wire.apply_frame(request_id, partition, key, packed))
+
+    def get_cb(
+        self,
+        partition: bytes,
+        key: bytes,
+        on_done: Callable[[Optional[Record]], None],
+        on_fail: Callable[[BaseException], None],
+    ) -> None:
+        """One Get without tombstones, answered by plain functions (the read hot path)."""
+        request_id = self._next_id
+        self._next_id = (request_id + 1) & 0xFFFFFFFF or 1
+        self.pending[request_id] = (_RecordCallbacks(on_done, on_fail), self.clock.seconds())
+        self.out(wire.get_frame(request_id, partition, key, 0))
+
     def request(self, msg: wire.Message) -> Deferred:
         """Send ``msg``; the Deferred fires with the reply message."""
         d: Deferred = Deferred()
@@ -389,6 +419,48 @@ def _decode_result(body: bytes) -> wire.Message:
     if 5 + n != len(body):
         raise wire.WireError("malformed Result")
     return wire.Result(status, body[5:])
+
+
+class _AppliedCallbacks(_Callbacks):
+    """An Apply's waiter: ``on_reply`` gets the Result (see :func:`_applied`), not the message."""
+
+    __slots__ = ("sent",)
+
+    def __init__(
+        self,
+        sent: bytes,
+        on_reply: Callable[[Any], None],
+        on_error: Callable[[BaseException], None],
+    ) -> None:
+        self.sent = sent
+        self.on_reply = on_reply
+        self.on_error = on_error
+
+    def callback(self, msg: Any) -> None:
+        try:
+            status = _STATUSES[msg.status]
+            packed = msg.packed
+            if not packed and status is _STORED:
+                self.on_reply(Result(status, self.sent))
+            else:
+                self.on_reply(Result(status, packed or None))
+        except Exception:
+            log.failure("a data-node reply handler failed")
+
+
+class _RecordCallbacks(_Callbacks):
+    """A Get's waiter: ``on_reply`` gets the Record, or None."""
+
+    __slots__ = ()
+
+    def callback(self, msg: Any) -> None:
+        try:
+            self.on_reply(unpack(msg.packed) if msg.packed else None)
+        except Exception:
+            log.failure("a data-node reply handler failed")
+
+
+_STORED = Status.STORED
 
 
 def _result(msg: wire.Result) -> Result:
@@ -561,14 +633,11 @@ class DataNodeClient:
         on_fail: Callable[[BaseException], None],
     ) -> None:
         """:meth:`get` without a Deferred: ``on_done(record or None)`` or ``on_fail(error)``."""
-        self._request_cb(
-            wire.get_frame,
-            lambda msg: on_done(unpack(msg.packed) if msg.packed else None),
-            on_fail,
-            partition,
-            key,
-            0,
-        )
+        proto = self.protocol
+        if proto is None:
+            on_fail(NodeUnavailable(f"not connected to {self.endpoint}"))
+            return
+        proto.get_cb(partition, key, on_done, on_fail)
 
     def apply_cb(
         self,
@@ -579,14 +648,11 @@ class DataNodeClient:
         on_fail: Callable[[BaseException], None],
     ) -> None:
         """:meth:`apply` without a Deferred."""
-        self._request_cb(
-            wire.apply_frame,
-            lambda msg: on_done(_applied(msg, packed)),
-            on_fail,
-            partition,
-            key,
-            packed,
-        )
+        proto = self.protocol
+        if proto is None:
+            on_fail(NodeUnavailable(f"not connected to {self.endpoint}"))
+            return
+        proto.apply_cb(partition, key, packed, on_done, on_fail)
 
     def apply_many_cb(
         self,

@@ -653,15 +653,19 @@ class Router:
         self,
         partition: bytes,
         targets: list[NodeLink],
-        send: Callable[[DataNodeClient, _Fanout, NodeLink], None],
+        send: Optional[Callable[[DataNodeClient, _Fanout, NodeLink], None]],
         on_done: Callable[[Any], None],
         on_fail: Callable[[BaseException], None],
         done_already: Optional[Result] = None,
+        apply: Optional[tuple[bytes, bytes]] = None,
     ) -> None:
         """Send a write to every live copy of ``targets``; the outcome per ``write_acks``.
 
         ``send(client, fan, link)`` sends it to one copy and reports the answer
         with ``fan.stored(result)`` or ``self._write_failed(exception, fan, link)``.
+        With ``send`` None, ``apply`` is ``(key, packed)``: one Apply of that
+        record per copy, sent from here (the write hot path: no sender built
+        and called per write).
         """
         live = []
         for link in targets:
@@ -678,8 +682,21 @@ class Router:
         if done_already is not None:
             fan.ok = 1
             fan.first = done_already
-        for link in live:
-            send(link.client, fan, link)
+        if send is None:
+            key, packed = apply  # type: ignore[misc]
+            stored = fan.stored
+            write_failed = self._write_failed
+            for link in live:
+                link.client.apply_cb(
+                    partition,
+                    key,
+                    packed,
+                    stored,
+                    lambda e, link=link: write_failed(e, fan, link),  # type: ignore[misc]
+                )
+        else:
+            for link in live:
+                send(link.client, fan, link)
         # Already enough (write_acks one, the primary's own answer): report it
         # only now, once the copies' writes are sent.  Whatever the caller
         # sends next on this key then reaches every copy behind them.
@@ -749,23 +766,11 @@ class Router:
         self._fanout_cb(
             partition,
             self.write_copies_of(partition, key),
-            self._apply_sender(partition, key, packed),
+            None,
             on_done,
             on_fail,
+            apply=(key, packed),
         )
-
-    def _apply_sender(
-        self, partition: bytes, key: bytes, packed: bytes
-    ) -> Callable[[DataNodeClient, _Fanout, NodeLink], None]:
-        """A ``_fanout_cb`` sender of one Apply of ``packed`` to ``key``."""
-        write_failed = self._write_failed
-
-        def send(client: DataNodeClient, fan: _Fanout, link: NodeLink) -> None:
-            client.apply_cb(
-                partition, key, packed, fan.stored, lambda e: write_failed(e, fan, link)
-            )
-
-        return send
 
     def delete(self, partition: bytes, key: bytes) -> Deferred:
         """Tombstone every live copy.  Fires with DELETED if any copy held the key."""
@@ -843,10 +848,11 @@ class Router:
             self._fanout_cb(
                 partition,
                 targets,
-                self._apply_sender(partition, key, packed),
+                None,
                 lambda _first: on_done(result),
                 on_fail,
                 result,
+                apply=(key, packed),
             )
 
         send(primary.client, decided, on_fail)
