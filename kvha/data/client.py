@@ -92,7 +92,8 @@ class DataClientProtocol(BufferedWrites, Protocol):
         self.clock = clock
         self.request_timeout = request_timeout
         self.reader = wire.FrameReader(max_frame)
-        self.pending: dict[int, tuple[Deferred, float]] = {}
+        #: request id: (its waiter, a Deferred or a _Callbacks; when it was sent)
+        self.pending: dict[int, tuple[Any, float]] = {}
         self.streams: dict[int, _StreamState] = {}
         self.ready: Deferred = Deferred()
         self.node_id = "?"
