@@ -212,7 +212,9 @@ class RespParser:
         every check and error of Redis.  ``data`` is cut at every CR LF in
         one call; an argument is taken when the piece after its ``$len``
         header is exactly ``len`` bytes long (one that holds CR LF is split
-        across pieces, and the general path takes over there).
+        across pieces, and the general path takes over there), which one
+        comparison per argument tells: its header must be exactly ``$`` and
+        its length.
         """
         out: list[list[bytes]] = []
         if data[:1] != b"*":
@@ -220,7 +222,6 @@ class RespParser:
         parts = data.split(b"\r\n")
         last = len(parts) - 1  # the piece after the final CR LF: never a whole line
         max_bulk = self.max_bulk
-        pos = 0
         i = 0
         while i < last:
             head = parts[i]
@@ -229,35 +230,23 @@ class RespParser:
             if head[:1] != b"*" or not count.isdigit() or count[0] == 48 or len(count) > 14:
                 break
             n = int(count)
-            if n > MAX_MULTIBULK or i + 2 * n >= last:
+            end = i + 1 + 2 * n
+            if n > MAX_MULTIBULK or end > last:
                 break  # too many, or not all here yet
-            args = []
-            p = pos + len(head) + 2
-            j = i + 1
-            for _ in range(n):
-                header = parts[j]
-                size = header[1:]
-                if (
-                    header[:1] != b"$"
-                    or not size.isdigit()
-                    or (size[0] == 48 and len(size) > 1)
-                    or len(size) > 14
-                ):
+            args = parts[i + 2 : end : 2]
+            for header, value in zip(parts[i + 1 : end : 2], args):
+                # The header an argument of this length has: anything else
+                # (a sign, a leading zero, CR LF inside the value) is unusual.
+                if header != b"$%d" % len(value) or len(value) > max_bulk:
                     break
-                length = int(size)
-                value = parts[j + 1]
-                if len(value) != length or length > max_bulk:
-                    break
-                args.append(value)
-                p += len(header) + length + 4
-                j += 2
             else:
                 out.append(args)
-                pos = p
-                i = j
+                i = end
                 continue
             break
-        return out, pos
+        if i == last:
+            return out, len(data) - len(parts[last])
+        return out, sum(map(len, parts[:i])) + 2 * i
 
     def _feed_buffered(self) -> list[list[bytes]]:
         buf = self._buf
