@@ -44,7 +44,9 @@ class HybridLogicalClock:
 
     def next(self) -> int:
         """Issue a new version greater than every one issued or observed."""
-        physical = version_from_millis(int(self._now() * 1000))
+        # version_from_millis, inline (the write hot path); before 1970 the
+        # shift is negative, never above ``last``, so the counter takes over.
+        physical = int(self._now() * 1000) << COUNTER_BITS
         last = self._last
         version = physical if physical > last else last + 1
         self._last = version
