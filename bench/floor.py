@@ -90,7 +90,9 @@ class Link(protocol.Protocol):
 class Client(BufferedWrites, protocol.Protocol):
     """One Redis client: what it sends goes to the link; replies leave once per turn."""
 
-    link: Link
+    def __init__(self, link: Link, flusher: TurnFlusher | None) -> None:
+        self.link = link
+        self.flusher = flusher  # per connection: compiled, BufferedWrites ignores class attributes
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
@@ -113,9 +115,9 @@ def main(argv: list[str]) -> None:
         backend = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", int(argv[2]))
 
         def linked(link: Link) -> None:
-            Client.link = link
-            Client.flusher = TurnFlusher(reactor)
-            endpoints.serverFromString(reactor, listen).listen(protocol.Factory.forProtocol(Client))
+            flusher = TurnFlusher(reactor)
+            factory = protocol.Factory.forProtocol(lambda: Client(link, flusher))
+            endpoints.serverFromString(reactor, listen).listen(factory)
 
         link = Link(reactor.call_at_turn_end)
         endpoints.connectProtocol(backend, link).addCallback(linked)

@@ -107,8 +107,7 @@ def test_floor_relay_answers_each_client_as_many_replies_as_it_sent_commands() -
     link.makeConnection(StringTransport())
     clients = []
     for _ in range(2):
-        c = Client()
-        c.link = link
+        c = Client(link, None)
         c.makeConnection(StringTransport())
         clients.append(c)
     a, b = clients
@@ -128,15 +127,12 @@ def test_floor_relay_answers_each_client_as_many_replies_as_it_sent_commands() -
     class TurnEnd:  # a reactor with turn-end calls, as kvha's
         call_at_turn_end = flushes.append
 
-    Client.flusher = TurnFlusher(TurnEnd())  # type: ignore[arg-type]
-    try:
-        link.dataReceived(replies[:7])  # one reply and a piece of the next
-        link.dataReceived(replies[7:])
-        assert a.transport.value() == b.transport.value() == b""  # replies wait for the turn's end
-        assert len(flushes) == 1
-        flushes.pop()()
-    finally:
-        del Client.flusher
+    a.flusher = b.flusher = TurnFlusher(TurnEnd())  # type: ignore[arg-type]
+    link.dataReceived(replies[:7])  # one reply and a piece of the next
+    link.dataReceived(replies[7:])
+    assert a.transport.value() == b.transport.value() == b""  # replies wait for the turn's end
+    assert len(flushes) == 1
+    flushes.pop()()
     assert a.transport.value() == b"+OK\r\n" * 3
     assert b.transport.value() == b"+OK\r\n"
     assert not link.waiting

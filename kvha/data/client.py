@@ -848,8 +848,16 @@ class DataNodeClient:
 
 
 class _ReadyFactory(DataClientFactory):
-    def __init__(self, owner: DataNodeClient, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(
+        self,
+        owner: DataNodeClient,
+        secret: bytes,
+        client_id: str,
+        clock: IReactorTime,
+        request_timeout: float,
+        max_frame: int,
+    ) -> None:
+        super().__init__(secret, client_id, clock, request_timeout, max_frame)
         self.owner = owner
 
     def buildProtocol(self, addr: Any) -> DataClientProtocol:

@@ -10,7 +10,7 @@ balancer buffer a fast master's output without bound (and the reverse).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IReactorTime, ITCPTransport
@@ -183,7 +183,7 @@ class HealthProbe(Protocol):
 
     transport: ITCPTransport  # None only before connectionMade
 
-    PROBES = {
+    PROBES: ClassVar[dict[str, tuple[bytes, bytes]]] = {
         "redis": (b"PING\r\n", b"+PONG"),
         "memcached": (b"version\r\n", b"VERSION "),
         "http": (b"GET /health HTTP/1.0\r\nHost: kvha\r\n\r\n", b"HTTP/1.0 200"),

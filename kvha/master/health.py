@@ -15,7 +15,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from kvha.data.client import DataClientProtocol, DataNodeClient
+from kvha.data.api import DataClient
+from kvha.data.client import DataClientProtocol
 
 log = Logger()
 
@@ -30,7 +31,7 @@ class NodeLink:
     def __init__(
         self,
         node_id: str,
-        client: DataNodeClient,
+        client: DataClient,
         clock: IReactorTime,
         ping_interval: float = 0.25,
         ping_timeout: float = 0.75,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -122,7 +122,7 @@ def _u64(token: bytes) -> Optional[int]:
 class MemcacheStats:
     """Counters behind ``stats``, shared by every connection of one master."""
 
-    COUNTERS = (
+    COUNTERS: ClassVar[tuple[str, ...]] = (
         "cmd_get",
         "cmd_set",
         "cmd_flush",
@@ -485,13 +485,17 @@ class MemcacheProtocol(OrderedReplies):
             stats.cmd_touch += len(keys)
             expires = absolute_expiry_ms(touch, self.clock.seconds())
 
+            def touch_one(k: bytes) -> Deferred:
+                return router.conditional(
+                    partition, k, lambda c: c.touch(partition, k, expires)
+                ).addCallback(lambda r: r.record if r.status is Status.TOUCHED else None)
+
             def start() -> Deferred:
-                ds = [
-                    router.conditional(
-                        partition, k, lambda c, k=k: c.touch(partition, k, expires)
-                    ).addCallback(lambda r: r.record if r.status is Status.TOUCHED else None)
-                    for k in keys
-                ]
+                # A loop, not a comprehension of lambdas: mypyc (setup.py)
+                # cannot compile a lambda inside a comprehension in a closure.
+                ds = []
+                for k in keys:
+                    ds.append(touch_one(k))
                 return defer.gatherResults(ds, consumeErrors=True).addErrback(_unwrap)
 
         elif len(keys) == 1 and not self.gated(keys[0]):

@@ -19,7 +19,7 @@ import fnmatch
 import os
 import time
 from collections.abc import Sequence
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -165,8 +165,8 @@ class RespParser:
     commands before it, and the parser reads nothing more.
     """
 
-    TOO_LARGE = b"\x00too-large"
-    PROTOCOL_ERROR = b"\x00protocol-error"
+    TOO_LARGE: ClassVar[bytes] = b"\x00too-large"
+    PROTOCOL_ERROR: ClassVar[bytes] = b"\x00protocol-error"
 
     def __init__(self, max_bulk: int, max_inline: int = MAX_INLINE) -> None:
         self.max_bulk = max_bulk

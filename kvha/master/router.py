@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -28,24 +28,24 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from kvha.clock import HybridLogicalClock
-from kvha.data.client import DataNodeClient, DataNodeError, NodeUnavailable, RequestTimeout
+from kvha.data.api import DataClient
+from kvha.data.client import DataNodeError, NodeUnavailable, RequestTimeout
 from kvha.data.store import IncrMode, Result, Status, StoreMode
 from kvha.master.health import NodeLink
 from kvha.record import HEADER, Record, pack
 from kvha.ring import Ring
 
-if TYPE_CHECKING:
-    from typing import Protocol
 
-    class NodeOp(Protocol):
-        """``op(client)``: one request to one data node.
+class NodeOp(Protocol):
+    """``op(client)``: one request to one data node.
 
-        A callback protocol rather than ``Callable[[DataNodeClient], Deferred]``
-        so that mypy accepts the lambdas that bind a loop variable as a default
-        (``lambda c, k=k: ...``).
-        """
+    A callback protocol rather than ``Callable[[DataClient], Deferred]``
+    so that mypy accepts the lambdas that bind a loop variable as a default
+    (``lambda c, k=k: ...``).  Defined at run time, not only for type
+    checkers: mypyc (see setup.py) compiles this module against it.
+    """
 
-        def __call__(self, client: DataNodeClient, /) -> Deferred: ...
+    def __call__(self, client: DataClient, /) -> Deferred: ...
 
 
 log = Logger()
@@ -399,7 +399,7 @@ class Router:
         batches: dict[NodeLink, list[_ApplyBatch]] = {}
         key = packed = b""
 
-        def queue(client: DataNodeClient, fan: _Fanout, link: NodeLink) -> None:
+        def queue(client: DataClient, fan: _Fanout, link: NodeLink) -> None:
             # Called by _fanout_cb at once, for each copy of the current key.
             size = len(key) + len(packed)
             mine = batches.setdefault(link, [])
@@ -639,11 +639,11 @@ class Router:
         self,
         partition: bytes,
         targets: list[NodeLink],
-        send: Callable[[DataNodeClient], Deferred],
+        send: Callable[[DataClient], Deferred],
     ) -> Deferred:
         d: Deferred = Deferred()
 
-        def send_cb(client: DataNodeClient, fan: _Fanout, link: NodeLink) -> None:
+        def send_cb(client: DataClient, fan: _Fanout, link: NodeLink) -> None:
             send(client).addCallbacks(fan.stored, lambda f: self._write_failed(f.value, fan, link))
 
         self._fanout_cb(partition, targets, send_cb, d.callback, d.errback)
@@ -653,7 +653,7 @@ class Router:
         self,
         partition: bytes,
         targets: list[NodeLink],
-        send: Optional[Callable[[DataNodeClient, _Fanout, NodeLink], None]],
+        send: Optional[Callable[[DataClient, _Fanout, NodeLink], None]],
         on_done: Callable[[Any], None],
         on_fail: Callable[[BaseException], None],
         done_already: Optional[Result] = None,
@@ -782,7 +782,7 @@ class Router:
             seen_live.append(r.status is Status.DELETED)
             return r
 
-        def send(client: DataNodeClient) -> Deferred:
+        def send(client: DataClient) -> Deferred:
             return client.delete(partition, key, version).addCallback(noted)
 
         d = self._fanout(partition, targets, send)
@@ -800,7 +800,7 @@ class Router:
         d: Deferred = Deferred()
 
         def send(
-            client: DataNodeClient,
+            client: DataClient,
             on_result: Callable[[Result], None],
             on_error: Callable[[BaseException], None],
         ) -> None:
@@ -814,7 +814,7 @@ class Router:
         partition: bytes,
         key: bytes,
         send: Callable[
-            [DataNodeClient, Callable[[Result], None], Callable[[BaseException], None]], None
+            [DataClient, Callable[[Result], None], Callable[[BaseException], None]], None
         ],
         on_done: Callable[[Result], None],
         on_fail: Callable[[BaseException], None],
@@ -913,12 +913,12 @@ class Router:
                 if record is None:
                     return reply
 
-                def op(c: DataNodeClient) -> Deferred:
+                def op(c: DataClient) -> Deferred:
                     return c.store(StoreMode.CAS_DELETE, partition, key, b"", 0, 0, cas)
 
             else:
 
-                def op(c: DataNodeClient) -> Deferred:
+                def op(c: DataClient) -> Deferred:
                     return c.store(
                         StoreMode.CAS,
                         partition,
@@ -951,17 +951,19 @@ class Router:
         """
         keys = [k for k, _ in pairs]
 
+        # Loops and helpers, not comprehensions of lambdas: mypyc (setup.py)
+        # cannot compile a lambda inside a comprehension inside a closure.
+        def store(mode: StoreMode, k: bytes, v: bytes, cas: int) -> Deferred:
+            return self.conditional(
+                partition, k, lambda c: c.store(mode, partition, k, v, 0, 0, cas)
+            )
+
         def create(existing: list[Optional[Record]]) -> Any:
             if any(r is not None for r in existing):
                 return False
-            ds = [
-                self.conditional(
-                    partition,
-                    k,
-                    lambda c, k=k, v=v: c.store(StoreMode.CAS, partition, k, v, 0, 0, 0),
-                )
-                for k, v in pairs
-            ]
+            ds = []
+            for k, v in pairs:
+                ds.append(store(StoreMode.CAS, k, v, 0))
             return defer.DeferredList(ds, consumeErrors=True).addCallback(settle)
 
         def settle(results: list[tuple[bool, Any]]) -> Any:
@@ -972,14 +974,9 @@ class Router:
             ]
             if len(created) == len(pairs):
                 return True
-            undo = [
-                self.conditional(
-                    partition,
-                    k,
-                    lambda c, k=k, v=v: c.store(StoreMode.CAS_DELETE, partition, k, b"", 0, 0, v),
-                )
-                for k, v in created
-            ]
+            undo = []
+            for k, version in created:
+                undo.append(store(StoreMode.CAS_DELETE, k, b"", version))
             failures = [r for ok, r in results if not ok]
             d = defer.DeferredList(undo, consumeErrors=True)
             if failures:
