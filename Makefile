@@ -14,26 +14,44 @@ EXTRAS ?= test
 endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# On CPython the hot modules (kvha/compiled.py) are compiled by mypyc beside
+# their sources (setup.py), and rebuilt whenever one of them changes: an
+# extension built from an older source would run instead of the new one.
+COMPILED := $(VENV)/.compiled
+HOT := $(shell sed -n 's/^    "\(kvha\/.*\.py\)",$$/\1/p' kvha/compiled.py)
 
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test lint bench clean pure
 
-venv: $(STAMP)
+venv: $(COMPILED)
 
-$(STAMP): pyproject.toml
+# KVHA_PURE=1: pip installs without compiling (the next rule does, in place).
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
+	KVHA_PURE=1 $(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
+
+# Under PyPy nothing is compiled (setup.py skips it).  `make pure` removes
+# the compiled modules; KVHA_PURE=1 make ... keeps them from being rebuilt.
+$(COMPILED): $(STAMP) setup.py kvha/compiled.py $(HOT)
+ifeq ($(findstring pypy,$(PY)),pypy)
+	touch $(COMPILED)
+else
+	rm -f kvha/*.so kvha/*/*.so kvha/hot_build.json
+	$(if $(KVHA_PURE),true,$(BIN)/python setup.py build_ext --inplace --parallel 2 > $(VENV)/compile.log 2>&1)
+	$(BIN)/python -c 'import kvha.compiled as c; print("kvha hot path:", c.describe())'
+	touch $(COMPILED)
+endif
 
 # The local cluster of etc/local.yaml: two load balancers holding the VIP
 # 127.0.0.100 (redis 6379, memcached 11211, http 8080), two masters and three
 # data nodes, in the foreground.  Ctrl-C stops them all.
-run: $(STAMP)
+run: $(COMPILED)
 	$(BIN)/kvha up etc/local.yaml
 
-test: $(STAMP)
+test: $(COMPILED)
 	$(BIN)/ruff check kvha tests bench twisted
 	$(BIN)/ruff format --check kvha tests bench twisted
 	$(BIN)/mypy
@@ -51,8 +69,11 @@ lint: $(STAMP)
 # compare before and after a change).  BENCH_ARGS are kvha bench's options:
 # --quick (run.py's replicas-1 target only), --sections data,protocols,memory,
 # --repeats N, --requests N, --big (1 GB of 10 KiB values in mmap-index).
-bench: $(STAMP)
+bench: $(COMPILED)
 	$(BIN)/kvha bench $(BENCH_ARGS)
 
-clean:
+pure:
+	rm -f kvha/*.so kvha/*/*.so kvha/hot_build.json $(COMPILED)
+
+clean: pure
 	rm -rf $(VENV) .venv-pypy var build *.egg-info

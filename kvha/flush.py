@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Protocol
 
+from mypy_extensions import mypyc_attr
 from twisted.internet import tcp
 from twisted.internet.interfaces import IReactorTime
 
@@ -140,6 +141,8 @@ class TurnFlusher:
         reactor.addSystemEventTrigger("before", "shutdown", self.flush)
 
 
+# Mixed into protocols of modules that are not compiled (the load balancer's) too.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class BufferedWrites:
     """Mixin for protocols: ``out(data)`` writes once per turn with a :class:`TurnFlusher`.
 

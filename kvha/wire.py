@@ -35,6 +35,8 @@ import hmac
 import struct
 from typing import Any, ClassVar, TypeVar
 
+from mypy_extensions import mypyc_attr
+
 PROTOCOL_VERSION = 1
 
 FRAME = struct.Struct("<IBI")
@@ -268,6 +270,7 @@ for _kind in ("str", "u64s", "ranges", "records"):
 _M = TypeVar("_M", bound="Message")
 
 
+@mypyc_attr(native_class=False)  # a plain class when compiled: @message sets its fields
 class Message:
     """A message: an opcode and named, typed fields."""
 

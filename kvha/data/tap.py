@@ -7,6 +7,7 @@ from typing import Any, Optional
 from twisted.application import service, strports
 from twisted.logger import Logger
 
+from kvha.compiled import log_build
 from kvha.config import DataConfig, warn_placeholders
 from kvha.data.engines import make_engine
 from kvha.data.server import DataNode, DataServerFactory
@@ -53,5 +54,6 @@ def makeService(options: Options) -> service.MultiService:
     node = build_node(config)
     node.setServiceParent(top)  # opens the store before the port listens
     strports.service(config.listen, DataServerFactory(node)).setServiceParent(top)
+    log_build(log, "data node")
     tune_gc()
     return top

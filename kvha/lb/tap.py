@@ -6,6 +6,7 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from kvha.compiled import log_build
 from kvha.config import warn_placeholders
 from kvha.gctune import tune_gc
 from kvha.lb.nat import kernel_unavailable
@@ -34,5 +35,6 @@ def makeService(options: Options) -> service.IService:
 
     warn_placeholders(options["lb"], "lb", log)
     balancer = LoadBalancer(options["lb"], reactor)
+    log_build(log, "load balancer")
     tune_gc()
     return balancer

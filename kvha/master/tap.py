@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.application import service
 from twisted.logger import Logger
 
+from kvha.compiled import log_build
 from kvha.config import warn_placeholders
 from kvha.gctune import tune_gc
 from kvha.master.service import MasterNode
@@ -22,5 +23,6 @@ def makeService(options: Options) -> service.IService:
 
     warn_placeholders(options["master"], "master", log)
     node = MasterNode(options["master"], reactor)
+    log_build(log, "master")
     tune_gc()
     return node

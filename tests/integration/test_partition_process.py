@@ -197,6 +197,7 @@ def test_partitions_are_isolated_in_every_protocol_through_the_vip(nodes: NodeFa
     assert rb.keys("*") == [b"k"]
     assert ra.dbsize() == 6 and rb.dbsize() == 1
     status, body = http(web, "GET", "/v1/p/beta/k", token=BETA_PW)
+    assert status == 200, (status, body)
     assert json.loads(body)["keys"] == ["k"]
     stats = ma.call(b"stats\r\n", end=b"END\r\n")
     assert b"STAT curr_items 6\r\n" in stats

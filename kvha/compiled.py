@@ -1,0 +1,101 @@
+"""Which modules the build compiles with mypyc, and whether the loaded ones are.
+
+``setup.py`` compiles :data:`HOT_SOURCES` on CPython (unless ``KVHA_PURE=1``
+or the compiler is missing).  Each compiled module is an extension file
+beside its source, and Python imports the extension first, so an
+extension built from an older source silently runs the old code:
+:func:`status` reports that (setup.py records each source's digest when
+it compiles it), the nodes log it at start, and a test fails ``make test``
+on it.
+
+This module must not import anything from kvha: setup.py reads it before
+kvha is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import sys
+from typing import Any
+
+#: The modules every request passes through, master and data node: parsing,
+#: routing, the wire codec, the data-node client and server, the store.
+HOT_SOURCES = (
+    "kvha/clock.py",
+    "kvha/flush.py",
+    "kvha/record.py",
+    "kvha/ring.py",
+    "kvha/wire.py",
+    "kvha/data/client.py",
+    "kvha/lb/forward.py",
+    "kvha/master/memcache.py",
+    "kvha/master/pipeline.py",
+    "kvha/master/resp.py",
+    "kvha/master/router.py",
+)
+
+HOT_MODULES = tuple(p[:-3].replace("/", ".") for p in HOT_SOURCES)
+
+
+#: Written by setup.py beside this module after a build: each compiled
+#: source's SHA-256 when it was compiled.
+BUILD_RECORD = "hot_build.json"
+
+
+def source_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def status() -> dict[str, Any]:
+    """``{"compiled": [...], "plain": [...], "stale": [...]}`` over the hot modules.
+
+    ``stale``: compiled modules whose source differs from the one they were
+    built from (per :data:`BUILD_RECORD`; unknown counts as stale).
+    """
+    compiled, plain, stale = [], [], []
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        with open(os.path.join(here, BUILD_RECORD)) as f:
+            built = json.load(f)
+    except (OSError, ValueError):
+        built = {}
+    for name in HOT_MODULES:
+        module = sys.modules.get(name) or importlib.import_module(name)
+        path = getattr(module, "__file__", "") or ""
+        if path.endswith(".py") or path.endswith(".pyc"):
+            plain.append(name)
+            continue
+        compiled.append(name)
+        source = os.path.join(os.path.dirname(path), name.rsplit(".", 1)[1] + ".py")
+        if os.path.exists(source) and built.get(name) != source_digest(source):
+            stale.append(name)
+    return {"compiled": compiled, "plain": plain, "stale": stale}
+
+
+def describe() -> str:
+    """One line for logs and benchmark reports."""
+    s = status()
+    if not s["compiled"]:
+        return "plain Python (no module compiled)"
+    text = f"compiled with mypyc ({len(s['compiled'])} of {len(HOT_MODULES)} hot modules)"
+    if s["stale"]:
+        text += f"; STALE, rebuild with make: {', '.join(s['stale'])}"
+    return text
+
+
+def log_build(log: Any, role: str) -> None:
+    """Say at a node's start whether it runs compiled (a warning when stale)."""
+    s = status()
+    if s["stale"]:
+        log.warn(
+            "{role}: compiled modules older than their sources, running the OLD code: "
+            "{stale}; rebuild (make, or setup.py build_ext --inplace)",
+            role=role,
+            stale=", ".join(s["stale"]),
+        )
+    else:
+        log.info("{role} hot path: {build}", role=role, build=describe())
