@@ -30,6 +30,8 @@ HOT_SOURCES = (
     "kvha/ring.py",
     "kvha/wire.py",
     "kvha/data/client.py",
+    "kvha/data/server.py",
+    "kvha/data/store.py",
     "kvha/lb/forward.py",
     "kvha/master/memcache.py",
     "kvha/master/pipeline.py",

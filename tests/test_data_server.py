@@ -348,7 +348,8 @@ def test_handler_exception_is_an_internal_error_not_a_crash(
     def broken(*args: Any) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(node.store, "get_packed", broken)
+    # The engine, not the Store: a compiled Store's methods cannot be replaced.
+    monkeypatch.setattr(node.store.engine, "get", broken)
     with captured_logs():
         conn.send(wire.Get(b"p", b"k", 0).frame(1), wire.Ping().frame(2))
     replies = dict(conn.replies())

@@ -550,9 +550,9 @@ class DataServerProtocol(Protocol):
             ops[name] = ops.get(name, 0) + 1
             try:
                 reply = handler(self, msg, request_id)
-            except Exception as e:
+            except Exception as err:  # not `e`: mypyc types one name per function
                 log.failure("internal error handling {op}", op=name)
-                reply = wire.Error(wire.E_INTERNAL, f"internal error: {e}")
+                reply = wire.Error(wire.E_INTERNAL, f"internal error: {err}")
             if reply is not None:
                 out.append(reply if type(reply) is bytes else reply.frame(request_id))
         if out:

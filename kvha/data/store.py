@@ -517,23 +517,25 @@ class Store:
         the whole scan is returned).  It walks the whole partition, so it
         costs O(records) per call.
         """
-        now_ms = self._now_ms()
+        return heapq.nsmallest(count, self._scan_candidates(partition, after, self._now_ms()))
+
+    def _scan_candidates(
+        self, partition: bytes, after: int, now_ms: int
+    ) -> Iterator[tuple[int, bytes]]:
+        # A method, not a generator nested in scan(): mypyc (setup.py)
+        # miscompiles generators that close over their caller's variables.
         get = self.engine.get
-
-        def candidates() -> Iterator[tuple[int, bytes]]:
-            for key in self.engine.keys(partition):
-                tok = token(partition, key)
-                if tok <= after:
-                    continue
-                packed = get(partition, key)
-                if packed is None:
-                    continue
-                _v, expires_ms, _f, bits = _unpack_header(packed)
-                if bits & TOMBSTONE or (expires_ms and expires_ms <= now_ms):
-                    continue
-                yield tok, key
-
-        return heapq.nsmallest(count, candidates())
+        for key in self.engine.keys(partition):
+            tok = token(partition, key)
+            if tok <= after:
+                continue
+            packed = get(partition, key)
+            if packed is None:
+                continue
+            _v, expires_ms, _f, bits = _unpack_header(packed)
+            if bits & TOMBSTONE or (expires_ms and expires_ms <= now_ms):
+                continue
+            yield tok, key
 
     def retain_steps(self, ranges: Sequence[TokenRange], step: int = 2000) -> Iterator[int]:
         """Remove every record outside ``ranges``, yielding after each ``step`` keys.
