@@ -44,6 +44,7 @@ from twisted.internet.task import Clock  # noqa: E402
 from twisted.internet.testing import MemoryReactor, StringTransport  # noqa: E402
 from twisted.test.iosim import IOPump, connectedServerAndClient  # noqa: E402
 
+from kvha import compiled  # noqa: E402
 from kvha.data.client import DataNodeClient, _ReadyFactory  # noqa: E402
 from kvha.data.engine import MemoryEngine  # noqa: E402
 from kvha.data.server import DataNode, DataServerFactory  # noqa: E402
@@ -187,6 +188,7 @@ def main() -> None:
     tune_gc()  # the collector settings every kvha node runs with
     results = {
         "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "build": compiled.describe(),
         "replicas": args.replicas,
         "clients": args.clients,
     }
@@ -195,8 +197,9 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     print(
-        f"{results['python']}, replicas {args.replicas}, {args.clients} connections: "
-        "CPU us per request (master and data nodes in one process, no sockets)"
+        f"{results['python']} ({results['build']}), replicas {args.replicas}, "
+        f"{args.clients} connections: CPU us per request (master and data nodes in one"
+        " process, no sockets)"
     )
     for pipeline in (1, 16):
         row = results[f"P{pipeline}"]

@@ -36,6 +36,7 @@ from twisted.internet import defer, task  # noqa: E402
 from bench import protocols  # noqa: E402
 from bench.protocols import Server  # noqa: E402
 from bench.storage import pipelined  # noqa: E402
+from kvha import compiled  # noqa: E402
 from kvha.data.client import DataNodeClient  # noqa: E402
 from kvha.procs import NodeProcess, free_port, rss_bytes  # noqa: E402
 
@@ -174,7 +175,8 @@ def render(results: dict[str, Any]) -> str:
     lines = [
         f"# kvha benchmark, {results['when']}",
         "",
-        f"Machine: {results['machine']}; Python {results['python']}.",
+        f"Machine: {results['machine']}; Python {results['python']}; kvha's hot path"
+        f" {results.get('build', 'plain Python')}.",
     ]
     redis = results.get("redis")
     if redis:
@@ -249,6 +251,7 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "build": compiled.describe(),
     }
 
     @defer.inlineCallbacks
