@@ -152,6 +152,11 @@ class BufferedWrites:
     """
 
     flusher: Optional[TurnFlusher] = None
+    #: Send what was gathered once it holds this many writes, without waiting
+    #: for the turn's end (0: never).  For a connection whose peer can start
+    #: on the first requests while this process is still reading the rest of
+    #: a busy turn: a master's data-node links.
+    early_flush: int = 0
     _out: Optional[list[bytes]] = None
     _sock: Any = None
     _sock_known = False
@@ -167,6 +172,8 @@ class BufferedWrites:
             flusher.queue(self)
         else:
             buf.append(data)
+            if self.early_flush and len(buf) >= self.early_flush:
+                self.flush_out()  # the turn-end flush then finds nothing, or the rest
 
     def flush_out(self) -> None:
         buf = self._out

@@ -132,6 +132,31 @@ def test_the_flusher_sends_each_connections_bytes_once_per_turn() -> None:
     assert (flusher.turns, flusher.flushes) == (2, 3)
 
 
+def test_early_flush_sends_a_busy_turns_writes_in_groups_in_order() -> None:
+    """With early_flush n, every n gathered writes leave at once; the rest at the turn's end."""
+    clock = Clock()
+    flusher = TurnFlusher(clock)
+    w = Writer()
+    w.flusher = flusher
+    w.early_flush = 3
+    w.makeConnection(StringTransport())
+    for i in range(7):
+        w.out(b"%d" % i)
+    assert w.transport.value() == b"012345"  # two groups of three, mid-turn
+    clock.advance(0)
+    assert w.transport.value() == b"0123456"  # the seventh at the turn's end
+    clock.advance(0)
+    assert w.transport.value() == b"0123456"
+
+
+def test_a_data_node_connection_flushes_early_and_others_do_not() -> None:
+    from kvha.data.client import EARLY_FLUSH_FRAMES, DataClientProtocol
+
+    assert EARLY_FLUSH_FRAMES > 1
+    assert DataClientProtocol(b"s", "m", Clock()).early_flush == EARLY_FLUSH_FRAMES
+    assert Writer().early_flush == 0  # client replies: one send per connection per turn
+
+
 def test_a_stopping_reactor_sends_what_the_last_turn_gathered() -> None:
     # Twisted closes every connection during shutdown; replies gathered for
     # the end of the current turn must leave before that.

@@ -74,6 +74,10 @@ class _StreamState:
         self.end: Optional[tuple[int, int]] = None  # StreamEnd's totals, once received
 
 
+#: Requests a data-node connection gathers before it sends them mid-turn.
+EARLY_FLUSH_FRAMES = 32
+
+
 class DataClientProtocol(BufferedWrites, Protocol):
     """One authenticated, pipelined connection to a data node."""
 
@@ -103,6 +107,9 @@ class DataClientProtocol(BufferedWrites, Protocol):
         self._nonce = b""
         self._timeouts: Optional[LoopingCall] = None
         self.on_lost: Optional[Callable[[DataClientProtocol], None]] = None
+        # A busy turn's requests leave in groups, so that the data node starts
+        # on the first while the master still parses the rest (BufferedWrites).
+        self.early_flush = EARLY_FLUSH_FRAMES
 
     # Connection ------------------------------------------------------------------
 
