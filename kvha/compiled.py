@@ -21,8 +21,9 @@ import os
 import sys
 from typing import Any
 
-#: The modules every request passes through, master and data node: parsing,
-#: routing, the wire codec, the data-node client and server, the store.
+#: The modules every request passes through, master, data node and load
+#: balancer: parsing, routing, the wire codec, the data-node client and
+#: server, the store, the load balancer's forwarding.
 HOT_SOURCES = (
     "kvha/clock.py",
     "kvha/flush.py",
