@@ -15,10 +15,11 @@ endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # On CPython the hot modules (kvha/compiled.py) are compiled by mypyc beside
-# their sources (setup.py), and rebuilt whenever one of them changes: an
-# extension built from an older source would run instead of the new one.
+# their sources (setup.py), and rebuilt whenever any kvha module changes (the
+# compiled code checks the types of the modules it uses): an extension built
+# from an older source would run instead of the new one.
 COMPILED := $(VENV)/.compiled
-HOT := $(shell sed -n 's/^    "\(kvha\/.*\.py\)",$$/\1/p' kvha/compiled.py)
+SOURCES := $(wildcard kvha/*.py kvha/*/*.py)
 
 export PYTHONPATH := $(CURDIR)
 
@@ -35,12 +36,12 @@ $(STAMP): pyproject.toml setup.py
 
 # Under PyPy nothing is compiled (setup.py skips it).  `make pure` removes
 # the compiled modules; KVHA_PURE=1 make ... keeps them from being rebuilt.
-$(COMPILED): $(STAMP) setup.py kvha/compiled.py $(HOT)
+$(COMPILED): $(STAMP) setup.py $(SOURCES)
 ifeq ($(findstring pypy,$(PY)),pypy)
 	touch $(COMPILED)
 else
 	rm -f kvha/*.so kvha/*/*.so kvha/hot_build.json
-	$(if $(KVHA_PURE),true,$(BIN)/python setup.py build_ext --inplace --parallel 2 > $(VENV)/compile.log 2>&1)
+	$(if $(KVHA_PURE),true,$(BIN)/python setup.py build_ext --inplace --parallel 2 > $(VENV)/compile.log 2>&1 || (cat $(VENV)/compile.log; false))
 	$(BIN)/python -c 'import kvha.compiled as c; print("kvha hot path:", c.describe())'
 	touch $(COMPILED)
 endif

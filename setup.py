@@ -30,9 +30,8 @@ from setuptools.command.build_ext import build_ext
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "kvha"))
 from compiled import (  # noqa: E402  (kvha/compiled.py, without importing kvha)
     BUILD_RECORD,
-    HOT_MODULES,
     HOT_SOURCES,
-    source_digest,
+    digests,
 )
 
 sys.path.pop(0)
@@ -44,7 +43,7 @@ class OptionalBuildExt(build_ext):
     def run(self) -> None:
         try:
             super().run()
-        except Exception as e:  # no compiler, no Python.h, a mypyc error
+        except Exception as e:  # no compiler, no Python.h
             self._fall_back(e)
             return
         if self.extensions:
@@ -54,12 +53,8 @@ class OptionalBuildExt(build_ext):
         """Each compiled source's digest, beside kvha/compiled.py (see status())."""
         root = os.path.dirname(os.path.abspath(__file__))
         target = os.path.join(root if self.inplace else self.build_lib, "kvha", BUILD_RECORD)
-        digests = {
-            module: source_digest(os.path.join(root, source))
-            for source, module in zip(HOT_SOURCES, HOT_MODULES)
-        }
         with open(target, "w") as f:
-            json.dump(digests, f, indent=1, sort_keys=True)
+            json.dump(digests(os.path.join(root, "kvha")), f, indent=1, sort_keys=True)
 
     def _fall_back(self, error: BaseException) -> None:
         for path in self.get_outputs():
@@ -81,8 +76,12 @@ def ext_modules() -> list:
     except ImportError:
         sys.stderr.write("kvha: mypyc is not installed; installing plain Python.\n")
         return []
-    # One shared library, kvha/hot__mypyc.*.so, inside the package (found wherever kvha is).
-    return mypycify(list(HOT_SOURCES), opt_level="3", group_name="kvha.hot")  # type: ignore[no-any-return]
+    try:
+        # One shared library, kvha/hot__mypyc.*.so, inside the package (found wherever kvha is).
+        return mypycify(list(HOT_SOURCES), opt_level="3", group_name="kvha.hot")  # type: ignore[no-any-return]
+    except (Exception, SystemExit) as e:  # mypyc exits on a type error or a missing plugin
+        sys.stderr.write(f"kvha: mypyc could not compile the hot path ({e}); plain Python.\n")
+        return []
 
 
 setup(ext_modules=ext_modules(), cmdclass={"build_ext": OptionalBuildExt})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -53,29 +54,58 @@ def source_digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def _package_sources(package_dir: str) -> dict[str, str]:
+    """Every kvha module's source under ``package_dir``: {module name: path}."""
+    out = {}
+    for base, _dirs, files in os.walk(package_dir):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(base, name)
+                rel = os.path.relpath(path, os.path.dirname(package_dir))[:-3]
+                out[rel.replace(os.sep, ".")] = path
+    return out
+
+
+def digests(package_dir: str) -> dict[str, str]:
+    """What setup.py records: the digest of every module in the package.
+
+    Not only the compiled ones: mypyc builds the types of the modules they
+    use (a NodeLink's attributes, an engine's methods) into the checks of
+    the compiled code, so a change there is a change to the build too.
+    """
+    return {name: source_digest(path) for name, path in _package_sources(package_dir).items()}
+
+
 def status() -> dict[str, Any]:
     """``{"compiled": [...], "plain": [...], "stale": [...]}`` over the hot modules.
 
-    ``stale``: compiled modules whose source differs from the one they were
-    built from (per :data:`BUILD_RECORD`; unknown counts as stale).
+    ``stale``: when something is compiled, the modules whose source differs
+    from the one the build saw (per :data:`BUILD_RECORD`; a missing record
+    makes every compiled module stale).  Nothing is imported to find out.
     """
-    compiled, plain, stale = [], [], []
+    compiled: list[str] = []
+    plain: list[str] = []
     here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        with open(os.path.join(here, BUILD_RECORD)) as f:
-            built = json.load(f)
-    except (OSError, ValueError):
-        built = {}
     for name in HOT_MODULES:
-        module = sys.modules.get(name) or importlib.import_module(name)
-        path = getattr(module, "__file__", "") or ""
-        if path.endswith(".py") or path.endswith(".pyc"):
-            plain.append(name)
-            continue
-        compiled.append(name)
-        source = os.path.join(os.path.dirname(path), name.rsplit(".", 1)[1] + ".py")
-        if os.path.exists(source) and built.get(name) != source_digest(source):
-            stale.append(name)
+        module = sys.modules.get(name)
+        if module is not None:
+            path = getattr(module, "__file__", "") or ""
+        else:
+            spec = importlib.util.find_spec(name)
+            path = (spec.origin if spec is not None else "") or ""
+        (plain if path.endswith((".py", ".pyc")) else compiled).append(name)
+    stale: list[str] = []
+    if compiled:
+        try:
+            with open(os.path.join(here, BUILD_RECORD)) as f:
+                built = json.load(f)
+        except (OSError, ValueError):
+            built = None
+        if built is None:
+            stale = list(compiled)
+        else:
+            now = digests(here)
+            stale = sorted(n for n in set(now) | set(built) if now.get(n) != built.get(n))
     return {"compiled": compiled, "plain": plain, "stale": stale}
 
 

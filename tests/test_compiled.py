@@ -60,12 +60,15 @@ def test_a_source_changed_since_its_build_is_reported_stale(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "kvha.clock", Module)
     stale = {"compiled": ["kvha.clock"], "plain": [], "stale": ["kvha.clock"]}
     assert compiled.status() == stale  # no record: unknown, so stale
-    record.write_text(json.dumps({"kvha.clock": compiled.source_digest(str(source))}))
+    record.write_text(json.dumps(compiled.digests(str(package))))
     assert compiled.status()["stale"] == []
     assert compiled.describe().startswith("compiled with mypyc (1 of 1")
     source.write_text("x = 2\n")  # edited after the build
     assert compiled.status() == stale
     assert "STALE" in compiled.describe()
+    record.write_text(json.dumps(compiled.digests(str(package))))  # rebuilt
+    (package / "health.py").write_text("")  # a module the compiled code uses, added
+    assert compiled.status()["stale"] == ["kvha.health"]
 
 
 def test_a_plain_build_says_so(monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -35,7 +35,7 @@ from kvha.flush import BufferedWrites, TurnFlusher, no_delay
 from kvha.record import Record, pack, tombstone, unpack
 from kvha.ring import TokenRange
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc): no frame to take the name from
 
 
 class DataNodeError(Exception):

@@ -32,7 +32,7 @@ from kvha.data.store import IncrMode, Result, Status, Store, StoreMode
 from kvha.flush import at_turn_end, direct_socket, no_delay, send_now
 from kvha.record import HEADER_SIZE
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc): no frame to take the name from
 
 #: How often the node runs engine maintenance and the expiry sweep.
 TICK_SECONDS = 0.1

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from kvha.flush import BufferedWrites, no_delay
 from kvha.lb.pool import Backend, Pool
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc): no frame to take the name from
 
 
 class ClientSide(BufferedWrites, Protocol):

@@ -45,7 +45,7 @@ from kvha.master.pipeline import ClientFactory, OrderedReplies
 from kvha.master.router import LOADING_WHY, Router
 from kvha.record import Record, absolute_expiry_ms
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc): no frame to take the name from
 
 #: What ``version`` answers: a memcached-style number first, for clients that parse it.
 VERSION_LINE = f"VERSION 1.6.0 kvha/{__version__}\r\n".encode()

@@ -25,7 +25,7 @@ from kvha.master.auth import Authenticator
 from kvha.master.limits import ConnectionBudget
 from kvha.master.router import Router
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc): no frame to take the name from
 
 
 class ClientFactory(Factory):

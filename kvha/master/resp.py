@@ -36,7 +36,7 @@ from kvha.master.resp3 import map_reply, to_resp3
 from kvha.master.router import LOADING_WHY, Change, OutOfSpace, Router
 from kvha.record import Record
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc): no frame to take the name from
 
 Reply = Union[bytes, Deferred]
 

@@ -48,7 +48,7 @@ class NodeOp(Protocol):
     def __call__(self, client: DataClient, /) -> Deferred: ...
 
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc): no frame to take the name from
 
 #: Why a starting master refuses clients (Router.loading), in every protocol's error.
 LOADING_WHY = "too few data nodes are up yet to read every key"
