@@ -173,14 +173,18 @@ class BufferedWrites:
         else:
             buf.append(data)
             if self.early_flush and len(buf) >= self.early_flush:
-                self.flush_out()  # the turn-end flush then finds nothing, or the rest
+                # Sent now; the list stays, so this turn's later writes join it
+                # without queueing this connection with the flusher again.
+                self.write_now(b"".join(buf))
+                buf.clear()
 
     def flush_out(self) -> None:
         buf = self._out
-        if not buf:
+        if buf is None:
             return
         self._out = None
-        self.write_now(b"".join(buf) if len(buf) > 1 else buf[0])
+        if buf:
+            self.write_now(b"".join(buf) if len(buf) > 1 else buf[0])
 
     def write_now(self, data: bytes) -> None:
         """Write ``data`` now, ahead of anything gathered by :meth:`out` this turn."""

@@ -145,8 +145,15 @@ def test_early_flush_sends_a_busy_turns_writes_in_groups_in_order() -> None:
     assert w.transport.value() == b"012345"  # two groups of three, mid-turn
     clock.advance(0)
     assert w.transport.value() == b"0123456"  # the seventh at the turn's end
+    assert (flusher.turns, flusher.flushes) == (1, 1)  # queued once, not per group
+    for i in range(3):  # a group that fills exactly: nothing left for the turn's end
+        w.out(b"%d" % (7 + i))
+    assert w.transport.value() == b"0123456789"
     clock.advance(0)
-    assert w.transport.value() == b"0123456"
+    assert (flusher.turns, flusher.flushes) == (2, 2)
+    w.out(b"a")  # the next turn queues it again
+    clock.advance(0)
+    assert w.transport.value() == b"0123456789a"
 
 
 def test_a_data_node_connection_flushes_early_and_others_do_not() -> None:
