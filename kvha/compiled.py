@@ -4,8 +4,8 @@
 or the compiler is missing).  Each compiled module is an extension file
 beside its source, and Python imports the extension first, so an
 extension built from an older source silently runs the old code:
-:func:`status` reports that (setup.py records each source's digest when
-it compiles it), the nodes log it at start, and a test fails ``make test``
+:func:`status` reports that (setup.py records every module's digest when
+it compiles), the nodes log it at start, and a test fails ``make test``
 on it.
 
 This module must not import anything from kvha: setup.py reads it before
@@ -15,7 +15,6 @@ kvha is installed.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.util
 import json
 import os
@@ -44,8 +43,8 @@ HOT_SOURCES = (
 HOT_MODULES = tuple(p[:-3].replace("/", ".") for p in HOT_SOURCES)
 
 
-#: Written by setup.py beside this module after a build: each compiled
-#: source's SHA-256 when it was compiled.
+#: Written by setup.py beside this module after a build: the SHA-256 of
+#: every kvha module's source as the build saw it (see digests()).
 BUILD_RECORD = "hot_build.json"
 
 
@@ -125,8 +124,8 @@ def log_build(log: Any, role: str) -> None:
     s = status()
     if s["stale"]:
         log.warn(
-            "{role}: compiled modules older than their sources, running the OLD code: "
-            "{stale}; rebuild (make, or setup.py build_ext --inplace)",
+            "{role}: kvha sources changed since the compiled build, which may run "
+            "OLD code: {stale}; rebuild (make, or setup.py build_ext --inplace)",
             role=role,
             stale=", ".join(s["stale"]),
         )

@@ -257,12 +257,7 @@ class DataClientProtocol(BufferedWrites, Protocol):
         on_fail: Callable[[BaseException], None],
     ) -> None:
         """One Apply, answered by plain functions (the write hot path, in one call)."""
-        request_id = self._next_id
-        self._next_id = (request_id + 1) & 0xFFFFFFFF or 1
-        self.pending[request_id] = (
-            _AppliedCallbacks(packed, on_done, on_fail),
-            self.clock.seconds(),
-        )
+        request_id = self._pend(_AppliedCallbacks(packed, on_done, on_fail))
         self.out(wire.apply_frame(request_id, partition, key, packed))
 
     def get_cb(
@@ -273,10 +268,7 @@ class DataClientProtocol(BufferedWrites, Protocol):
         on_fail: Callable[[BaseException], None],
     ) -> None:
         """One Get without tombstones, answered by plain functions (the read hot path)."""
-        request_id = self._next_id
-        self._next_id = (request_id + 1) & 0xFFFFFFFF or 1
-        self.pending[request_id] = (_RecordCallbacks(on_done, on_fail), self.clock.seconds())
-        self.out(wire.get_frame(request_id, partition, key, 0))
+        self.out(wire.get_frame(self._pend(_RecordCallbacks(on_done, on_fail)), partition, key, 0))
 
     def request(self, msg: wire.Message) -> Deferred:
         """Send ``msg``; the Deferred fires with the reply message."""
@@ -446,12 +438,7 @@ class _AppliedCallbacks(_Callbacks):
 
     def callback(self, msg: Any) -> None:
         try:
-            status = _STATUSES[msg.status]
-            packed = msg.packed
-            if not packed and status is _STORED:
-                self.on_reply(Result(status, self.sent))
-            else:
-                self.on_reply(Result(status, packed or None))
+            self.on_reply(_applied(msg, self.sent))
         except Exception:
             log.failure("a data-node reply handler failed")
 
@@ -466,9 +453,6 @@ class _RecordCallbacks(_Callbacks):
             self.on_reply(unpack(msg.packed) if msg.packed else None)
         except Exception:
             log.failure("a data-node reply handler failed")
-
-
-_STORED = Status.STORED
 
 
 def _result(msg: wire.Result) -> Result:
