@@ -26,6 +26,7 @@ from typing import Any
 #: server, the store, the load balancer's forwarding.
 HOT_SOURCES = (
     "kvha/clock.py",
+    "kvha/events.py",
     "kvha/flush.py",
     "kvha/record.py",
     "kvha/ring.py",
