@@ -32,6 +32,7 @@ HOT_SOURCES = (
     "kvha/ring.py",
     "kvha/wire.py",
     "kvha/data/client.py",
+    "kvha/data/engine.py",
     "kvha/data/server.py",
     "kvha/data/store.py",
     "kvha/lb/forward.py",

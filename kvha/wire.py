@@ -168,11 +168,19 @@ def _bytes_enc(value: bytes, out: list[bytes]) -> None:
     out.append(value)
 
 
+def _u32_at(data: bytes, offset: int) -> int:
+    """The little-endian u32 at ``offset``, which the caller has checked is there.
+
+    Byte arithmetic: compiled, no method call, tuple or Struct look-up.
+    """
+    return data[offset] | data[offset + 1] << 8 | data[offset + 2] << 16 | data[offset + 3] << 24
+
+
 def _bytes_dec(data: bytes, offset: int) -> tuple[bytes, int]:
     end = offset + 4
     if end > len(data):
         raise WireError("message body is truncated")
-    (n,) = _U32.unpack_from(data, offset)
+    n = _u32_at(data, offset)
     stop = end + n
     if stop > len(data):
         raise WireError("message body is truncated")
@@ -366,11 +374,10 @@ def _two_bytes(body: bytes) -> tuple[bytes, bytes, int]:
     size = len(body)
     if size < 4:
         raise WireError("message body is truncated")
-    (n,) = _U32.unpack_from(body, 0)
-    mid = 4 + n
+    mid = 4 + _u32_at(body, 0)
     if mid + 4 > size:
         raise WireError("message body is truncated")
-    (m,) = _U32.unpack_from(body, mid)
+    m = _u32_at(body, mid)
     end = mid + 4 + m
     if end > size:
         raise WireError("message body is truncated")

@@ -345,11 +345,12 @@ def test_handler_exception_is_an_internal_error_not_a_crash(
     """A handler that raises gets E_INTERNAL for that request only; the connection goes on."""
     conn = authed(node)
 
-    def broken(*args: Any) -> None:
-        raise RuntimeError("disk on fire")
+    class Broken(MemoryEngine):
+        def get(self, partition: bytes, key: bytes) -> Optional[bytes]:
+            raise RuntimeError("disk on fire")
 
-    # The engine, not the Store: a compiled Store's methods cannot be replaced.
-    monkeypatch.setattr(node.store.engine, "get", broken)
+    # A subclass, not a patched method: compiled classes' methods cannot be replaced.
+    monkeypatch.setattr(node.store, "engine", Broken())
     with captured_logs():
         conn.send(wire.Get(b"p", b"k", 0).frame(1), wire.Ping().frame(2))
     replies = dict(conn.replies())

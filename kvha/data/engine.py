@@ -13,22 +13,30 @@ against every engine, restarts included.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Optional
+from typing import ClassVar, Optional
+
+from mypy_extensions import mypyc_attr
 
 from kvha.record import HEADER, HEADER_SIZE, TOMBSTONE
 
 _BITS = HEADER_SIZE - 1  # offset of the bits byte in a packed record
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Engine:
     """The interface every storage engine implements.
 
     ``durable`` engines keep what was committed across a restart; a
     ``memory`` engine comes back empty and is refilled by merge.
+
+    This module is compiled with the hot path (a data node calls ``get`` and
+    ``put`` per request); the engines in other modules subclass these
+    classes from plain Python, which the compiled classes allow.  A compiled
+    engine's methods cannot be replaced on an instance: subclass it instead.
     """
 
-    name = "abstract"
-    durable = False
+    name: ClassVar[str] = "abstract"
+    durable: ClassVar[bool] = False
 
     def open(self) -> None:
         """Load persisted state.  Called once before any other method."""
@@ -90,7 +98,7 @@ class Engine:
 
     #: True when :meth:`commit` does real I/O, so that the server batches
     #: replies behind one commit per reactor turn (group commit).
-    needs_commit = False
+    needs_commit: ClassVar[bool] = False
 
     def commit(self) -> None:
         """Make every write accepted so far durable under the fsync policy.
@@ -110,28 +118,7 @@ class Engine:
         return {}
 
 
-class CountedPartitions:
-    """count, bytes_used and tombstones of engines that keep
-    ``self._parts = {partition: [records, bytes, tombstones]}``."""
-
-    _parts: dict[bytes, list[int]]
-
-    def _total(self, partition: Optional[bytes], i: int) -> int:
-        if partition is not None:
-            counts = self._parts.get(partition)
-            return 0 if counts is None else counts[i]
-        return sum(c[i] for c in self._parts.values())
-
-    def count(self, partition: Optional[bytes] = None) -> int:
-        return self._total(partition, 0)
-
-    def bytes_used(self, partition: Optional[bytes] = None) -> int:
-        return self._total(partition, 1)
-
-    def tombstones(self, partition: Optional[bytes] = None) -> int:
-        return self._total(partition, 2)
-
-
+@mypyc_attr(allow_interpreted_subclasses=True)
 class MemoryEngine(Engine):
     """Records in nested dicts: ``{partition: {key: packed}}``.
 
@@ -140,7 +127,7 @@ class MemoryEngine(Engine):
     no tuple.
     """
 
-    name = "memory"
+    name: ClassVar[str] = "memory"
 
     def __init__(self) -> None:
         self._data: dict[bytes, dict[bytes, bytes]] = {}

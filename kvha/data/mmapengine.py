@@ -25,7 +25,8 @@ from typing import Any, Optional
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from kvha.data.engine import CountedPartitions, Engine
+from kvha.data.counted import CountedPartitions
+from kvha.data.engine import Engine
 from kvha.data.lmdbtables import CorruptStore, LmdbTables, quarantine
 from kvha.data.logengine import check_fsync
 from kvha.record import HEADER, HEADER_SIZE, TOMBSTONE

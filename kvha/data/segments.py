@@ -37,7 +37,8 @@ from typing import Any, Optional
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from kvha.data.engine import CountedPartitions, Engine
+from kvha.data.counted import CountedPartitions
+from kvha.data.engine import Engine
 from kvha.data.logengine import (
     ENTRY,
     MAX_ENTRY,
