@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 from typing import Any, Callable, ClassVar, Optional
 
 from twisted.internet import defer
@@ -477,54 +478,19 @@ class MemcacheProtocol(OrderedReplies):
             if not valid_key(key):
                 self.reply(BAD_FORMAT)
                 return
-        stats = self.stats
-        stats.cmd_get += len(keys)
-        partition = self.partition
-        router = self.router
+        self.stats.cmd_get += len(keys)
+        # Methods, not functions nested together: compiled closures that refer
+        # to one another keep themselves alive in a cycle (tests/test_no_cycles.py).
         if touch is not None:
-            stats.cmd_touch += len(keys)
+            self.stats.cmd_touch += len(keys)
             expires = absolute_expiry_ms(touch, self.clock.seconds())
-
-            def touch_one(k: bytes) -> Deferred:
-                return router.conditional(
-                    partition, k, lambda c: c.touch(partition, k, expires)
-                ).addCallback(lambda r: r.record if r.status is Status.TOUCHED else None)
-
-            def start() -> Deferred:
-                # A loop, not a comprehension of lambdas: mypyc (setup.py)
-                # cannot compile a lambda inside a comprehension in a closure.
-                ds = []
-                for k in keys:
-                    ds.append(touch_one(k))
-                return defer.gatherResults(ds, consumeErrors=True).addErrback(_unwrap)
-
+            start: Callable[[], Deferred] = partial(self._touch_all, keys, expires)
         elif len(keys) == 1 and not self.gated(keys[0]):
-            # The hot path: one key, no Deferred.
-            key = keys[0]
-
-            def render_one(record: Optional[Record]) -> bytes:
-                if record is None:
-                    stats.get_misses += 1
-                    return END
-                stats.get_hits += 1
-                value = record.value
-                if with_cas:
-                    return b"VALUE %s %d %d %d\r\n%s\r\nEND\r\n" % (
-                        key,
-                        record.flags,
-                        len(value),
-                        record.version,
-                        value,
-                    )
-                return b"VALUE %s %d %d\r\n%s\r\nEND\r\n" % (key, record.flags, len(value), value)
-
-            done, fail = self.reply_later(render_one, self._error_reply)
-            router.get_cb(partition, key, done, fail)
+            self._get_one(keys[0], with_cas)  # the hot path: one key, no Deferred
             return
         else:
-
-            def start() -> Deferred:
-                return router.get_many(partition, keys)
+            start = partial(self.router.get_many, self.partition, keys)
+        stats = self.stats
 
         def render(records: list[Optional[Record]]) -> bytes:
             out = []
@@ -554,6 +520,43 @@ class MemcacheProtocol(OrderedReplies):
         self.deferred_reply(
             self.after(keys, start, register=touch is not None), render, self._server_error
         )
+
+    def _get_one(self, key: bytes, with_cas: bool) -> None:
+        stats = self.stats
+
+        def render_one(record: Optional[Record]) -> bytes:
+            if record is None:
+                stats.get_misses += 1
+                return END
+            stats.get_hits += 1
+            value = record.value
+            if with_cas:
+                return b"VALUE %s %d %d %d\r\n%s\r\nEND\r\n" % (
+                    key,
+                    record.flags,
+                    len(value),
+                    record.version,
+                    value,
+                )
+            return b"VALUE %s %d %d\r\n%s\r\nEND\r\n" % (key, record.flags, len(value), value)
+
+        done, fail = self.reply_later(render_one, self._error_reply)
+        self.router.get_cb(self.partition, key, done, fail)
+
+    def _touch_all(self, keys: list[bytes], expires: int) -> Deferred:
+        """gat/gats: touch every key at its primary; the records touched (None: a miss)."""
+        # A loop, not a comprehension of lambdas: mypyc (setup.py) cannot
+        # compile a lambda inside a comprehension in a closure.
+        ds = []
+        for k in keys:
+            ds.append(self._touch_one(k, expires))
+        return defer.gatherResults(ds, consumeErrors=True).addErrback(_unwrap)
+
+    def _touch_one(self, key: bytes, expires: int) -> Deferred:
+        partition = self.partition
+        return self.router.conditional(
+            partition, key, lambda c: c.touch(partition, key, expires)
+        ).addCallback(_touched_record)
 
     # Storage --------------------------------------------------------------------------
 
@@ -899,6 +902,10 @@ class MemcacheProtocol(OrderedReplies):
             ("loading", int(self.router.loading)),  # 1 while the master starts (LOADING)
         ]
         return b"".join(b"STAT %s %s\r\n" % (k.encode(), str(v).encode()) for k, v in lines) + END
+
+
+def _touched_record(r: Any) -> Optional[Record]:
+    return r.record if r.status is Status.TOUCHED else None
 
 
 def _unwrap(failure: Any) -> Any:

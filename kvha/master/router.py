@@ -228,6 +228,51 @@ class _Fanout:
         self.answer(result, True)
 
 
+def _note_deleted(r: Result, seen_live: list[bool]) -> Result:
+    """Note whether a copy held the key a delete reached (Router.delete)."""
+    seen_live.append(r.status is Status.DELETED)
+    return r
+
+
+class _RetryRead:
+    """A read's error handler while other copies remain: :meth:`Router._reread` there.
+
+    An object, not a closure: compiled closures that nest functions keep
+    themselves alive in a reference cycle, which only the cyclic collector
+    frees (tests/test_no_cycles.py).
+    """
+
+    __slots__ = ("router", "order", "partition", "key", "ceiling", "on_done", "on_fail")
+
+    def __init__(
+        self,
+        router: Router,
+        order: list[NodeLink],
+        partition: bytes,
+        key: bytes,
+        ceiling: int,
+        on_done: Callable[[Optional[Record]], None],
+        on_fail: Callable[[BaseException], None],
+    ) -> None:
+        self.router = router
+        self.order = order
+        self.partition = partition
+        self.key = key
+        self.ceiling = ceiling
+        self.on_done = on_done
+        self.on_fail = on_fail
+
+    def failed(self, error: BaseException) -> None:
+        if not isinstance(error, RETRYABLE):
+            self.on_fail(error)
+            return
+        d = self.router._reread(error, self.order, self.partition, self.key, self.ceiling)
+        d.addCallbacks(self.on_done, self.failed_again)
+
+    def failed_again(self, failure: Any) -> None:
+        self.on_fail(failure.value)
+
+
 class Router:
     """Requests in, data-node operations out."""
 
@@ -416,6 +461,9 @@ class Router:
         for link, requests in batches.items():
             for batch in requests:
                 self._apply_many(partition, link, batch)
+        # The batches hold the fans, which hold one_done and one_failed, whose
+        # scope holds the batches: let go, or only the cyclic collector would.
+        batches.clear()
 
     def _apply_many(self, partition: bytes, link: NodeLink, batch: _ApplyBatch) -> None:
         write_failed = self._write_failed
@@ -468,19 +516,11 @@ class Router:
     ) -> None:
         link = order[0]
         if len(order) == 1:
-            failed = on_fail
-        else:
-            ceiling = self.hlc.last  # the newest version written before this read
-
-            def failed(error: BaseException) -> None:
-                if not isinstance(error, RETRYABLE):
-                    on_fail(error)
-                    return
-                self._reread(error, order, partition, key, ceiling).addCallbacks(
-                    on_done, lambda f: on_fail(f.value)
-                )
-
-        link.client.get_cb(partition, key, on_done, failed)
+            link.client.get_cb(partition, key, on_done, on_fail)
+            return
+        # self.hlc.last: the newest version written before this read.
+        retry = _RetryRead(self, order, partition, key, self.hlc.last, on_done, on_fail)
+        link.client.get_cb(partition, key, on_done, retry.failed)
 
     def _reread(
         self,
@@ -778,12 +818,8 @@ class Router:
         targets = self.write_copies_of(partition, key)
         seen_live: list[bool] = []
 
-        def noted(r: Result) -> Result:
-            seen_live.append(r.status is Status.DELETED)
-            return r
-
         def send(client: DataClient) -> Deferred:
-            return client.delete(partition, key, version).addCallback(noted)
+            return client.delete(partition, key, version).addCallback(_note_deleted, seen_live)
 
         d = self._fanout(partition, targets, send)
         return d.addCallback(
@@ -903,44 +939,57 @@ class Router:
         primary = self._primary(partition, key)
         if primary is None:
             return defer.fail(Unavailable("no live primary for the key"))
+        # Methods, not nested functions: compiled closures that refer to one
+        # another keep themselves alive in a cycle (tests/test_no_cycles.py).
+        return primary.client.get(partition, key).addCallback(
+            self._modify_decide, partition, key, fn, attempts
+        )
 
-        def decide(record: Optional[Record]) -> Any:
-            change, reply = fn(record)
-            if change is None:
+    def _modify_decide(
+        self,
+        record: Optional[Record],
+        partition: bytes,
+        key: bytes,
+        fn: Callable[[Optional[Record]], tuple[Optional[Change], Any]],
+        attempts: int,
+    ) -> Any:
+        change, reply = fn(record)
+        if change is None:
+            return reply
+        cas = record.version if record is not None else 0
+        if change.delete:
+            if record is None:
                 return reply
-            cas = record.version if record is not None else 0
-            if change.delete:
-                if record is None:
-                    return reply
 
-                def op(c: DataClient) -> Deferred:
-                    return c.store(StoreMode.CAS_DELETE, partition, key, b"", 0, 0, cas)
+            def op(c: DataClient) -> Deferred:
+                return c.store(StoreMode.CAS_DELETE, partition, key, b"", 0, 0, cas)
 
-            else:
+        else:
+            value, flags, expires_ms = change.value, change.flags, change.expires_ms
 
-                def op(c: DataClient) -> Deferred:
-                    return c.store(
-                        StoreMode.CAS,
-                        partition,
-                        key,
-                        change.value,
-                        change.flags,
-                        change.expires_ms,
-                        cas,
-                    )
+            def op(c: DataClient) -> Deferred:
+                return c.store(StoreMode.CAS, partition, key, value, flags, expires_ms, cas)
 
-            return self.conditional(partition, key, op).addCallback(check, reply)
+        return self.conditional(partition, key, op).addCallback(
+            self._modify_check, reply, partition, key, fn, attempts
+        )
 
-        def check(result: Result, reply: Any) -> Any:
-            if result.status in (Status.STORED, Status.DELETED):
-                return reply
-            if result.status is Status.TOO_LARGE:
-                raise ValueError("value exceeds the maximum value size")
-            if attempts > 1:
-                return self.modify(partition, key, fn, attempts - 1)
-            raise Unavailable("the key kept changing; gave up after repeated conflicts")
-
-        return primary.client.get(partition, key).addCallback(decide)
+    def _modify_check(
+        self,
+        result: Result,
+        reply: Any,
+        partition: bytes,
+        key: bytes,
+        fn: Callable[[Optional[Record]], tuple[Optional[Change], Any]],
+        attempts: int,
+    ) -> Any:
+        if result.status in (Status.STORED, Status.DELETED):
+            return reply
+        if result.status is Status.TOO_LARGE:
+            raise ValueError("value exceeds the maximum value size")
+        if attempts > 1:
+            return self.modify(partition, key, fn, attempts - 1)
+        raise Unavailable("the key kept changing; gave up after repeated conflicts")
 
     def set_if_all_absent(self, partition: bytes, pairs: Sequence[tuple[bytes, bytes]]) -> Deferred:
         """Store every pair only if no key exists (MSETNX).  Fires with True or False.
