@@ -46,6 +46,7 @@ _FRAME_BODY = 5  # opcode + id, counted by the length field
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
+_pack_u32 = _U32.pack  # bound once: compiled code calls it without a method look-up
 _U64 = struct.Struct("<Q")
 _RANGE = struct.Struct("<QQ")
 _REC = struct.Struct("<HII")
@@ -168,7 +169,7 @@ def _bytes_enc(value: bytes, out: list[bytes]) -> None:
     out.append(value)
 
 
-def _u32_at(data: bytes, offset: int) -> int:
+def u32_at(data: bytes, offset: int) -> int:
     """The little-endian u32 at ``offset``, which the caller has checked is there.
 
     Byte arithmetic: compiled, no method call, tuple or Struct look-up.
@@ -180,7 +181,7 @@ def _bytes_dec(data: bytes, offset: int) -> tuple[bytes, int]:
     end = offset + 4
     if end > len(data):
         raise WireError("message body is truncated")
-    n = _u32_at(data, offset)
+    n = u32_at(data, offset)
     stop = end + n
     if stop > len(data):
         raise WireError("message body is truncated")
@@ -374,10 +375,10 @@ def _two_bytes(body: bytes) -> tuple[bytes, bytes, int]:
     size = len(body)
     if size < 4:
         raise WireError("message body is truncated")
-    mid = 4 + _u32_at(body, 0)
+    mid = 4 + u32_at(body, 0)
     if mid + 4 > size:
         raise WireError("message body is truncated")
-    m = _u32_at(body, mid)
+    m = u32_at(body, mid)
     end = mid + 4 + m
     if end > size:
         raise WireError("message body is truncated")
@@ -408,15 +409,16 @@ class Get(Message):
 
 
 _GET_HEAD = struct.Struct("<IBII")
+_pack_get_head = _GET_HEAD.pack  # bound once (see _pack_u32)
 
 
 def get_frame(request_id: int, partition: bytes, key: bytes, tombstones: int) -> bytes:
     """The frame of a Get without building a Message (the read hot path)."""
     size = 4 + len(partition) + 4 + len(key) + 1
     return (
-        _GET_HEAD.pack(size + _FRAME_BODY, 3, request_id, len(partition))
+        _pack_get_head(size + _FRAME_BODY, 3, request_id, len(partition))
         + partition
-        + _U32.pack(len(key))
+        + _pack_u32(len(key))
         + key
         + (b"\x01" if tombstones else b"\x00")
     )
@@ -459,11 +461,11 @@ def apply_frame(request_id: int, partition: bytes, key: bytes, packed: bytes) ->
     size = 12 + len(partition) + len(key) + len(packed)
     return b"".join(
         (
-            _GET_HEAD.pack(size + _FRAME_BODY, 5, request_id, len(partition)),
+            _pack_get_head(size + _FRAME_BODY, 5, request_id, len(partition)),
             partition,
-            _U32.pack(len(key)),
+            _pack_u32(len(key)),
             key,
-            _U32.pack(len(packed)),
+            _pack_u32(len(packed)),
             packed,
         )
     )
@@ -685,11 +687,12 @@ class Result(Message):
 
 
 _RESULT_HEAD = struct.Struct("<IBIBI")
+_pack_result_head = _RESULT_HEAD.pack  # bound once (see _pack_u32)
 
 
 def result_frame(request_id: int, status: int, packed: bytes) -> bytes:
     """The frame of a Result without building a Message (the reply hot path)."""
-    return _RESULT_HEAD.pack(len(packed) + 10, 66, request_id, status, len(packed)) + packed
+    return _pack_result_head(len(packed) + 10, 66, request_id, status, len(packed)) + packed
 
 
 @message(67, ("records", "records"))

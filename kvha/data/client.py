@@ -17,7 +17,6 @@ cluster secret.
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
@@ -415,8 +414,7 @@ def _decode_result(body: bytes) -> wire.Message:
     if len(body) < 5:
         raise wire.WireError("message body is truncated")
     status = body[0]
-    (n,) = struct.unpack_from("<I", body, 1)
-    if 5 + n != len(body):
+    if 5 + wire.u32_at(body, 1) != len(body):
         raise wire.WireError("malformed Result")
     return wire.Result(status, body[5:])
 
