@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -215,6 +216,10 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _stop(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ops", type=int, default=100_000, help="operations per throughput run")
@@ -241,6 +246,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="protocols: replicas 1 only")
     args = parser.parse_args()
     args.sections = set(args.sections.split(","))
+    # Stopped with SIGTERM (a timeout, a kill), unwind like Ctrl-C: every
+    # section's finally stops the servers and nodes it started.
+    signal.signal(signal.SIGTERM, _stop)
     for tool in ("redis-server", "redis-benchmark", "memcached"):
         if shutil.which(tool) is None:
             sys.exit(
