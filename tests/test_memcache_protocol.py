@@ -803,3 +803,20 @@ def test_loading_master_refuses_commands_and_swallows_data_blocks(cluster: Clust
     assert conn.send(b"get k\r\n") == b"VALUE k 0 1\r\nv\r\nEND\r\n"
     assert conn.send(b"quit\r\n") == b""
     assert conn.closed
+
+
+def test_a_gated_gat_touches_the_partition_it_was_sent_in() -> None:
+    """A gat waiting behind an incr on its key runs in the partition of when it
+    arrived, not in one a later (pipelined) authentication switched to."""
+    from bench.hotpath import Master  # real data-node client: replies come later
+
+    master = Master(0, 1, "memcached")
+    proto, transport = master.conns[0]
+    proto.dataReceived(b"set counter 0 0 1\r\n5\r\n")
+    master.settle()
+    transport.clear()
+    proto.dataReceived(b"incr counter 1\r\ngat 100 counter\r\n")
+    assert proto.gated(b"counter")
+    proto.partition = b"elsewhere"  # what a re-authentication does meanwhile
+    master.settle()
+    assert transport.value() == b"6\r\nVALUE counter 0 1\r\n6\r\nEND\r\n"

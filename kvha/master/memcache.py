@@ -484,7 +484,9 @@ class MemcacheProtocol(OrderedReplies):
         if touch is not None:
             self.stats.cmd_touch += len(keys)
             expires = absolute_expiry_ms(touch, self.clock.seconds())
-            start: Callable[[], Deferred] = partial(self._touch_all, keys, expires)
+            # The partition now: a pipelined AUTH may change it before a
+            # gated gat runs.
+            start: Callable[[], Deferred] = partial(self._touch_all, self.partition, keys, expires)
         elif len(keys) == 1 and not self.gated(keys[0]):
             self._get_one(keys[0], with_cas)  # the hot path: one key, no Deferred
             return
@@ -543,17 +545,16 @@ class MemcacheProtocol(OrderedReplies):
         done, fail = self.reply_later(render_one, self._error_reply)
         self.router.get_cb(self.partition, key, done, fail)
 
-    def _touch_all(self, keys: list[bytes], expires: int) -> Deferred:
+    def _touch_all(self, partition: bytes, keys: list[bytes], expires: int) -> Deferred:
         """gat/gats: touch every key at its primary; the records touched (None: a miss)."""
         # A loop, not a comprehension of lambdas: mypyc (setup.py) cannot
         # compile a lambda inside a comprehension in a closure.
         ds = []
         for k in keys:
-            ds.append(self._touch_one(k, expires))
+            ds.append(self._touch_one(partition, k, expires))
         return defer.gatherResults(ds, consumeErrors=True).addErrback(_unwrap)
 
-    def _touch_one(self, key: bytes, expires: int) -> Deferred:
-        partition = self.partition
+    def _touch_one(self, partition: bytes, key: bytes, expires: int) -> Deferred:
         return self.router.conditional(
             partition, key, lambda c: c.touch(partition, key, expires)
         ).addCallback(_touched_record)

@@ -999,40 +999,53 @@ class Router:
         (only if still unchanged), so either all keys are set or none.
         """
         keys = [k for k, _ in pairs]
+        # Methods, not nested functions that call one another: those keep
+        # themselves alive in a cycle once compiled (tests/test_no_cycles.py).
+        return self.get_many(partition, keys).addCallback(self._msetnx_create, partition, pairs)
 
-        # Loops and helpers, not comprehensions of lambdas: mypyc (setup.py)
-        # cannot compile a lambda inside a comprehension inside a closure.
-        def store(mode: StoreMode, k: bytes, v: bytes, cas: int) -> Deferred:
-            return self.conditional(
-                partition, k, lambda c: c.store(mode, partition, k, v, 0, 0, cas)
-            )
+    def _msetnx_store(
+        self, mode: StoreMode, partition: bytes, k: bytes, v: bytes, cas: int
+    ) -> Deferred:
+        return self.conditional(partition, k, lambda c: c.store(mode, partition, k, v, 0, 0, cas))
 
-        def create(existing: list[Optional[Record]]) -> Any:
-            if any(r is not None for r in existing):
-                return False
-            ds = []
-            for k, v in pairs:
-                ds.append(store(StoreMode.CAS, k, v, 0))
-            return defer.DeferredList(ds, consumeErrors=True).addCallback(settle)
+    def _msetnx_create(
+        self,
+        existing: list[Optional[Record]],
+        partition: bytes,
+        pairs: Sequence[tuple[bytes, bytes]],
+    ) -> Any:
+        if any(r is not None for r in existing):
+            return False
+        # A loop, not a comprehension of lambdas: mypyc (setup.py) cannot
+        # compile a lambda inside a comprehension inside a closure.
+        ds = []
+        for k, v in pairs:
+            ds.append(self._msetnx_store(StoreMode.CAS, partition, k, v, 0))
+        return defer.DeferredList(ds, consumeErrors=True).addCallback(
+            self._msetnx_settle, partition, pairs
+        )
 
-        def settle(results: list[tuple[bool, Any]]) -> Any:
-            created = [
-                (k, r.record.version)
-                for (k, _), (ok, r) in zip(pairs, results)
-                if ok and r.status is Status.STORED and r.record is not None
-            ]
-            if len(created) == len(pairs):
-                return True
-            undo = []
-            for k, version in created:
-                undo.append(store(StoreMode.CAS_DELETE, k, b"", version))
-            failures = [r for ok, r in results if not ok]
-            d = defer.DeferredList(undo, consumeErrors=True)
-            if failures:
-                return d.addCallback(lambda _: failures[0])
-            return d.addCallback(lambda _: False)
-
-        return self.get_many(partition, keys).addCallback(create)
+    def _msetnx_settle(
+        self,
+        results: list[tuple[bool, Any]],
+        partition: bytes,
+        pairs: Sequence[tuple[bytes, bytes]],
+    ) -> Any:
+        created = [
+            (k, r.record.version)
+            for (k, _), (ok, r) in zip(pairs, results)
+            if ok and r.status is Status.STORED and r.record is not None
+        ]
+        if len(created) == len(pairs):
+            return True
+        undo = []
+        for k, version in created:
+            undo.append(self._msetnx_store(StoreMode.CAS_DELETE, partition, k, b"", version))
+        failures = [r for ok, r in results if not ok]
+        d = defer.DeferredList(undo, consumeErrors=True)
+        if failures:
+            return d.addCallback(lambda _: failures[0])
+        return d.addCallback(lambda _: False)
 
     def count_from_stats(self, partition: bytes, stats: dict[str, dict[str, str]]) -> int:
         """Live keys of a partition, from the data nodes' per-partition counts."""
