@@ -547,11 +547,7 @@ class MemcacheProtocol(OrderedReplies):
 
     def _touch_all(self, partition: bytes, keys: list[bytes], expires: int) -> Deferred:
         """gat/gats: touch every key at its primary; the records touched (None: a miss)."""
-        # A loop, not a comprehension of lambdas: mypyc (setup.py) cannot
-        # compile a lambda inside a comprehension in a closure.
-        ds = []
-        for k in keys:
-            ds.append(self._touch_one(partition, k, expires))
+        ds = [self._touch_one(partition, k, expires) for k in keys]
         return defer.gatherResults(ds, consumeErrors=True).addErrback(_unwrap)
 
     def _touch_one(self, partition: bytes, key: bytes, expires: int) -> Deferred:

@@ -1016,11 +1016,7 @@ class Router:
     ) -> Any:
         if any(r is not None for r in existing):
             return False
-        # A loop, not a comprehension of lambdas: mypyc (setup.py) cannot
-        # compile a lambda inside a comprehension inside a closure.
-        ds = []
-        for k, v in pairs:
-            ds.append(self._msetnx_store(StoreMode.CAS, partition, k, v, 0))
+        ds = [self._msetnx_store(StoreMode.CAS, partition, k, v, 0) for k, v in pairs]
         return defer.DeferredList(ds, consumeErrors=True).addCallback(
             self._msetnx_settle, partition, pairs
         )
@@ -1038,9 +1034,7 @@ class Router:
         ]
         if len(created) == len(pairs):
             return True
-        undo = []
-        for k, version in created:
-            undo.append(self._msetnx_store(StoreMode.CAS_DELETE, partition, k, b"", version))
+        undo = [self._msetnx_store(StoreMode.CAS_DELETE, partition, k, b"", v) for k, v in created]
         failures = [r for ok, r in results if not ok]
         d = defer.DeferredList(undo, consumeErrors=True)
         if failures:
