@@ -33,15 +33,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 from mypy_extensions import mypyc_attr
 
 PROTOCOL_VERSION = 1
 
 FRAME = struct.Struct("<IBI")
-FRAME_SIZE = FRAME.size
-_FRAME_BODY = 5  # opcode + id, counted by the length field
+FRAME_SIZE: Final = 9  # Final: compiled code reads it as a constant
+_FRAME_BODY: Final = 5  # opcode + id, counted by the length field
+assert FRAME.size == FRAME_SIZE
 
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
@@ -370,19 +371,48 @@ class Ping(Message):
     __slots__ = ()
 
 
-def _two_bytes(body: bytes) -> tuple[bytes, bytes, int]:
-    """The two length-prefixed byte strings a body starts with, and where they end."""
-    size = len(body)
-    if size < 4:
+def _two_bytes_at(data: bytes, start: int, stop: int) -> tuple[bytes, bytes, int]:
+    """The two length-prefixed byte strings the body ``data[start:stop]`` starts
+    with, and where they end (an offset into ``data``)."""
+    if start + 4 > stop:
         raise WireError("message body is truncated")
-    mid = 4 + u32_at(body, 0)
-    if mid + 4 > size:
+    mid = start + 4 + u32_at(data, start)
+    if mid + 4 > stop:
         raise WireError("message body is truncated")
-    m = u32_at(body, mid)
-    end = mid + 4 + m
-    if end > size:
+    end = mid + 4 + u32_at(data, mid)
+    if end > stop:
         raise WireError("message body is truncated")
-    return body[4:mid], body[mid + 4 : end], end
+    return data[start + 4 : mid], data[mid + 4 : end], end
+
+
+def get_fields(data: bytes, start: int, stop: int) -> tuple[bytes, bytes, int]:
+    """``(partition, key, tombstones)`` of the Get whose body is ``data[start:stop]``.
+
+    The data node's read hot path decodes the frame in place with this: no
+    body copy, no Message.  Raises what :meth:`Get.decode` raises.
+    """
+    partition, key, end = _two_bytes_at(data, start, stop)
+    if end >= stop:
+        raise WireError("message body is truncated")
+    if end + 1 != stop:
+        raise WireError(f"{stop - end - 1} stray bytes after Get")
+    return partition, key, data[end]
+
+
+def apply_fields(data: bytes, start: int, stop: int) -> tuple[bytes, bytes, bytes]:
+    """``(partition, key, packed)`` of the Apply whose body is ``data[start:stop]``.
+
+    The write hot path's counterpart of :func:`get_fields`.
+    """
+    partition, key, end = _two_bytes_at(data, start, stop)
+    if end + 4 > stop:
+        raise WireError("message body is truncated")
+    last = end + 4 + u32_at(data, end)
+    if last > stop:
+        raise WireError("message body is truncated")
+    if last != stop:
+        raise WireError(f"{stop - last} stray bytes after Apply")
+    return partition, key, data[end + 4 : last]
 
 
 @message(3, ("partition", "bytes"), ("key", "bytes"), ("tombstones", "u8"))
@@ -399,13 +429,9 @@ class Get(Message):
 
     @classmethod
     def decode(cls, body: bytes) -> Get:
-        """The generic decode, unrolled (a data node's hottest request); same errors."""
-        partition, key, end = _two_bytes(body)
-        if end >= len(body):
-            raise WireError("message body is truncated")
-        if end + 1 != len(body):
-            raise WireError(f"{len(body) - end - 1} stray bytes after Get")
-        return cls(partition, key, body[end])
+        """The generic decode, unrolled (see :func:`get_fields`); same errors."""
+        partition, key, tombstones = get_fields(body, 0, len(body))
+        return cls(partition, key, tombstones)
 
 
 _GET_HEAD = struct.Struct("<IBII")
@@ -448,11 +474,8 @@ class Apply(Message):
 
     @classmethod
     def decode(cls, body: bytes) -> Apply:
-        """The generic decode, unrolled (a data node's hottest write); same errors."""
-        partition, key, end = _two_bytes(body)
-        packed, stop = _bytes_dec(body, end)
-        if stop != len(body):
-            raise WireError(f"{len(body) - stop} stray bytes after Apply")
+        """The generic decode, unrolled (see :func:`apply_fields`); same errors."""
+        partition, key, packed = apply_fields(body, 0, len(body))
         return cls(partition, key, packed)
 
 
@@ -798,39 +821,57 @@ class FrameReader:
         self._need = FRAME_SIZE  # bytes needed before parsing is worth trying
         self.max_frame = max_frame
 
-    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+    def take(self, data: bytes) -> tuple[bytes, int]:
+        """``(chunk, end)``: the stream's whole frames are ``chunk[:end]``.
+
+        ``chunk`` is ``data`` itself unless part of a frame was buffered
+        before it (no copy on the common path).  What follows ``end`` is kept
+        for the next call.  Every whole frame's length has been checked, so
+        a caller walks ``chunk`` up to ``end`` without checking them again:
+        frame at ``offset``: length ``u32_at(chunk, offset)``, opcode
+        ``chunk[offset + 4]``, request id ``u32_at(chunk, offset + 5)``, body
+        ``chunk[offset + FRAME_SIZE : offset + 4 + length]``.
+        """
         buf = self._buffer
-        buf += data
-        end = len(buf)
-        if end < self._need:
-            return []
-        frames = []
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                return b"", 0
+            data = bytes(buf)
+            buf.clear()
+        end = len(data)
         offset = 0
-        unpack = FRAME.unpack_from
-        view = memoryview(buf)
-        try:
-            while end - offset >= FRAME_SIZE:
-                length, opcode, request_id = unpack(buf, offset)
-                if length < _FRAME_BODY:
-                    raise WireError(f"frame length {length} is shorter than its header")
-                if length > self.max_frame:
-                    raise FrameTooLarge(
-                        f"frame of {length} bytes exceeds the {self.max_frame} limit"
-                    )
-                stop = offset + 4 + length
-                if stop > end:
-                    break
-                frames.append((opcode, request_id, bytes(view[offset + FRAME_SIZE : stop])))
-                offset = stop
-        finally:
-            view.release()
-        if offset:
-            del buf[:offset]
-        left = len(buf)
-        if left >= FRAME_SIZE:
-            self._need = _U32.unpack_from(buf, 0)[0] + 4
+        max_frame = self.max_frame
+        while end - offset >= FRAME_SIZE:
+            length = u32_at(data, offset)
+            if length < _FRAME_BODY:
+                raise WireError(f"frame length {length} is shorter than its header")
+            if length > max_frame:
+                raise FrameTooLarge(f"frame of {length} bytes exceeds the {max_frame} limit")
+            stop = offset + 4 + length
+            if stop > end:
+                break
+            offset = stop
+        if offset < end:
+            if offset:
+                buf += memoryview(data)[offset:]
+            else:
+                buf += data
+            left = end - offset
+            self._need = u32_at(data, offset) + 4 if left >= FRAME_SIZE else FRAME_SIZE
         else:
             self._need = FRAME_SIZE
+        return data, offset
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        """The whole frames so far as ``(opcode, request_id, body)``."""
+        chunk, end = self.take(data)
+        frames = []
+        offset = 0
+        while offset < end:
+            stop = offset + 4 + u32_at(chunk, offset)
+            frames.append((chunk[offset + 4], u32_at(chunk, offset + 5), chunk[offset + 9 : stop]))
+            offset = stop
         return frames
 
     @property

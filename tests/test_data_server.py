@@ -331,6 +331,63 @@ def test_apply_with_packed_shorter_than_header_is_refused(node: DataNode) -> Non
     assert node.store.engine.count() == 0
 
 
+def test_hot_path_requests_are_counted_before_a_stats_behind_them(node: DataNode) -> None:
+    """Applies and Gets read in place are counted, and a Stats in the same chunk sees them."""
+    conn = authed(node)
+    conn.send(
+        apply_msg(b"a").frame(1),
+        wire.Get(b"p", b"a", 0).frame(2),
+        wire.Get(b"p", b"nope", 0).frame(3),
+        wire.Stats().frame(4),
+        wire.Get(b"p", b"a", 0).frame(5),
+    )
+    replies = dict(conn.replies())
+    pairs = replies[4].pairs
+    stats = {pairs[i].decode(): pairs[i + 1].decode() for i in range(0, len(pairs), 2)}
+    assert (stats["cmd_apply"], stats["cmd_get"]) == ("1", "2")
+    assert (stats["get_hits"], stats["get_misses"]) == ("1", "1")
+    assert replies[5].status == Status.OK
+    assert node.ops["get"] == 3 and node.get_hits == 2
+
+
+def test_apply_with_stray_bytes_is_refused_and_its_neighbours_served(node: DataNode) -> None:
+    """An Apply body longer than its fields is E_BAD_REQUEST; nothing of it is stored."""
+    conn = authed(node)
+    body = apply_msg(b"bad").body() + b"!!"
+    conn.send(
+        apply_msg(b"a").frame(1),
+        wire.FRAME.pack(5 + len(body), wire.Apply.OPCODE, 2) + body,
+        wire.Get(b"p", b"a", 0).frame(3),
+    )
+    replies = dict(conn.replies())
+    assert replies[1].status == Status.STORED
+    assert_error(replies[2], wire.E_BAD_REQUEST)
+    assert "2 stray bytes after Apply" in replies[2].message
+    assert replies[3].status == Status.OK
+    assert node.store.engine.count() == 1
+    assert node.bad_frames == 1 and node.ops["apply"] == 1
+
+
+def test_an_apply_the_store_fails_is_an_internal_error(
+    node: DataNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that raises on a write gets E_INTERNAL for that Apply only."""
+    conn = authed(node)
+
+    class Broken(MemoryEngine):
+        def put(self, partition: bytes, key: bytes, packed: bytes) -> None:
+            raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(node.store, "engine", Broken())
+    with captured_logs() as logs:
+        conn.send(apply_msg(b"a").frame(1), wire.Ping().frame(2))
+    replies = dict(conn.replies())
+    assert_error(replies[1], wire.E_INTERNAL)
+    assert "disk on fire" in replies[1].message
+    assert isinstance(replies[2], wire.Pong)
+    assert any("internal error handling apply" in formatEvent(e) for e in logs)
+
+
 def test_unknown_store_and_incr_modes_are_refused(node: DataNode) -> None:
     """A Store or Incr with a mode number the store does not know gets E_BAD_REQUEST."""
     conn = authed(node)
@@ -902,6 +959,49 @@ def test_late_reply_after_timeout_is_ignored(clock: Clock) -> None:
     assert failures[0].check(RequestTimeout)
     client.dataReceived(wire.Pong("up", 0).frame(1))
     assert client.pending == {}
+    client.connectionLost(None)
+
+
+def test_result_frames_split_anywhere_reach_their_requests(clock: Clock) -> None:
+    """Results read in place, however the stream is cut, answer the right requests."""
+    client, _ = bare_client(clock, 5.0, connected=True)
+    got: list[Any] = []
+    first, second = client.request(wire.Ping()), client.request(wire.Ping())
+    first.addCallback(got.append)
+    second.addCallback(got.append)
+    data = wire.Result(Status.STORED, b"").frame(2) + wire.Result(Status.OK, b"rec").frame(1)
+    client.dataReceived(data[:11])
+    client.dataReceived(data[11:20])
+    client.dataReceived(data[20:])
+    assert [(r.status, r.packed) for r in got] == [(Status.STORED, b""), (Status.OK, b"rec")]
+    assert client.pending == {}
+    client.connectionLost(None)
+
+
+def test_a_malformed_result_closes_the_connection(clock: Clock) -> None:
+    """A Result whose inner length disagrees with its frame is a broken stream: abort."""
+    client, transport = bare_client(clock, 5.0, connected=True)
+    d = client.request(wire.Ping())
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    body = bytes([Status.OK]) + (10).to_bytes(4, "little") + b"abc"
+    with captured_logs() as logs:
+        client.dataReceived(wire.FRAME.pack(5 + len(body), wire.Result.OPCODE, 1) + body)
+    assert transport.disconnecting or not transport.connected
+    assert any("malformed Result" in formatEvent(e) for e in logs)
+    client.connectionLost(None)
+    assert failures and failures[0].check(NodeUnavailable)
+
+
+def test_a_result_during_a_stream_still_answers_its_request(clock: Clock) -> None:
+    """With a stream open, a Result goes the general way and still reaches its request."""
+    client, _ = bare_client(clock, 5.0, connected=True)
+    client.stream([], 0, lambda records: None)
+    d = client.request(wire.Ping())
+    got: list[Any] = []
+    d.addCallback(got.append)
+    client.dataReceived(wire.Result(Status.OK, b"x").frame(2))
+    assert got and got[0].packed == b"x"
     client.connectionLost(None)
 
 

@@ -361,3 +361,70 @@ def test_proof_labels_keep_the_two_directions_apart() -> None:
     assert not wire.proof_ok(SECRET, wire.SERVER_LABEL, NONCE, client)
     assert not wire.proof_ok(SECRET, wire.CLIENT_LABEL, NONCE, b"")
     assert not wire.proof_ok(SECRET, wire.CLIENT_LABEL, NONCE, client[:-1])
+
+
+# In-place reading: take() and the hot path's field decoders ------------------------
+
+
+def test_take_hands_back_the_chunk_itself_when_nothing_is_buffered() -> None:
+    """With no partial frame held, the chunk is not copied; a cut frame is kept for later."""
+    reader = FrameReader()
+    first, second = wire.Ping().frame(1), wire.Flush(b"xyz").frame(2)
+    data = first + second[:7]
+    chunk, end = reader.take(data)
+    assert chunk is data and end == len(first)
+    assert reader.buffered == 7
+    chunk, end = reader.take(second[7:])
+    assert chunk == second and end == len(second)
+    assert reader.buffered == 0
+
+
+def test_take_waits_for_a_whole_frame() -> None:
+    """A large frame arriving in pieces yields nothing until its last piece."""
+    framed = wire.Flush(b"x" * 5000).frame(3)
+    reader = FrameReader()
+    for i in range(0, 4800, 600):
+        assert reader.take(framed[i : i + 600])[1] == 0
+    chunk, end = reader.take(framed[4800:])
+    assert chunk[:end] == framed
+
+
+@given(
+    st.binary(max_size=60),
+    st.binary(max_size=12),
+    st.binary(max_size=12),
+    st.sampled_from(["get", "apply"]),
+)
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+def test_fields_read_in_place_match_decode_and_stay_inside_the_body(
+    body: bytes, before: bytes, after: bytes, kind: str
+) -> None:
+    """get_fields/apply_fields on a body inside a larger chunk agree with Get/Apply.decode.
+
+    The bytes after the body belong to the next frame: a length pointing
+    past the body must be an error, never a read of them.
+    """
+    cls, fields = (wire.Get, wire.get_fields) if kind == "get" else (wire.Apply, wire.apply_fields)
+    chunk = before + body + after
+    start, stop = len(before), len(before) + len(body)
+    try:
+        expected: Any = cls.decode(body)
+    except WireError as e:
+        with pytest.raises(WireError) as info:
+            fields(chunk, start, stop)
+        assert str(info.value) == str(e)
+        return
+    got = fields(chunk, start, stop)
+    if kind == "get":
+        assert got == (expected.partition, expected.key, expected.tombstones)
+    else:
+        assert got == (expected.partition, expected.key, expected.packed)
+
+
+def test_a_valid_apply_body_decodes_in_place() -> None:
+    """A real Apply frame's fields read at their offsets in a pipelined chunk."""
+    msg = wire.Apply(b"part", b"key", b"packed-record")
+    chunk = wire.Ping().frame(1) + msg.frame(2) + wire.Ping().frame(3)
+    start = len(wire.Ping().frame(1)) + FRAME_SIZE
+    stop = start + len(msg.body())
+    assert wire.apply_fields(chunk, start, stop) == (b"part", b"key", b"packed-record")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
-    from kvha.data.client import Consumer
+    from kvha.data.client import ApplyWaiter, Consumer
     from kvha.data.store import IncrMode, Result, StoreMode
     from kvha.record import Record
     from kvha.ring import TokenRange
@@ -60,6 +60,10 @@ class DataClient(Protocol):
         packed: bytes,
         on_done: Callable[[Result], None],
         on_fail: Callable[[BaseException], None],
+    ) -> None: ...
+
+    def apply_to(
+        self, partition: bytes, key: bytes, packed: bytes, waiter: ApplyWaiter
     ) -> None: ...
 
     def apply_many_cb(

@@ -95,8 +95,8 @@ class DataClientProtocol(BufferedWrites, Protocol):
         self.clock = clock
         self.request_timeout = request_timeout
         self.reader = wire.FrameReader(max_frame)
-        #: request id: (its waiter, a Deferred or a _Callbacks; when it was sent)
-        self.pending: dict[int, tuple[Any, float]] = {}
+        #: request id: (its waiter, when it was sent)
+        self.pending: dict[int, tuple[_Waiter, float]] = {}
         self.streams: dict[int, _StreamState] = {}
         self.ready: Deferred = Deferred()
         self.node_id = "?"
@@ -158,14 +158,34 @@ class DataClientProtocol(BufferedWrites, Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         try:
-            frames = self.reader.feed(data)
+            chunk, end = self.reader.take(data)
         except wire.WireError as e:
             log.error("bad frame from data node {node}: {why}", node=self.node_id, why=str(e))
             self.transport.abortConnection()
             return
-        for opcode, request_id, body in frames:
+        pending = self.pending
+        offset = 0
+        while offset < end:
+            stop = offset + 4 + wire.u32_at(chunk, offset)
+            opcode = chunk[offset + 4]
+            request_id = wire.u32_at(chunk, offset + 5)
+            start = offset + wire.FRAME_SIZE
+            offset = stop
+            if opcode == _RESULT_OPCODE and self.connected_ok and not self.streams:
+                # The hot path: a Result, read in place (no body copy, no Message).
+                if stop - start < 5 or start + 5 + wire.u32_at(chunk, start + 1) != stop:
+                    log.error(
+                        "bad reply from data node {node}: malformed Result", node=self.node_id
+                    )
+                    self.transport.abortConnection()
+                    return
+                entry = pending.pop(request_id, None)
+                if entry is not None:  # else it timed out already
+                    entry[0].result(chunk[start], chunk[start + 5 : stop])
+                continue
+            body = chunk[start:stop]
             try:
-                if opcode == _RESULT_OPCODE:  # the hot path: no generic decode
+                if opcode == _RESULT_OPCODE:
                     msg = _decode_result(body)
                 else:
                     msg = wire.decode(opcode, body)
@@ -180,7 +200,7 @@ class DataClientProtocol(BufferedWrites, Protocol):
             if stream is not None:
                 self._stream_frame(request_id, stream, msg)
                 continue
-            entry = self.pending.pop(request_id, None)
+            entry = pending.pop(request_id, None)
             if entry is None:
                 continue  # it timed out already
             if type(msg) is wire.Error:
@@ -225,8 +245,8 @@ class DataClientProtocol(BufferedWrites, Protocol):
         self._next_id = (request_id + 1) & 0xFFFFFFFF or 1
         return request_id
 
-    def _pend(self, waiter: Any) -> int:
-        """A new request id whose reply goes to ``waiter`` (its ``callback``/``errback``)."""
+    def _pend(self, waiter: _Waiter) -> int:
+        """A new request id whose reply goes to ``waiter``."""
         request_id = self._new_id()
         self.pending[request_id] = (waiter, self.clock.seconds())
         return request_id
@@ -234,7 +254,7 @@ class DataClientProtocol(BufferedWrites, Protocol):
     def request_frame(self, build: Callable[..., bytes], *args: Any) -> Deferred:
         """Like request(), with the frame built by ``build(request_id, *args)``."""
         d: Deferred = Deferred()
-        self.out(build(self._pend(d), *args))
+        self.out(build(self._pend(_DeferredWaiter(d)), *args))
         return d
 
     def request_cb(
@@ -256,8 +276,12 @@ class DataClientProtocol(BufferedWrites, Protocol):
         on_fail: Callable[[BaseException], None],
     ) -> None:
         """One Apply, answered by plain functions (the write hot path, in one call)."""
-        request_id = self._pend(_AppliedCallbacks(packed, on_done, on_fail))
-        self.out(wire.apply_frame(request_id, partition, key, packed))
+        self.apply_to(partition, key, packed, _AppliedCallbacks(on_done, on_fail))
+
+    def apply_to(self, partition: bytes, key: bytes, packed: bytes, waiter: ApplyWaiter) -> None:
+        """One Apply, answered to ``waiter`` (the write hot path: no function built)."""
+        waiter.sent = packed
+        self.out(wire.apply_frame(self._pend(waiter), partition, key, packed))
 
     def get_cb(
         self,
@@ -272,7 +296,7 @@ class DataClientProtocol(BufferedWrites, Protocol):
     def request(self, msg: wire.Message) -> Deferred:
         """Send ``msg``; the Deferred fires with the reply message."""
         d: Deferred = Deferred()
-        self.out(msg.frame(self._pend(d)))
+        self.out(msg.frame(self._pend(_DeferredWaiter(d))))
         return d
 
     def stream(
@@ -348,12 +372,43 @@ class DataClientProtocol(BufferedWrites, Protocol):
             state.done.errback(failure)
 
 
-class _Callbacks:
+class _Waiter:
+    """What a pending request's reply goes to.
+
+    ``result`` takes a Result frame's fields, read in place on the hot path;
+    ``callback`` any other reply message; ``errback`` an error.  None may
+    raise into the protocol, whose other requests would be lost with it.
+    """
+
+    def result(self, status: int, packed: bytes) -> None:
+        self.callback(wire.Result(status, packed))
+
+    def callback(self, msg: Any) -> None:
+        raise NotImplementedError
+
+    def errback(self, error: BaseException) -> None:
+        raise NotImplementedError
+
+
+class _DeferredWaiter(_Waiter):
+    """A Deferred fired with the reply message."""
+
+    __slots__ = ("d",)
+
+    def __init__(self, d: Deferred) -> None:
+        self.d = d
+
+    def callback(self, msg: Any) -> None:
+        self.d.callback(msg)
+
+    def errback(self, error: BaseException) -> None:
+        self.d.errback(error)
+
+
+class _Callbacks(_Waiter):
     """A pending request's outcome as two plain functions: what a Deferred does, cheaper.
 
-    Duck-types the two methods of Deferred that the protocol calls.  A
-    function that raises is logged; the error must not reach the protocol,
-    whose other requests would be lost with it.
+    A function that raises is logged (see :class:`_Waiter`).
     """
 
     __slots__ = ("on_reply", "on_error")
@@ -419,32 +474,73 @@ def _decode_result(body: bytes) -> wire.Message:
     return wire.Result(status, body[5:])
 
 
-class _AppliedCallbacks(_Callbacks):
-    """An Apply's waiter: ``on_reply`` gets the Result (see :func:`_applied`), not the message."""
+class ApplyWaiter(_Waiter):
+    """An Apply's waiter: subclass it, and override ``applied`` and ``failed``.
+
+    ``applied`` gets the Result (a record stored as sent comes back as
+    ``sent``, see :func:`_applied`), ``failed`` the exception.  Neither may
+    raise; what does is logged.
+    """
 
     __slots__ = ("sent",)
 
-    def __init__(
-        self,
-        sent: bytes,
-        on_reply: Callable[[Any], None],
-        on_error: Callable[[BaseException], None],
-    ) -> None:
-        self.sent = sent
-        self.on_reply = on_reply
-        self.on_error = on_error
+    def __init__(self) -> None:
+        self.sent = b""
+
+    def applied(self, result: Result) -> None:
+        raise NotImplementedError
+
+    def failed(self, error: BaseException) -> None:
+        raise NotImplementedError
+
+    def result(self, status: int, packed: bytes) -> None:
+        try:
+            self.applied(_applied_fields(status, packed, self.sent))
+        except Exception:
+            log.failure("a data-node reply handler failed")
 
     def callback(self, msg: Any) -> None:
         try:
-            self.on_reply(_applied(msg, self.sent))
+            self.applied(_applied_fields(msg.status, msg.packed, self.sent))
         except Exception:
             log.failure("a data-node reply handler failed")
+
+    def errback(self, error: BaseException) -> None:
+        try:
+            self.failed(error)
+        except Exception:
+            log.failure("a data-node error handler failed")
+
+
+class _AppliedCallbacks(ApplyWaiter):
+    """An Apply's outcome to two plain functions (``apply_cb``)."""
+
+    __slots__ = ("on_reply", "on_error")
+
+    def __init__(
+        self, on_reply: Callable[[Result], None], on_error: Callable[[BaseException], None]
+    ) -> None:
+        super().__init__()
+        self.on_reply = on_reply
+        self.on_error = on_error
+
+    def applied(self, result: Result) -> None:
+        self.on_reply(result)
+
+    def failed(self, error: BaseException) -> None:
+        self.on_error(error)
 
 
 class _RecordCallbacks(_Callbacks):
     """A Get's waiter: ``on_reply`` gets the Record, or None."""
 
     __slots__ = ()
+
+    def result(self, status: int, packed: bytes) -> None:
+        try:
+            self.on_reply(unpack(packed) if packed else None)
+        except Exception:
+            log.failure("a data-node reply handler failed")
 
     def callback(self, msg: Any) -> None:
         try:
@@ -457,12 +553,16 @@ def _result(msg: wire.Result) -> Result:
     return Result(_STATUSES[msg.status], msg.packed or None)
 
 
-def _applied(msg: wire.Result, sent: bytes) -> Result:
+def _applied_fields(status: int, packed: bytes, sent: bytes) -> Result:
     """An Apply's Result.  A record stored as sent is not sent back: it is ``sent``."""
-    status = _STATUSES[msg.status]
-    if not msg.packed and status is Status.STORED:
-        return Result(status, sent)
-    return Result(status, msg.packed or None)
+    code = _STATUSES[status]
+    if not packed and code is Status.STORED:
+        return Result(code, sent)
+    return Result(code, packed or None)
+
+
+def _applied(msg: wire.Result, sent: bytes) -> Result:
+    return _applied_fields(msg.status, msg.packed, sent)
 
 
 def _apply_many_frame(
@@ -643,6 +743,14 @@ class DataNodeClient:
             on_fail(NodeUnavailable(f"not connected to {self.endpoint}"))
             return
         proto.apply_cb(partition, key, packed, on_done, on_fail)
+
+    def apply_to(self, partition: bytes, key: bytes, packed: bytes, waiter: ApplyWaiter) -> None:
+        """:meth:`apply` answered to ``waiter`` (see :class:`ApplyWaiter`)."""
+        proto = self.protocol
+        if proto is None:
+            waiter.errback(NodeUnavailable(f"not connected to {self.endpoint}"))
+            return
+        proto.apply_to(partition, key, packed, waiter)
 
     def apply_many_cb(
         self,

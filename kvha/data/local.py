@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
-from kvha.data.client import Consumer, NodeUnavailable
+from kvha.data.client import ApplyWaiter, Consumer, NodeUnavailable
 from kvha.data.server import DataNode
 from kvha.data.store import IncrMode, Result, Status, StoreMode
 from kvha.record import HEADER_SIZE, pack, tombstone
@@ -122,6 +122,12 @@ class LocalDataClient:
         on_fail: Callable[[BaseException], None],
     ) -> None:
         self.apply(partition, key, packed).addCallbacks(on_done, lambda f: on_fail(f.value))
+
+    def apply_to(self, partition: bytes, key: bytes, packed: bytes, waiter: ApplyWaiter) -> None:
+        waiter.sent = packed
+        self.apply(partition, key, packed).addCallbacks(
+            waiter.applied, lambda f: waiter.failed(f.value)
+        )
 
     def apply_many_cb(
         self,

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 
 from kvha.clock import HybridLogicalClock
 from kvha.data.api import DataClient
-from kvha.data.client import DataNodeError, NodeUnavailable, RequestTimeout
+from kvha.data.client import ApplyWaiter, DataNodeError, NodeUnavailable, RequestTimeout
 from kvha.data.store import IncrMode, Result, Status, StoreMode
 from kvha.master.health import NodeLink
 from kvha.record import HEADER, Record, pack
@@ -200,7 +200,7 @@ class _Fanout:
         self.wait_all = wait_all
         self.pending = pending
         self.ok = 0
-        self.errors: list[Any] = []
+        self.errors: Optional[list[Any]] = None  # made at the first error
         self.first: Optional[Result] = None
         self.fired = False
 
@@ -210,6 +210,8 @@ class _Fanout:
             self.ok += 1
             if self.first is None:
                 self.first = result
+        elif self.errors is None:
+            self.errors = [result]
         else:
             self.errors.append(result)
         if self.fired:
@@ -226,6 +228,24 @@ class _Fanout:
 
     def stored(self, result: Any) -> None:
         self.answer(result, True)
+
+
+class _CopyWrite(ApplyWaiter):
+    """One copy's Apply of a write (Router._fanout_cb): its answer goes to the fan."""
+
+    __slots__ = ("router", "fan", "link")
+
+    def __init__(self, router: Router, fan: _Fanout, link: NodeLink) -> None:
+        super().__init__()
+        self.router = router
+        self.fan = fan
+        self.link = link
+
+    def applied(self, result: Result) -> None:
+        self.fan.answer(result, True)
+
+    def failed(self, error: BaseException) -> None:
+        self.router._write_failed(error, self.fan, self.link)
 
 
 def _note_deleted(r: Result, seen_live: list[bool]) -> Result:
@@ -724,16 +744,8 @@ class Router:
             fan.first = done_already
         if send is None:
             key, packed = apply  # type: ignore[misc]
-            stored = fan.stored
-            write_failed = self._write_failed
             for link in live:
-                link.client.apply_cb(
-                    partition,
-                    key,
-                    packed,
-                    stored,
-                    lambda e, link=link: write_failed(e, fan, link),  # type: ignore[misc]
-                )
+                link.client.apply_to(partition, key, packed, _CopyWrite(self, fan, link))
         else:
             for link in live:
                 send(link.client, fan, link)
