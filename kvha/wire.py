@@ -47,7 +47,7 @@ assert FRAME.size == FRAME_SIZE
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
-_pack_u32 = _U32.pack  # bound once: compiled code calls it without a method look-up
+_pack_u32: Final = _U32.pack  # bound once: compiled code calls it without a method look-up
 _U64 = struct.Struct("<Q")
 _RANGE = struct.Struct("<QQ")
 _REC = struct.Struct("<HII")
@@ -435,7 +435,7 @@ class Get(Message):
 
 
 _GET_HEAD = struct.Struct("<IBII")
-_pack_get_head = _GET_HEAD.pack  # bound once (see _pack_u32)
+_pack_get_head: Final = _GET_HEAD.pack  # bound once (see _pack_u32)
 
 
 def get_frame(request_id: int, partition: bytes, key: bytes, tombstones: int) -> bytes:
@@ -479,19 +479,41 @@ class Apply(Message):
         return cls(partition, key, packed)
 
 
+class _ApplyTail:
+    """The last Apply's frame after its partition length, and what it was made of.
+
+    A write goes to every copy with the same partition, key and record
+    objects, and only the request id differs: the copies after the first
+    reuse this.  Identity is the test, and the objects are held here, so
+    they cannot be freed and their addresses reused while cached.
+    """
+
+    def __init__(self) -> None:
+        self.partition = b""
+        self.key = b""
+        self.packed = b""
+        self.tail = b"\x00" * 8  # the tail of exactly these: two empty lengths
+
+
+_TAIL: Final = _ApplyTail()
+#: Records up to this size are cached in _TAIL (a larger one costs its copy anyway).
+_TAIL_CACHED: Final = 4096
+
+
 def apply_frame(request_id: int, partition: bytes, key: bytes, packed: bytes) -> bytes:
     """The frame of an Apply without building a Message (the write hot path)."""
-    size = 12 + len(partition) + len(key) + len(packed)
-    return b"".join(
-        (
-            _pack_get_head(size + _FRAME_BODY, 5, request_id, len(partition)),
-            partition,
-            _pack_u32(len(key)),
-            key,
-            _pack_u32(len(packed)),
-            packed,
-        )
-    )
+    cache = _TAIL
+    if packed is cache.packed and key is cache.key and partition is cache.partition:
+        tail = cache.tail
+    else:
+        tail = b"".join((partition, _pack_u32(len(key)), key, _pack_u32(len(packed)), packed))
+        if len(packed) <= _TAIL_CACHED:
+            cache.partition = partition
+            cache.key = key
+            cache.packed = packed
+            cache.tail = tail
+    # The length counts the partition's u32 (in the head), the tail, opcode and id.
+    return _pack_get_head(len(tail) + 4 + _FRAME_BODY, 5, request_id, len(partition)) + tail
 
 
 @message(19, ("partition", "bytes"), ("keys", "list"), ("packed", "list"))
@@ -710,7 +732,7 @@ class Result(Message):
 
 
 _RESULT_HEAD = struct.Struct("<IBIBI")
-_pack_result_head = _RESULT_HEAD.pack  # bound once (see _pack_u32)
+_pack_result_head: Final = _RESULT_HEAD.pack  # bound once (see _pack_u32)
 
 
 def result_frame(request_id: int, status: int, packed: bytes) -> bytes:

@@ -428,3 +428,15 @@ def test_a_valid_apply_body_decodes_in_place() -> None:
     start = len(wire.Ping().frame(1)) + FRAME_SIZE
     stop = start + len(msg.body())
     assert wire.apply_fields(chunk, start, stop) == (b"part", b"key", b"packed-record")
+
+
+@given(st.lists(st.tuples(SMALL_BYTES, SMALL_BYTES, st.binary(max_size=5000)), max_size=4))
+def test_apply_frame_is_the_messages_frame_for_every_copy(
+    writes: list[tuple[bytes, bytes, bytes]],
+) -> None:
+    """apply_frame, which reuses the previous call's tail for the same objects, is always
+    Apply(...).frame(id): for each copy of a write and across writes, empty ones included."""
+    for partition, key, packed in [(b"", b"", b"")] + writes + writes[:1]:
+        for request_id in (1, 2, 2**32 - 1):
+            framed = wire.apply_frame(request_id, partition, key, packed)
+            assert framed == wire.Apply(partition, key, packed).frame(request_id)

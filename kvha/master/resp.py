@@ -19,7 +19,7 @@ import fnmatch
 import os
 import time
 from collections.abc import Sequence
-from typing import Any, Callable, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Final, Optional, Union
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -41,6 +41,10 @@ log = Logger(namespace=__name__)  # compiled (mypyc): no frame to take the name 
 Reply = Union[bytes, Deferred]
 
 MAX_MULTIBULK = 1024 * 1024
+
+#: ``b"$%d" % n`` for the lengths most arguments have: the header the fast
+#: parser compares an argument's with, without formatting one per argument.
+_BULK_HEADERS: Final = [b"$%d" % n for n in range(4096)]
 MAX_INLINE = 64 * 1024
 MAX_BULK = 512 * 1024 * 1024  # Redis's proto-max-bulk-len
 I64_MIN = -(1 << 63)
@@ -237,7 +241,10 @@ class RespParser:
             for header, value in zip(parts[i + 1 : end : 2], args):
                 # The header an argument of this length has: anything else
                 # (a sign, a leading zero, CR LF inside the value) is unusual.
-                if header != b"$%d" % len(value) or len(value) > max_bulk:
+                size = len(value)
+                if size > max_bulk or header != (
+                    _BULK_HEADERS[size] if size < 4096 else b"$%d" % size
+                ):
                     break
             else:
                 out.append(args)
