@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Protocol
 
 from mypy_extensions import mypyc_attr
 from twisted.internet import tcp
+from twisted.internet.endpoints import _WrappingProtocol
 from twisted.internet.interfaces import IReactorTime
 
 
@@ -36,6 +37,32 @@ def direct_socket(transport: Any) -> Any:
     if isinstance(transport, tcp.Connection):
         return transport.socket
     return None
+
+
+def read_directly(transport: Any, protocol: Any) -> bool:
+    """Have ``transport`` hand its reads straight to ``protocol``; True if it will.
+
+    A connection made through a client endpoint has the endpoint's
+    ``_WrappingProtocol`` as its transport's protocol, and under a
+    ``ClientService`` that forwards to a proxy whose ``__getattr__`` finds
+    ``dataReceived`` only after a failed look-up has built an AttributeError:
+    two interpreted calls and an exception per read, which a master makes
+    once per data-node reply batch.  Both only pass the bytes on, so the
+    wrapper's instance gets ``protocol.dataReceived`` as its own; the
+    connection's other events (connectionLost above all, which the proxy
+    reports to the service) still take the usual way.  Plain TCP only, and
+    only when the chain ends at ``protocol``.
+    """
+    if not isinstance(transport, tcp.Connection):
+        return False
+    wrapper = transport.protocol
+    if type(wrapper) is not _WrappingProtocol:
+        return False
+    inner = wrapper._wrappedProtocol
+    if inner is not protocol and getattr(inner, "__dict__", {}).get("_protocol") is not protocol:
+        return False
+    wrapper.__dict__["dataReceived"] = protocol.dataReceived  # shadows the method
+    return True
 
 
 def no_delay(transport: Any) -> None:

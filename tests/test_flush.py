@@ -264,3 +264,57 @@ def test_send_now_on_a_real_twisted_connection_keeps_order() -> None:
         ours.close()
         theirs.close()
         reactor._poller.close()  # type: ignore[attr-defined]
+
+
+class Recorder(Protocol):
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+        self.lost = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.got.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost += 1
+
+
+def test_reads_skip_the_endpoint_and_client_service_wrappers() -> None:
+    """read_directly: a real tcp.Connection whose protocol is an endpoint's wrapper around
+    ClientService's proxy hands reads straight to the protocol; losing the connection still
+    reaches the service through the proxy."""
+    import socket
+
+    from twisted.application._client_service import _ReconnectingProtocolProxy
+    from twisted.internet import tcp
+    from twisted.internet.defer import Deferred
+    from twisted.internet.endpoints import _WrappingProtocol
+    from twisted.python.failure import Failure
+
+    from kvha.flush import read_directly
+    from kvha.reactor import KvhaEPollReactor
+
+    reactor = KvhaEPollReactor()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    try:
+        recorder, lost = Recorder(), []
+        proxy = _ReconnectingProtocolProxy(recorder, lost.append)
+        wrapper = _WrappingProtocol(Deferred(), proxy)
+        conn = tcp.Connection(ours, wrapper, reactor)
+        conn.connected = True
+        other = Recorder()
+        assert not read_directly(conn, other)  # the chain does not end at it
+        assert not read_directly(StringTransport(), recorder)  # not plain TCP
+        assert "dataReceived" not in wrapper.__dict__
+        assert read_directly(conn, recorder)
+        assert conn.protocol.dataReceived == recorder.dataReceived
+        theirs.send(b"abc")
+        conn.doRead()
+        assert recorder.got == [b"abc"]
+        conn.protocol.connectionLost(Failure(Exception("gone")))
+        assert recorder.lost == 1 and len(lost) == 1  # the service still hears of it
+        reactor.removeAll()
+    finally:
+        ours.close()
+        theirs.close()
+        reactor._poller.close()  # type: ignore[attr-defined]

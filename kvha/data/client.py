@@ -30,7 +30,7 @@ from twisted.logger import Logger
 
 from kvha import wire
 from kvha.data.store import IncrMode, Result, Status, StoreMode
-from kvha.flush import BufferedWrites, TurnFlusher, no_delay
+from kvha.flush import BufferedWrites, TurnFlusher, no_delay, read_directly
 from kvha.record import Record, pack, tombstone, unpack
 from kvha.ring import TokenRange
 
@@ -114,6 +114,7 @@ class DataClientProtocol(BufferedWrites, Protocol):
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
+        read_directly(self.transport, self)
         loop = LoopingCall(self._check_timeouts)
         loop.clock = self.clock
         loop.start(max(0.01, self.request_timeout / 4), now=False)

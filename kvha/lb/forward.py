@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from kvha.flush import BufferedWrites, no_delay
+from kvha.flush import BufferedWrites, no_delay, read_directly
 from kvha.lb.pool import Backend, Pool
 
 log = Logger(namespace=__name__)  # compiled (mypyc): no frame to take the name from
@@ -133,6 +133,9 @@ class BackendSide(BufferedWrites, Protocol):
     def __init__(self, client: ClientSide) -> None:
         self.client = client
         self.got_data = False
+
+    def connectionMade(self) -> None:
+        read_directly(self.transport, self)
 
     def dataReceived(self, data: bytes) -> None:
         self.got_data = True
