@@ -496,7 +496,7 @@ class _ApplyTail:
 
 
 _TAIL: Final = _ApplyTail()
-#: Records up to this size are cached in _TAIL (a larger one costs its copy anyway).
+#: Tails up to this size are cached in _TAIL (a larger one costs its copy anyway).
 _TAIL_CACHED: Final = 4096
 
 
@@ -507,7 +507,7 @@ def apply_frame(request_id: int, partition: bytes, key: bytes, packed: bytes) ->
         tail = cache.tail
     else:
         tail = b"".join((partition, _pack_u32(len(key)), key, _pack_u32(len(packed)), packed))
-        if len(packed) <= _TAIL_CACHED:
+        if len(tail) <= _TAIL_CACHED:
             cache.partition = partition
             cache.key = key
             cache.packed = packed

@@ -978,6 +978,19 @@ def test_result_frames_split_anywhere_reach_their_requests(clock: Clock) -> None
     client.connectionLost(None)
 
 
+def test_a_connection_lost_mid_batch_answers_each_request_once(clock: Clock) -> None:
+    """A reply handler that loses the connection fails the rest once; their replies later
+    in the same chunk find nothing pending."""
+    client, _ = bare_client(clock, 5.0, connected=True)
+    first, second = client.request(wire.Ping()), client.request(wire.Ping())
+    outcomes: list[Any] = []
+    first.addCallback(lambda r: (outcomes.append(r.status), client.connectionLost(None)))
+    second.addBoth(outcomes.append)
+    client.dataReceived(wire.Result(Status.OK, b"").frame(1) + wire.Result(Status.OK, b"").frame(2))
+    assert outcomes[0] == Status.OK
+    assert len(outcomes) == 2 and outcomes[1].check(NodeUnavailable)
+
+
 def test_a_malformed_result_closes_the_connection(clock: Clock) -> None:
     """A Result whose inner length disagrees with its frame is a broken stream: abort."""
     client, transport = bare_client(clock, 5.0, connected=True)

@@ -164,7 +164,6 @@ class DataClientProtocol(BufferedWrites, Protocol):
             log.error("bad frame from data node {node}: {why}", node=self.node_id, why=str(e))
             self.transport.abortConnection()
             return
-        pending = self.pending
         offset = 0
         while offset < end:
             stop = offset + 4 + wire.u32_at(chunk, offset)
@@ -180,7 +179,8 @@ class DataClientProtocol(BufferedWrites, Protocol):
                     )
                     self.transport.abortConnection()
                     return
-                entry = pending.pop(request_id, None)
+                # self.pending each time: a lost connection swaps in a new dict.
+                entry = self.pending.pop(request_id, None)
                 if entry is not None:  # else it timed out already
                     entry[0].result(chunk[start], chunk[start + 5 : stop])
                 continue
@@ -201,7 +201,7 @@ class DataClientProtocol(BufferedWrites, Protocol):
             if stream is not None:
                 self._stream_frame(request_id, stream, msg)
                 continue
-            entry = pending.pop(request_id, None)
+            entry = self.pending.pop(request_id, None)
             if entry is None:
                 continue  # it timed out already
             if type(msg) is wire.Error:
@@ -477,6 +477,9 @@ def _decode_result(body: bytes) -> wire.Message:
 
 class ApplyWaiter(_Waiter):
     """An Apply's waiter: subclass it, and override ``applied`` and ``failed``.
+
+    A compiled class (kvha.compiled): its subclasses must be compiled too,
+    as the router's ``_CopyWrite`` is.
 
     ``applied`` gets the Result (a record stored as sent comes back as
     ``sent``, see :func:`_applied`), ``failed`` the exception.  Neither may

@@ -550,10 +550,10 @@ class DataServerProtocol(Protocol):
                     continue
                 try:
                     result = store.apply(partition, key, packed)
+                    reply = wire.result_frame(request_id, result.status, _sent_back(result, packed))
                 except Exception as err:
-                    out.append(_internal_error("apply", err, request_id))
-                    continue
-                out.append(wire.result_frame(request_id, result.status, _sent_back(result, packed)))
+                    reply = _internal_error("apply", err, request_id)
+                out.append(reply)
             elif opcode == _GET and authenticated:
                 try:
                     partition, key, tombstones = wire.get_fields(chunk, start, stop)
@@ -563,15 +563,18 @@ class DataServerProtocol(Protocol):
                 gets += 1
                 try:
                     found = store.get_packed(partition, key, bool(tombstones))
+                    if found is None:
+                        reply = wire.result_frame(request_id, Status.NOT_FOUND, b"")
+                    else:
+                        reply = wire.result_frame(request_id, Status.OK, found)
                 except Exception as err:
-                    out.append(_internal_error("get", err, request_id))
-                    continue
-                if found is None:
-                    misses += 1
-                    out.append(wire.result_frame(request_id, Status.NOT_FOUND, b""))
+                    reply = _internal_error("get", err, request_id)
                 else:
-                    hits += 1
-                    out.append(wire.result_frame(request_id, Status.OK, found))
+                    if found is None:
+                        misses += 1
+                    else:
+                        hits += 1
+                out.append(reply)
             else:
                 if applies or gets:
                     _count(node, applies, gets, hits, misses)
