@@ -828,6 +828,21 @@ def decode(opcode: int, body: bytes) -> Message:
     return cls.decode(body)
 
 
+def frame_at(chunk: bytes, offset: int) -> tuple[int, int, int, int]:
+    """``(opcode, request_id, body_start, frame_end)`` of the frame at ``offset``.
+
+    For walking a chunk from :meth:`FrameReader.take`, whose frames are whole
+    and checked; the next frame starts at ``frame_end``.  (Compiled callers
+    get the tuple as a C struct: nothing is allocated.)
+    """
+    return (
+        chunk[offset + 4],
+        u32_at(chunk, offset + 5),
+        offset + FRAME_SIZE,
+        offset + 4 + u32_at(chunk, offset),
+    )
+
+
 class FrameReader:
     """Splits a byte stream into ``(opcode, request_id, body)`` frames.
 
@@ -849,10 +864,8 @@ class FrameReader:
         ``chunk`` is ``data`` itself unless part of a frame was buffered
         before it (no copy on the common path).  What follows ``end`` is kept
         for the next call.  Every whole frame's length has been checked, so
-        a caller walks ``chunk`` up to ``end`` without checking them again:
-        frame at ``offset``: length ``u32_at(chunk, offset)``, opcode
-        ``chunk[offset + 4]``, request id ``u32_at(chunk, offset + 5)``, body
-        ``chunk[offset + FRAME_SIZE : offset + 4 + length]``.
+        a caller walks ``chunk`` up to ``end`` with :func:`frame_at` without
+        checking them again.
         """
         buf = self._buffer
         if buf:
@@ -891,9 +904,8 @@ class FrameReader:
         frames = []
         offset = 0
         while offset < end:
-            stop = offset + 4 + u32_at(chunk, offset)
-            frames.append((chunk[offset + 4], u32_at(chunk, offset + 5), chunk[offset + 9 : stop]))
-            offset = stop
+            opcode, request_id, start, offset = frame_at(chunk, offset)
+            frames.append((opcode, request_id, chunk[start:offset]))
         return frames
 
     @property

@@ -166,10 +166,7 @@ class DataClientProtocol(BufferedWrites, Protocol):
             return
         offset = 0
         while offset < end:
-            stop = offset + 4 + wire.u32_at(chunk, offset)
-            opcode = chunk[offset + 4]
-            request_id = wire.u32_at(chunk, offset + 5)
-            start = offset + wire.FRAME_SIZE
+            opcode, request_id, start, stop = wire.frame_at(chunk, offset)
             offset = stop
             if opcode == _RESULT_OPCODE and self.connected_ok and not self.streams:
                 # The hot path: a Result, read in place (no body copy, no Message).

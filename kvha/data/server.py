@@ -533,10 +533,7 @@ class DataServerProtocol(Protocol):
         applies = gets = hits = misses = 0
         offset = 0
         while offset < end:
-            stop = offset + 4 + wire.u32_at(chunk, offset)
-            opcode = chunk[offset + 4]
-            request_id = wire.u32_at(chunk, offset + 5)
-            start = offset + wire.FRAME_SIZE
+            opcode, request_id, start, stop = wire.frame_at(chunk, offset)
             offset = stop
             if opcode == _APPLY and authenticated:
                 try:
