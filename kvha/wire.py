@@ -735,6 +735,18 @@ _RESULT_HEAD = struct.Struct("<IBIBI")
 _pack_result_head: Final = _RESULT_HEAD.pack  # bound once (see _pack_u32)
 
 
+def result_fields(data: bytes, start: int, stop: int) -> tuple[int, bytes]:
+    """``(status, packed)`` of the Result whose body is ``data[start:stop]``.
+
+    The master reads replies in place with this (see :func:`get_fields`).
+    """
+    if stop - start < 5:
+        raise WireError("message body is truncated")
+    if start + 5 + u32_at(data, start + 1) != stop:
+        raise WireError("malformed Result")
+    return data[start], data[start + 5 : stop]
+
+
 def result_frame(request_id: int, status: int, packed: bytes) -> bytes:
     """The frame of a Result without building a Message (the reply hot path)."""
     return _pack_result_head(len(packed) + 10, 66, request_id, status, len(packed)) + packed

@@ -170,16 +170,15 @@ class DataClientProtocol(BufferedWrites, Protocol):
             offset = stop
             if opcode == _RESULT_OPCODE and self.connected_ok and not self.streams:
                 # The hot path: a Result, read in place (no body copy, no Message).
-                if stop - start < 5 or start + 5 + wire.u32_at(chunk, start + 1) != stop:
-                    log.error(
-                        "bad reply from data node {node}: malformed Result", node=self.node_id
-                    )
-                    self.transport.abortConnection()
+                try:
+                    status, packed = wire.result_fields(chunk, start, stop)
+                except wire.WireError as e:
+                    self._bad_reply(e)
                     return
                 # self.pending each time: a lost connection swaps in a new dict.
                 entry = self.pending.pop(request_id, None)
                 if entry is not None:  # else it timed out already
-                    entry[0].result(chunk[start], chunk[start + 5 : stop])
+                    entry[0].result(status, packed)
                 continue
             body = chunk[start:stop]
             try:
@@ -188,8 +187,7 @@ class DataClientProtocol(BufferedWrites, Protocol):
                 else:
                     msg = wire.decode(opcode, body)
             except wire.WireError as e:
-                log.error("bad reply from data node {node}: {why}", node=self.node_id, why=str(e))
-                self.transport.abortConnection()
+                self._bad_reply(e)
                 return
             if not self.connected_ok:
                 self._handshake(msg)
@@ -205,6 +203,10 @@ class DataClientProtocol(BufferedWrites, Protocol):
                 entry[0].errback(DataNodeError(msg.code, msg.message))
             else:
                 entry[0].callback(msg)
+
+    def _bad_reply(self, e: wire.WireError) -> None:
+        log.error("bad reply from data node {node}: {why}", node=self.node_id, why=str(e))
+        self.transport.abortConnection()
 
     def _handshake(self, msg: wire.Message) -> None:
         if isinstance(msg, wire.Challenge):
@@ -464,12 +466,8 @@ _STATUSES = {int(s): s for s in Status}
 
 
 def _decode_result(body: bytes) -> wire.Message:
-    if len(body) < 5:
-        raise wire.WireError("message body is truncated")
-    status = body[0]
-    if 5 + wire.u32_at(body, 1) != len(body):
-        raise wire.WireError("malformed Result")
-    return wire.Result(status, body[5:])
+    status, packed = wire.result_fields(body, 0, len(body))
+    return wire.Result(status, packed)
 
 
 class ApplyWaiter(_Waiter):
@@ -501,10 +499,7 @@ class ApplyWaiter(_Waiter):
             log.failure("a data-node reply handler failed")
 
     def callback(self, msg: Any) -> None:
-        try:
-            self.applied(_applied_fields(msg.status, msg.packed, self.sent))
-        except Exception:
-            log.failure("a data-node reply handler failed")
+        self.result(msg.status, msg.packed)
 
     def errback(self, error: BaseException) -> None:
         try:
@@ -544,10 +539,7 @@ class _RecordCallbacks(_Callbacks):
             log.failure("a data-node reply handler failed")
 
     def callback(self, msg: Any) -> None:
-        try:
-            self.on_reply(unpack(msg.packed) if msg.packed else None)
-        except Exception:
-            log.failure("a data-node reply handler failed")
+        self.result(msg.status, msg.packed)
 
 
 def _result(msg: wire.Result) -> Result:

@@ -562,15 +562,12 @@ class DataServerProtocol(Protocol):
                     found = store.get_packed(partition, key, bool(tombstones))
                     if found is None:
                         reply = wire.result_frame(request_id, Status.NOT_FOUND, b"")
-                    else:
-                        reply = wire.result_frame(request_id, Status.OK, found)
-                except Exception as err:
-                    reply = _internal_error("get", err, request_id)
-                else:
-                    if found is None:
                         misses += 1
                     else:
+                        reply = wire.result_frame(request_id, Status.OK, found)
                         hits += 1
+                except Exception as err:
+                    reply = _internal_error("get", err, request_id)
                 out.append(reply)
             else:
                 if applies or gets:
