@@ -124,8 +124,8 @@ def _lb_status(args: argparse.Namespace) -> int:
             print(f"{st['admin']}: unreachable ({st['error']})")
             continue
         vip = "holds the VIP " + st["vip"] if st["holds_vip"] else "standby"
-        if st.get("forward") == "kernel":
-            vip += " (kernel forwarding)"
+        if st.get("forward") in ("kernel", "handoff"):
+            vip += f" ({st['forward']} forwarding)"
         print(f"{st['id']}: {st['state']} (priority {st['priority']}), {vip}, epoch {st['epoch']}")
         for m in st["masters"]:
             health = ", ".join(f"{p} {'up' if ok else 'DOWN'}" for p, ok in m["up"].items())
@@ -144,6 +144,8 @@ def _master(args: argparse.Namespace) -> int:
             for proto in ("redis", "memcached", "http"):
                 if getattr(args, proto):
                     body[proto] = getattr(args, proto)
+            if args.handoff:
+                body["handoff"] = os.path.abspath(args.handoff)
             doc = _admin(args, "POST", "/v1/masters", body)
         elif args.action == "drain":
             doc = _admin(args, "POST", f"/v1/masters/{args.id}/drain")
@@ -411,6 +413,12 @@ def _add_cluster(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--memcached", type=int)
     p.add_argument("--http", type=int)
     p.add_argument("--weight", type=float, default=1.0)
+    p.add_argument(
+        "--handoff",
+        metavar="PATH",
+        help="the master's handoff socket, if it runs on the load balancers' host "
+        "(forward: handoff hands its connections over there)",
+    )
     for name in ("drain", "remove"):
         p = actions.add_parser(name, help=f"{name} a master")
         admin_options(p)

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import ipaddress
 import math
+import os
 import re
 import typing
 from collections.abc import Iterable, Mapping
@@ -364,6 +365,9 @@ class MasterConfig:
     peers: tuple[str, ...] = _opt(())
     #: Extra ports, each serving one partition without credentials.
     bound_listeners: tuple[BoundListener, ...] = _opt(())
+    #: Unix socket (mode 0600) on which load balancers on this host hand over
+    #: client connections (their ``forward: handoff``); None: no handoffs.
+    handoff: Optional[str] = _opt(None, kind="unix_path")
 
     def _validate(self) -> None:
         names = {p.name for p in self.cluster.partitions}
@@ -393,6 +397,9 @@ class LbMaster:
     memcached: Optional[int] = _opt(None, min=1, max=65535)
     http: Optional[int] = _opt(None, min=1, max=65535)
     weight: float = _opt(1.0, min=0, min_exclusive=True)
+    #: The master's ``handoff`` socket, when it runs on this load balancer's
+    #: host: with ``forward: handoff`` its connections are handed over there.
+    handoff: Optional[str] = _opt(None, kind="unix_path")
 
 
 @dataclass(frozen=True)
@@ -406,8 +413,11 @@ class HeartbeatConfig:
     interval: float = _opt(0.1, kind="duration", min=0.01, max=5.0)
 
 
-#: How a load balancer passes connections on: see ``kvha/lb/nat.py``.
-FORWARD_MODES = ("proxy", "kernel")
+#: How a load balancer passes connections on: see ``kvha/lb/forward.py``,
+#: ``kvha/lb/nat.py`` and ``kvha/lb/handoff.py``.
+FORWARD_MODES = ("proxy", "kernel", "handoff")
+#: The longest Unix socket path Linux takes (``sun_path`` is 108 bytes with its NUL).
+UNIX_PATH_MAX = 107
 
 
 def is_ipv4(text: str) -> bool:
@@ -473,6 +483,9 @@ class LbConfig:
     scheduler: str = _opt("leastconn", kind="enum", choices=("leastconn", "rr", "wrr"))
     #: ``proxy``: the load balancer's process relays every byte.  ``kernel``:
     #: nftables DNAT sends connections straight to a master (root and ``nft``).
+    #: ``handoff``: each accepted connection is passed to the master's process
+    #: over its ``handoff`` socket (masters on this host); masters without one
+    #: are relayed as with ``proxy``.
     forward: str = _opt("proxy", kind="enum", choices=FORWARD_MODES)
     connect_timeout: float = _opt(1.0, kind="duration", min=0, min_exclusive=True)
     drain_timeout: float = _opt(30.0, kind="duration", min=0)
@@ -527,8 +540,9 @@ class LocalConfig:
     base_port: int = _opt(17100, min=1024, max=65000)
     masters: int = _opt(2, min=1, max=16)
     replicas: int = _opt(1, min=0, max=7)
-    #: The load balancers' ``forward`` (``kernel`` uses round robin).
-    forward: str = _opt("proxy", kind="enum", choices=FORWARD_MODES)
+    #: The load balancers' ``forward``: ``handoff`` (the masters serve the
+    #: clients' connections themselves), ``proxy``, or ``kernel`` (round robin).
+    forward: str = _opt("handoff", kind="enum", choices=FORWARD_MODES)
     data: tuple[LocalDataNode, ...] = _opt(
         (
             LocalDataNode(id="data1", engine="memory", read_weight=7.0),
@@ -539,6 +553,16 @@ class LocalConfig:
     cors_origins: tuple[str, ...] = _opt(("*",))
 
     def _validate(self) -> None:
+        if self.forward == "handoff":
+            longest = os.path.join(
+                os.path.abspath(self.state_dir), f"master{self.masters}", "handoff.sock"
+            )
+            if len(os.fsencode(longest)) > UNIX_PATH_MAX:
+                raise ConfigError(
+                    ("state_dir",),
+                    f"forward: handoff puts Unix sockets under it, and {longest!r} is longer "
+                    f"than {UNIX_PATH_MAX} bytes; use a shorter state_dir or forward: proxy",
+                )
         if self.replicas >= len(self.data):
             raise ConfigError(
                 ("replicas",),
@@ -757,6 +781,8 @@ def _string(raw: Any, kind: Optional[str], meta: Mapping[str, Any], path: tuple)
         raise ConfigError(path, f"expected an id matching {ID_PATTERN}; got {_show(raw)}")
     if kind in ("endpoint", "client_endpoint"):
         _endpoint(raw, kind == "client_endpoint", path)
+    if kind == "unix_path":
+        _unix_path(raw, path)
     if kind == "password_hash":
         from kvha.passwords import parse_password_hash
 
@@ -765,6 +791,17 @@ def _string(raw: Any, kind: Optional[str], meta: Mapping[str, Any], path: tuple)
                 path, "expected a hash printed by `kvha partition hash` (scrypt$N$r$p$salt$hash)"
             )
     return raw
+
+
+def _unix_path(raw: str, path: tuple[str, ...]) -> None:
+    """An absolute path short enough for a Unix socket (``sun_path``)."""
+    if not os.path.isabs(raw):
+        raise ConfigError(path, f"expected an absolute path; got {_show(raw)}")
+    size = len(os.fsencode(raw))
+    if size > UNIX_PATH_MAX:
+        raise ConfigError(
+            path, f"a Unix socket path is at most {UNIX_PATH_MAX} bytes; this one is {size}"
+        )
 
 
 def _endpoint(raw: str, client: bool, path: tuple[str, ...]) -> None:

@@ -56,6 +56,11 @@ class Node:
         return os.path.join(self.directory(state_dir), "twistd.pid")
 
 
+def handoff_path(config: LocalConfig, master_id: str) -> str:
+    """Where master ``master_id`` of the local cluster takes handed-over connections."""
+    return os.path.join(os.path.abspath(config.state_dir), master_id, "handoff.sock")
+
+
 def plan(config: LocalConfig) -> list[Node]:
     """Every node of the cluster, data nodes first, with its derived configuration."""
     b = config.base_port
@@ -84,8 +89,11 @@ def plan(config: LocalConfig) -> list[Node]:
         peers = json.dumps(
             [f"http://{host}:{b + 60 + k}" for k in range(1, config.masters + 1) if k != j]
         )
+        handoff = ""
+        if config.forward == "handoff":
+            handoff = f"  handoff: {json.dumps(handoff_path(config, mid))}\n"
         text = (
-            f"master:\n  id: {mid}\n  secret: {secret}\n"
+            f"master:\n  id: {mid}\n  secret: {secret}\n{handoff}"
             f"  state_dir: {json.dumps(os.path.join(state, mid))}\n"
             f"  admin_token: {json.dumps(config.admin_token)}\n  peers: {peers}\n"
             f"  cluster:\n    replicas: {config.replicas}\n    nodes:\n{data_list}"
@@ -98,7 +106,13 @@ def plan(config: LocalConfig) -> list[Node]:
         nodes.append(node)
         masters.append((mid, mc, rd, ht))
     master_list = "".join(
-        f"    - {{id: {mid}, host: {host}, memcached: {mc}, redis: {rd}, http: {ht}}}\n"
+        f"    - {{id: {mid}, host: {host}, memcached: {mc}, redis: {rd}, http: {ht}"
+        + (
+            f", handoff: {json.dumps(handoff_path(config, mid))}"
+            if config.forward == "handoff"
+            else ""
+        )
+        + "}\n"
         for mid, mc, rd, ht in masters
     )
     for k in (1, 2):
@@ -109,6 +123,7 @@ def plan(config: LocalConfig) -> list[Node]:
             f"  state_dir: {json.dumps(os.path.join(state, lid))}\n"
             f"  priority: {150 if k == 1 else 100}\n  preempt: true\n"
             + ("  forward: kernel\n  scheduler: rr\n" if config.forward == "kernel" else "")
+            + ("  forward: handoff\n" if config.forward == "handoff" else "")
             + f"  heartbeat: {{bind: '{host}:{b + 80 + k}', peer: '{host}:{b + 80 + other}'}}\n"
             f"  vip: {{address: {config.vip}, mode: bind, redis: {config.redis_port}, "
             f"memcached: {config.memcached_port}, http: {config.http_port}}}\n"

@@ -169,13 +169,25 @@ class NodeFactory:
             time.sleep(0.05)
 
     def full_master(
-        self, node_id: str, data_nodes: Sequence[NodeProcess], **extra: Any
+        self,
+        node_id: str,
+        data_nodes: Sequence[NodeProcess],
+        handoff: bool = False,
+        **extra: Any,
     ) -> NodeProcess:
-        """A master (not started) on memcached, redis and http ports; ``.ports`` has all 3."""
+        """A master (not started) on memcached, redis and http ports; ``.ports`` has all 3.
+
+        ``handoff``: it also takes handed-over connections on a Unix socket,
+        which the load balancers of :meth:`lb` are told of (``.handoff``).
+        """
         redis_port, http_port = free_port(), free_port()
         extra.setdefault("redis", {"listen": f"tcp:{redis_port}:interface=127.0.0.1"})
         extra.setdefault("http", {"listen": f"tcp:{http_port}:interface=127.0.0.1"})
+        path = os.path.join(self.tmp_path, f"{node_id}.handoff") if handoff else None
+        if path is not None:
+            extra["handoff"] = path
         node = self.master(node_id, data_nodes, **extra)
+        node.handoff = path  # type: ignore[attr-defined]
         node.ports = {  # type: ignore[attr-defined]
             "memcached": node.port,
             "redis": redis_port,
@@ -205,6 +217,9 @@ class NodeFactory:
             {"id": m.node_id, "host": "127.0.0.1", **m.ports}  # type: ignore[attr-defined]
             for m in masters
         ]
+        for row, m in zip(master_list, masters):
+            if getattr(m, "handoff", None):
+                row["handoff"] = m.handoff  # type: ignore[attr-defined]
         with open(path, "w") as f:
             f.write(
                 lb_config(

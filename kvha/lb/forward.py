@@ -10,7 +10,7 @@ balancer buffer a fast master's output without bound (and the reverse).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IReactorTime, ITCPTransport
@@ -19,6 +19,9 @@ from twisted.logger import Logger
 
 from kvha.flush import BufferedWrites, no_delay, read_directly
 from kvha.lb.pool import Backend, Pool
+
+if TYPE_CHECKING:
+    from kvha.lb.handoff import HandoffLinks
 
 log = Logger(namespace=__name__)  # compiled (mypyc): no frame to take the name from
 
@@ -37,6 +40,7 @@ class ClientSide(BufferedWrites, Protocol):
         self.tried: list[str] = []
         self.pending: list[bytes] = []
         self.closed = False
+        self.handed = False
 
     def connectionMade(self) -> None:
         self.factory.accepted += 1
@@ -59,6 +63,16 @@ class ClientSide(BufferedWrites, Protocol):
         self.tried.append(backend.id)
         backend.conns[factory.proto] += 1
         self.backend = backend
+        links = factory.links
+        if links is not None and backend.handoff:
+            link = links.link_for(backend, factory.proto)
+            if link is not None:
+                link.hand(self, factory.proto)
+                return
+        self._relay(backend)
+
+    def _relay(self, backend: Backend) -> None:
+        factory = self.factory
         endpoint = endpoints.TCP4ClientEndpoint(
             factory.reactor,
             backend.host,
@@ -86,6 +100,32 @@ class ClientSide(BufferedWrites, Protocol):
             peer.transport.write(b"".join(self.pending))
             self.pending = []
         self.transport.resumeProducing()
+
+    def handed_over(self) -> None:
+        """The master adopted this connection: close our copy of its descriptor.
+
+        Not a shutdown, which would end the connection for the master too:
+        with ``_shouldShutdown`` false Twisted only closes the descriptor
+        (as it does for a socket it adopted; pinned by tests/test_handoff.py).
+        """
+        self.backend = None  # counted by the link from now on, until the master reports the close
+        self.handed = True
+        self.transport._shouldShutdown = False
+        self.transport.loseConnection()
+
+    def handoff_refused(self) -> None:
+        """The master did not adopt it: relay it to that master instead."""
+        if self.closed or self.backend is None:
+            return
+        self._relay(self.backend)
+
+    def handoff_lost(self) -> None:
+        """The link broke before the master answered: close, as a dying master's connection."""
+        backend = self.backend
+        if backend is not None:
+            backend.conns[self.factory.proto] -= 1
+            self.backend = None
+        self.transport.loseConnection()
 
     def _failed(self, failure: Any, backend: Backend) -> None:
         backend.conns[self.factory.proto] -= 1
@@ -169,11 +209,20 @@ class ForwardFactory(Factory):
 
     noisy = False
 
-    def __init__(self, reactor: Any, pool: Pool, proto: str, connect_timeout: float = 1.0) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        pool: Pool,
+        proto: str,
+        connect_timeout: float = 1.0,
+        links: Optional[HandoffLinks] = None,
+    ) -> None:
         self.reactor = reactor
         self.pool = pool
         self.proto = proto
         self.connect_timeout = connect_timeout
+        #: forward: handoff: the links to masters that adopt connections.
+        self.links = links
         self.accepted = 0
         self.no_backend = 0
 

@@ -28,12 +28,19 @@ class Backend:
     """One master as the load balancer sees it."""
 
     def __init__(
-        self, master_id: str, host: str, ports: dict[str, int], weight: float = 1.0
+        self,
+        master_id: str,
+        host: str,
+        ports: dict[str, int],
+        weight: float = 1.0,
+        handoff: Optional[str] = None,
     ) -> None:
         self.id = master_id
         self.host = host
         self.ports = dict(ports)
         self.weight = weight
+        #: The master's handoff socket (forward: handoff), if it is on this host.
+        self.handoff = handoff
         self.draining = False
         self.drain_started: Optional[float] = None
         #: forward: kernel: the drain timed out and its connections were cut.
@@ -46,13 +53,16 @@ class Backend:
         self.pairs: set[Any] = set()  # open forwarded connections, for drain
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "host": self.host,
             "ports": self.ports,
             "weight": self.weight,
             "draining": self.draining,
         }
+        if self.handoff:
+            out["handoff"] = self.handoff
+        return out
 
     def status(self) -> dict[str, Any]:
         out = self.to_dict()
@@ -115,10 +125,12 @@ class Pool:
                     m["host"],
                     {k: int(v) for k, v in m["ports"].items()},
                     float(m.get("weight", 1.0)),
+                    m.get("handoff") or None,
                 )
             else:
                 backend = current
                 backend.weight = float(m.get("weight", 1.0))
+                backend.handoff = m.get("handoff") or None
             backend.draining = bool(m.get("draining", False))
         for master_id in list(self.backends):
             if master_id not in seen:
@@ -141,10 +153,17 @@ class Pool:
     def export(self) -> list[dict[str, Any]]:
         return [b.to_dict() for b in self.backends.values()]
 
-    def add(self, master_id: str, host: str, ports: dict[str, int], weight: float = 1.0) -> None:
+    def add(
+        self,
+        master_id: str,
+        host: str,
+        ports: dict[str, int],
+        weight: float = 1.0,
+        handoff: Optional[str] = None,
+    ) -> None:
         if master_id in self.backends:
             raise KeyError(f"master {master_id!r} already exists")
-        self.backends[master_id] = Backend(master_id, host, ports, weight)
+        self.backends[master_id] = Backend(master_id, host, ports, weight, handoff)
         self.epoch += 1
         self.save()
         self.changed()

@@ -36,8 +36,9 @@ from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
-from kvha.config import LbConfig, is_ipv4
+from kvha.config import UNIX_PATH_MAX, LbConfig, is_ipv4
 from kvha.lb.forward import ForwardFactory, HealthChecker
+from kvha.lb.handoff import HandoffLinks
 from kvha.lb.heartbeat import Election, HeartbeatProtocol
 from kvha.lb.nat import KernelForwarder
 from kvha.lb.pool import PROTOCOLS, Pool
@@ -58,7 +59,10 @@ def _host_port(text: str) -> tuple[str, int]:
 
 def master_dict(m: Any) -> dict[str, Any]:
     ports = {p: getattr(m, p) for p in PROTOCOLS if getattr(m, p)}
-    return {"id": m.id, "host": m.host, "ports": ports, "weight": m.weight}
+    out = {"id": m.id, "host": m.host, "ports": ports, "weight": m.weight}
+    if m.handoff:
+        out["handoff"] = m.handoff
+    return out
 
 
 class LoadBalancer(service.MultiService):
@@ -78,13 +82,19 @@ class LoadBalancer(service.MultiService):
         vip = config.vip
         self.kernel: Optional[KernelForwarder] = None
         self.factories = {}
+        #: forward: handoff: a Unix-socket link to each master on this host.
+        self.links: Optional[HandoffLinks] = None
+        if config.forward == "handoff":
+            self.links = HandoffLinks(reactor, self.pool, reactor)
         if config.forward == "kernel":
             ports = {proto: getattr(vip, proto) for proto in PROTOCOLS if getattr(vip, proto)}
             self.kernel = KernelForwarder(config.id, vip.address, ports, self.pool, mode=vip.mode)
             self.pool.on_change.append(self._kernel_sync)
         else:
             self.factories = {
-                proto: ForwardFactory(reactor, self.pool, proto, config.connect_timeout)
+                proto: ForwardFactory(
+                    reactor, self.pool, proto, config.connect_timeout, links=self.links
+                )
                 for proto in PROTOCOLS
                 if getattr(vip, proto)
             }
@@ -150,6 +160,8 @@ class LoadBalancer(service.MultiService):
         self.health.start()
         if self.watcher is not None:
             self.watcher.start()
+        if self.links is not None:
+            self.links.start()
         self.election.start()
         self._drain_loop.start(0.5, now=False)
         if self.kernel is not None:
@@ -160,6 +172,8 @@ class LoadBalancer(service.MultiService):
         self.health.stop()
         if self.watcher is not None:
             self.watcher.stop()
+        if self.links is not None:
+            self.links.stop()
         for loop in (self._drain_loop, self._kernel_check):
             if loop.running:
                 loop.stop()
@@ -433,6 +447,17 @@ class AdminApi(Resource):
                     raise AdminError(
                         400, f"forward: kernel needs an IPv4 address as host, not {host!r}"
                     )
+                handoff = doc.get("handoff")
+                if handoff is not None and (
+                    not isinstance(handoff, str)
+                    or not os.path.isabs(handoff)
+                    or len(os.fsencode(handoff)) > UNIX_PATH_MAX
+                ):
+                    raise AdminError(
+                        400,
+                        f"handoff must be an absolute Unix socket path of at most "
+                        f"{UNIX_PATH_MAX} bytes",
+                    )
                 weight = doc.get("weight", 1.0)
                 if (
                     isinstance(weight, bool)
@@ -442,7 +467,7 @@ class AdminApi(Resource):
                 ):
                     raise AdminError(400, "weight must be a number above 0")
                 try:
-                    pool.add(master_id, host, ports, float(weight))
+                    pool.add(master_id, host, ports, float(weight), handoff or None)
                 except KeyError as e:
                     raise AdminError(409, str(e.args[0])) from None
                 log.info(

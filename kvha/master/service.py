@@ -7,11 +7,14 @@ up and to every node whenever the map changes.
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any, Optional
 
 from twisted.application import service, strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
+from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.logger import Logger, LogLevel
 from twisted.web.resource import Resource
 
@@ -20,6 +23,7 @@ from kvha.data.client import DataNodeClient
 from kvha.flush import TurnFlusher
 from kvha.master.auth import Authenticator, thread_verifier
 from kvha.master.cluster import AdminResource, ClusterManager, initial_map, ring_of
+from kvha.master.handoff import HandoffReceiver, plain_tcp
 from kvha.master.health import DOWN, NodeLink
 from kvha.master.http import Api, ApiSite
 from kvha.master.limits import ConnectionBudget
@@ -117,13 +121,19 @@ class MasterNode(service.MultiService):
         self.resp_factory: Optional[RespFactory] = None
         self.api: Optional[Api] = None
         limits = config.limits
+        #: The client listeners whose connections a load balancer may hand over.
+        adoptable: dict[str, Any] = {}
         if config.memcached.listen:
             factory = self._memcache_factory(config.memcached.partition, bound=False)
             strports.service(config.memcached.listen, factory).setServiceParent(self)
+            if plain_tcp(config.memcached.listen):
+                adoptable["memcached"] = factory
         if config.redis.listen:
             resp = self._resp_factory(config.redis.partition, config.redis.listen, bound=False)
             strports.service(config.redis.listen, resp).setServiceParent(self)
             self.resp_factory = resp
+            if plain_tcp(config.redis.listen):
+                adoptable["redis"] = resp
         for bound in config.bound_listeners:
             if bound.protocol == "memcached":
                 listener: Any = self._memcache_factory(bound.partition, bound=True)
@@ -151,6 +161,16 @@ class MasterNode(service.MultiService):
                 max_line_bytes=limits.max_line_bytes,
             )
             strports.service(config.http.listen, site).setServiceParent(self)
+            if plain_tcp(config.http.listen):
+                adoptable["http"] = site
+        self.handoff: Optional[HandoffReceiver] = None
+        if config.handoff:
+            self.handoff = HandoffReceiver(reactor, adoptable)
+            os.makedirs(os.path.dirname(config.handoff), exist_ok=True)
+            # wantPID: a lock file beside the socket, so a socket file left by
+            # a killed master is removed rather than blocking the restart.
+            endpoint = UNIXServerEndpoint(reactor, config.handoff, mode=0o600, wantPID=True)
+            StreamServerEndpointService(endpoint, self.handoff).setServiceParent(self)
 
     def _memcache_factory(self, partition: str, bound: bool) -> MemcacheFactory:
         limits = self.config.limits

@@ -72,14 +72,26 @@ def all_masters_up(status: Optional[dict[str, Any]], n: int) -> bool:
 
 
 def start_cluster(
-    nodes: NodeFactory, n_masters: int = 2, extra_masters: int = 0, **lb_extra: Any
+    nodes: NodeFactory,
+    n_masters: int = 2,
+    extra_masters: int = 0,
+    forward: str = "proxy",
+    **lb_extra: Any,
 ) -> tuple[list[NodeProcess], list[NodeProcess], NodeProcess, NodeProcess]:
     """3 data nodes, masters (the first ``n_masters`` behind the VIP) and an LB pair, ready.
 
-    Returns once lb1 holds the VIP, lb2 is BACKUP and both see every master up.
+    ``forward: handoff`` gives every master a handoff socket.  Returns once
+    lb1 holds the VIP, lb2 is BACKUP and both see every master up (and, with
+    handoff, linked).
     """
     data = [nodes.data(f"data{i}") for i in (1, 2, 3)]
-    masters = [nodes.full_master(f"master{j + 1}", data) for j in range(n_masters + extra_masters)]
+    handoff = forward == "handoff"
+    masters = [
+        nodes.full_master(f"master{j + 1}", data, handoff=handoff)
+        for j in range(n_masters + extra_masters)
+    ]
+    if forward != "proxy":
+        lb_extra["forward"] = forward
     lb1, lb2 = nodes.lb_pair(masters[:n_masters], **lb_extra)
     everything = [*data, *masters, lb1, lb2]
     for node in everything:
@@ -100,6 +112,13 @@ def start_cluster(
         )
 
     wait_until(ready, max(1.0, deadline - time.monotonic()), "the LB pair to be ready")
+    if handoff:
+        for lb in (lb1, lb2):
+            wait_until(
+                lambda lb=lb: count_in_log(lb, "up; it adopts") >= n_masters,
+                max(1.0, deadline - time.monotonic()),
+                f"{lb.node_id}'s handoff links",  # type: ignore[attr-defined]
+            )
     return data, masters, lb1, lb2
 
 
@@ -433,9 +452,10 @@ def test_masters_take_no_traffic_until_their_data_nodes_are_up(nodes):  # type: 
 # b. kill -9 of a master ---------------------------------------------------------------------------
 
 
-def test_kill_9_of_a_master_under_load_loses_nothing(nodes, record_property):  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("forward", ["proxy", "handoff"])
+def test_kill_9_of_a_master_under_load_loses_nothing(nodes, record_property, forward):  # type: ignore[no-untyped-def]
     """kill -9 of a master: no new connection reaches it, clients reconnect, no write is lost."""
-    _, masters, lb1, _ = start_cluster(nodes)
+    _, masters, lb1, _ = start_cluster(nodes, forward=forward)
     vip, port = lb1.vip, lb1.vip_ports["redis"]  # type: ignore[attr-defined]
     victim = masters[0]
     with Load(vip, port, threads=3, ops_per_conn=10, prefix="b") as load:
@@ -472,6 +492,77 @@ def test_kill_9_of_a_master_under_load_loses_nothing(nodes, record_property):  #
     record(record_property, "master_kill_client_errors", len(load.errors))
     assert read_back(vip, port, load.acked) == []
     assert len(load.acked) > 300
+
+
+def _resp_call(sock: socket.socket, *args: bytes) -> bytes:
+    """One RESP command on a raw socket; the reply's first complete element."""
+    sock.sendall(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args))
+    buffer = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        buffer += chunk
+        if buffer[:1] in (b"+", b"-", b":") and buffer.endswith(b"\r\n"):
+            return buffer
+        if buffer[:1] == b"$":
+            head, _, rest = buffer.partition(b"\r\n")
+            if int(head[1:]) < 0 or len(rest) >= int(head[1:]) + 2:
+                return buffer
+
+
+def test_handoff_gives_masters_the_client_socket_which_outlives_the_lb(nodes, record_property):  # type: ignore[no-untyped-def]
+    """forward: handoff: the master serves the client's own socket (it sees the client's
+    address), the load balancer counts it until it closes, and a kill -9 of the active
+    load balancer leaves open connections working while the peer takes new ones."""
+    _, masters, lb1, lb2 = start_cluster(nodes, forward="handoff")
+    vip = lb1.vip  # type: ignore[attr-defined]
+    rport, mport = lb1.vip_ports["redis"], lb1.vip_ports["memcached"]  # type: ignore[attr-defined]
+    sock = socket.create_connection((vip, rport), timeout=CLIENT_TIMEOUT)
+    mc = Memcached(vip, mport)
+    try:
+        host, port = sock.getsockname()[:2]
+        info = _resp_call(sock, b"CLIENT", b"INFO")
+        assert f"addr={host}:{port} ".encode() in info, info  # not the load balancer's socket
+        assert _resp_call(sock, b"SET", b"handoff-key", b"before") == b"+OK\r\n"
+        mc.roundtrip("handoff-mc", "before")
+
+        def counted(lb: NodeProcess) -> dict[str, int]:
+            rows = lb_status(lb)["masters"]
+            return {p: sum(m["connections"][p] for m in rows) for p in ("redis", "memcached")}
+
+        assert counted(lb1) == {"redis": 1, "memcached": 1}
+        extra = socket.create_connection((vip, rport), timeout=CLIENT_TIMEOUT)
+        assert _resp_call(extra, b"PING") == b"+PONG\r\n"
+        assert counted(lb1)["redis"] == 2
+        extra.close()  # the master reports the close: the count falls
+        wait_until(lambda: counted(lb1)["redis"] == 1, 3, "the closed connection to be uncounted")
+
+        killed_at = time.monotonic()
+        lb1.kill()
+        # The open connections belong to the masters now: they go on, unbroken.
+        for i in range(20):
+            value = b"after-%d" % i
+            assert _resp_call(sock, b"SET", b"handoff-key", value) == b"+OK\r\n"
+            assert _resp_call(sock, b"GET", b"handoff-key") == b"$%d\r\n%s\r\n" % (
+                len(value),
+                value,
+            )
+            mc.roundtrip(f"handoff-mc-{i}", f"after-{i}")
+        # New connections reach a master through the new holder.
+        client = redis.Redis(host=vip, port=rport, socket_timeout=CLIENT_TIMEOUT)
+
+        def new_connection_works() -> bool:
+            client.connection_pool.disconnect()
+            return client.get("handoff-key") == b"after-19"
+
+        wait_until(new_connection_works, 5, "lb2 to take new connections")
+        record(record_property, "handoff_takeover_seconds", round(time.monotonic() - killed_at, 3))
+        assert lb_status(lb2)["holds_vip"]
+        client.close()
+    finally:
+        sock.close()
+        mc.close()
 
 
 # c. master add and drain at run time -------------------------------------------------------------
@@ -524,9 +615,10 @@ def kvha(*argv: str) -> tuple[int, str]:
     return code, out.getvalue()
 
 
-def test_master_add_and_drain_at_run_time(nodes, record_property):  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("forward", ["proxy", "handoff"])
+def test_master_add_and_drain_at_run_time(nodes, record_property, forward):  # type: ignore[no-untyped-def]
     """kvha master add and drain under load: no client errors, new connections follow the change."""
-    _, masters, lb1, lb2 = start_cluster(nodes, n_masters=2, extra_masters=1)
+    _, masters, lb1, lb2 = start_cluster(nodes, n_masters=2, extra_masters=1, forward=forward)
     m3 = masters[2]
     vip = lb1.vip  # type: ignore[attr-defined]
     rport, mport = lb1.vip_ports["redis"], lb1.vip_ports["memcached"]  # type: ignore[attr-defined]
@@ -538,6 +630,8 @@ def test_master_add_and_drain_at_run_time(nodes, record_property):  # type: igno
             wait_until(lambda: load.successes_since(time.monotonic() - 0.5) > 50, 5, "steady load")
             old.roundtrip("old-conn", "before")
             ports = [f"--{p}={n}" for p, n in m3.ports.items()]  # type: ignore[attr-defined]
+            if m3.handoff:  # type: ignore[attr-defined]
+                ports.append(f"--handoff={m3.handoff}")  # type: ignore[attr-defined]
             code, out = kvha("master", "add", "master3", "127.0.0.1", *ports, *admin)
             assert code == 0, out
             assert "epoch 1" in out and "master3" in out

@@ -1,0 +1,159 @@
+"""A master's end of the handoff link: client connections passed in by the load balancer.
+
+The master listens on a Unix socket (``master.handoff``, mode 0600, so only
+the same user can hand it connections, who could as well connect to its
+ports).  Each descriptor that arrives is adopted into the listener factory
+of its protocol, exactly as if the master had accepted it, and is then
+served with no load balancer in between; the connection's peer address is
+the client's own.  The master reports when an adopted connection closes, so
+the load balancer's connection counts (``leastconn``, drain) stay right.
+
+Only plain-TCP listeners take handoffs: a TLS listener's protocol is left out
+of the greeting, and the load balancer relays those connections instead.
+See :mod:`kvha.handoff` for the link's lines.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import deque
+from typing import Any, Callable
+
+from twisted.internet.interfaces import IFileDescriptorReceiver
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from kvha.handoff import LinkError, hello, parse, split_lines
+
+log = Logger()
+
+
+@implementer(IFileDescriptorReceiver)
+class HandoffServer(Protocol):
+    """One load balancer's link: adopts the descriptors it sends."""
+
+    transport: Any  # a UNIX transport (IUNIXTransport), None only before connectionMade
+
+    def __init__(self, receiver: HandoffReceiver) -> None:
+        self.receiver = receiver
+        self.fds: deque[int] = deque()
+        self.buffer = b""
+        #: Adopted connections by the load balancer's id, until they close.
+        self.conns: dict[int, Any] = {}
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        self.transport.write(hello(frozenset(self.receiver.factories)))
+
+    def fileDescriptorReceived(self, descriptor: int) -> None:
+        self.fds.append(descriptor)
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            lines, self.buffer = split_lines(self.buffer + data)
+            for line in lines:
+                op, conn_id, proto = parse(line)
+                if op == b"h":
+                    if not self.fds:
+                        raise LinkError(f"handoff {conn_id} came without a descriptor")
+                    assert proto is not None
+                    self._adopt(conn_id, proto, self.fds.popleft())
+                elif op == b"x":
+                    transport = self.conns.get(conn_id)
+                    if transport is not None:
+                        transport.loseConnection()
+                else:
+                    raise LinkError(f"unexpected line {line[:60]!r} from the load balancer")
+        except LinkError as e:
+            log.warn("closing the handoff link: {why}", why=str(e))
+            self.transport.loseConnection()
+
+    def _adopt(self, conn_id: int, proto: str, fd: int) -> None:
+        factory = self.receiver.factories.get(proto)
+        if factory is None:
+            os.close(fd)
+            self.transport.write(b"r %d\n" % conn_id)
+            return
+        try:
+            sock = socket.socket(fileno=fd)  # owns fd from here: closed below
+        except OSError as e:
+            os.close(fd)
+            log.warn("handed descriptor {fd} is not a socket: {e}", fd=fd, e=e)
+            self.transport.write(b"r %d\n" % conn_id)
+            return
+        try:
+            if sock.type != socket.SOCK_STREAM or sock.family not in (
+                socket.AF_INET,
+                socket.AF_INET6,
+            ):
+                raise OSError(f"not a TCP socket ({sock.family!r}, {sock.type!r})")
+            sock.setblocking(False)
+            transport = self.receiver.reactor.adoptStreamConnection(
+                sock.fileno(), sock.family, factory
+            )
+        except Exception as e:  # noqa: BLE001 - anything: the load balancer forwards it instead
+            log.warn("could not adopt handed connection {id}: {e}", id=conn_id, e=e)
+            self.transport.write(b"r %d\n" % conn_id)
+            return
+        finally:
+            sock.close()  # the adopted transport holds its own duplicate
+        self.receiver.adopted += 1
+        self.transport.write(b"a %d\n" % conn_id)
+        if transport is None:  # the factory turned it away (and Twisted closed it)
+            self.transport.write(b"c %d\n" % conn_id)
+            return
+        self.conns[conn_id] = transport
+        transport.connectionLost = _on_lost(transport.connectionLost, self, conn_id)
+
+    def closed(self, conn_id: int) -> None:
+        if self.conns.pop(conn_id, None) is not None and not self.lost:
+            self.transport.write(b"c %d\n" % conn_id)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        # The load balancer went away; its clients stay connected to us.
+        self.lost = True
+        self.conns.clear()
+        while self.fds:
+            os.close(self.fds.popleft())
+        self.receiver.links.discard(self)
+
+
+def _on_lost(lost: Callable[[Any], Any], link: HandoffServer, conn_id: int) -> Callable[[Any], Any]:
+    """``transport.connectionLost`` that also reports the close over ``link``.
+
+    Wrapping the transport's method (an instance attribute, Twisted's code
+    calls it by name) leaves the protocols and their compiled hot path alone.
+    """
+
+    def connectionLost(reason: Any) -> Any:
+        try:
+            return lost(reason)
+        finally:
+            link.closed(conn_id)
+
+    return connectionLost
+
+
+class HandoffReceiver(Factory):
+    """The master's handoff listener: the listener factory of each protocol it adopts."""
+
+    noisy = False
+
+    def __init__(self, reactor: Any, factories: dict[str, Factory]) -> None:
+        self.reactor = reactor
+        self.factories = dict(factories)
+        self.links: set[HandoffServer] = set()
+        self.adopted = 0
+
+    def buildProtocol(self, addr: Any) -> HandoffServer:
+        link = HandoffServer(self)
+        self.links.add(link)
+        return link
+
+
+def plain_tcp(endpoint: str) -> bool:
+    """Whether a listening endpoint string is plain TCP (its connections can be adopted)."""
+    kind = endpoint.split(":", 1)[0].strip().lower()
+    return kind in ("tcp", "tcp6")
