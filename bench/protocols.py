@@ -8,7 +8,8 @@
    ``replicas: 0`` and with ``replicas: 1``;
 3. the full path through the VIP (load balancer -> masters -> data nodes) with
    ``replicas: 1``: the local cluster of ``kvha up`` (two masters behind the
-   load-balancer pair) on free ports.
+   load-balancer pair) on free ports, with its default ``forward: handoff``,
+   with ``forward: proxy``, and with ``forward: kernel`` where nftables can run.
 
 Each kvha run also records the CPU of every kvha process and the machine's
 idle share, which tells a saturated process from a saturated machine.
@@ -166,7 +167,8 @@ class Cluster:
         forward: str = "proxy",
     ) -> None:
         # The kernel-forwarding cluster gets a VIP of its own: its table is named after it.
-        base = _free_base("127.0.0.102" if forward == "kernel" else "127.0.0.101", masters)
+        vip = {"kernel": "127.0.0.102", "handoff": "127.0.0.103"}.get(forward, "127.0.0.101")
+        base = _free_base(vip, masters)
         state = os.path.join(workdir, name)
         self.config = dataclasses.replace(base, replicas=replicas, state_dir=state, forward=forward)
         self.nodes = [n for n in plan(self.config) if with_lbs or n.role != "lb"]
@@ -402,7 +404,8 @@ def run(
         targets = [
             ("master replicas 0", 0, False, 1, "proxy"),
             ("master replicas 1", 1, False, 1, "proxy"),
-            ("VIP replicas 1", 1, True, _DEFAULT_MASTERS, "proxy"),
+            ("VIP replicas 1", 1, True, _DEFAULT_MASTERS, "handoff"),
+            ("VIP replicas 1, proxy", 1, True, _DEFAULT_MASTERS, "proxy"),
         ]
         # The same cluster with the load balancers' forward: kernel (nftables),
         # where this machine allows it.
@@ -476,9 +479,12 @@ def render(results: dict[str, Any]) -> list[str]:
         ),
         "",
         "The VIP targets run the cluster of `kvha up`: two load balancers, two masters, three"
-        " data nodes.  `VIP replicas 1` forwards through the load balancer's process"
-        " (`forward: proxy`, the default); `VIP replicas 1, kernel` has the load balancers"
-        " write nftables DNAT instead (`forward: kernel`).  `"
+        " data nodes.  `VIP replicas 1` is its default, `forward: handoff`: the load"
+        " balancer passes each accepted connection to a master's process over a Unix socket"
+        " and is then out of its path.  `VIP replicas 1, proxy` relays every byte through the"
+        " load balancer's process (`forward: proxy`, what load balancers whose masters are on"
+        " other hosts use); `VIP replicas 1, kernel` has the load balancers write nftables"
+        " DNAT instead (`forward: kernel`).  `"
         + FLOOR
         + "` is bench/floor.py: a Python process on kvha's reactor that passes each"
         " request to a second one and the `+OK` back, parsing nothing, and sends replies"

@@ -371,10 +371,9 @@ def test_kvha_up_can_run_its_load_balancers_with_kernel_forwarding() -> None:
         section = yaml.safe_load(node.text)["lb"]
         assert section["forward"] == "kernel" and section["scheduler"] == "rr"
         assert load_config_string(node.text).lb is not None
-    plain = [
-        n for n in plan(LocalConfig(secret="s" * 32, admin_token=ADMIN_TOKEN)) if n.role == "lb"
-    ]
-    assert "forward" not in yaml.safe_load(plain[0].text)["lb"]
+    proxied = LocalConfig(secret="s" * 32, admin_token=ADMIN_TOKEN, forward="proxy")
+    plain = [n for n in plan(proxied) if n.role == "lb"]
+    assert "forward" not in yaml.safe_load(plain[0].text)["lb"]  # proxy: the lb default
 
 
 def test_kernel_forwarding_needs_ipv4_addresses_for_the_vip_and_every_master(
