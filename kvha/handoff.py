@@ -9,14 +9,25 @@ refused handoff passed to the next master without the client noticing.
 
 The link carries lines of ASCII, at most :data:`MAX_LINE` bytes each:
 
-- master -> load balancer, once, on connecting: ``kvha-handoff 1 <protocols>``,
-  the comma-separated protocols it takes by handoff (its plain-TCP listeners);
+- master -> load balancer, once, on connecting: ``kvha-handoff 1 <id>
+  <protocols>``, its master id (a load balancer whose list gives that path to
+  another master refuses the link: socket paths are per host, master lists are
+  shared between hosts) and the comma-separated protocols it takes by handoff
+  (its plain-TCP listeners);
 - load balancer -> master: ``h <id> <protocol>`` with one descriptor attached
-  (the n-th descriptor belongs to the n-th ``h`` line); ``x <id>``: close that
-  connection (a drain that timed out, a removed master);
-- master -> load balancer: ``a <id>`` adopted; ``r <id>`` refused (the load
-  balancer still holds the connection and forwards it another way);
-  ``c <id>`` the adopted connection has closed.
+  (the n-th descriptor belongs to the n-th ``h`` line); ``k <id>``: confirmed,
+  serve it; ``x <id>``: close that connection (a drain that timed out, a
+  removed master);
+- master -> load balancer: ``a <id>`` adopted (and paused); ``r <id>`` refused
+  (the load balancer still holds the connection and forwards it another
+  way); ``c <id>`` the adopted connection has closed.
+
+A master reads nothing from an adopted connection before its ``k``.  So when
+a link breaks before the load balancer heard ``a``, no master has read from
+the connection: the load balancer passes it to the next master, and the
+master (if it lives) closes its copy without a shutdown.  A master that dies
+while connections are handed to it is as invisible to new clients as in
+proxy mode, where a refused connect is passed to the next master.
 
 ``<id>`` is a decimal number chosen by the load balancer, unique per link.
 """
@@ -54,14 +65,14 @@ def split_lines(buffer: bytes) -> tuple[list[bytes], bytes]:
 
 
 def parse(line: bytes) -> tuple[bytes, int, Optional[str]]:
-    """``(op, id, protocol)`` of one ``h``/``x``/``a``/``r``/``c`` line.
+    """``(op, id, protocol)`` of one ``h``/``k``/``x``/``a``/``r``/``c`` line.
 
     ``protocol`` is set for ``h`` only.  Raises :class:`LinkError`.
     """
     parts = line.split(b" ")
     op = parts[0]
     want = 3 if op == b"h" else 2
-    if op not in (b"h", b"x", b"a", b"r", b"c") or len(parts) != want:
+    if op not in (b"h", b"k", b"x", b"a", b"r", b"c") or len(parts) != want:
         raise LinkError(f"unexpected line {line[:60]!r}")
     if not parts[1].isdigit() or len(parts[1]) > 20:
         raise LinkError(f"bad connection id in {line[:60]!r}")
@@ -73,17 +84,23 @@ def parse(line: bytes) -> tuple[bytes, int, Optional[str]]:
     return op, int(parts[1]), proto
 
 
-def parse_hello(line: bytes) -> frozenset[str]:
-    """The protocols a master's greeting offers.  Raises :class:`LinkError`."""
+def parse_hello(line: bytes) -> tuple[str, frozenset[str]]:
+    """The master id and the protocols of a master's greeting.  Raises :class:`LinkError`."""
     head, _, protos = line.rpartition(b" ")
-    if head != HELLO:
+    head, _, master_id = head.rpartition(b" ")
+    if head != HELLO or not master_id:
         raise LinkError(f"not a handoff greeting: {line[:60]!r}")
     offered = frozenset(p for p in protos.decode("ascii", "replace").split(",") if p)
     unknown = offered - set(PROTOCOLS)
     if unknown:
         raise LinkError(f"unknown protocols {sorted(unknown)} in the greeting")
-    return offered
+    return master_id.decode("utf-8", "replace"), offered
 
 
-def hello(protocols: frozenset[str]) -> bytes:
-    return HELLO + b" " + ",".join(sorted(protocols)).encode("ascii") + b"\n"
+def hello(master_id: str, protocols: frozenset[str]) -> bytes:
+    """A master's greeting (ids are letters, digits and ``_.-``: no spaces)."""
+    return b"%s %s %s\n" % (
+        HELLO,
+        master_id.encode("utf-8"),
+        ",".join(sorted(protocols)).encode("ascii"),
+    )

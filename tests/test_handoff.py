@@ -7,12 +7,13 @@ The real handoff between processes is in tests/integration/test_lb_process.py.
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 from typing import Any, Optional
 
 import pytest
-from twisted.internet import address
+from twisted.internet import address, tcp
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -33,12 +34,19 @@ def test_lines_parse_and_bad_ones_are_link_errors() -> None:
     assert split_lines(b"a 1\nc 2\nh 3") == ([b"a 1", b"c 2"], b"h 3")
     assert parse(b"h 12 redis") == (b"h", 12, "redis")
     assert parse(b"c 5") == (b"c", 5, None)
-    assert parse_hello(hello(frozenset({"redis", "http"}))[:-1]) == {"redis", "http"}
-    assert parse_hello(b"kvha-handoff 1 ") == frozenset()
+    greeting = hello("m1", frozenset({"redis", "http"}))
+    assert greeting == b"kvha-handoff 1 m1 http,redis\n"
+    assert parse_hello(greeting[:-1]) == ("m1", {"redis", "http"})
+    assert parse_hello(b"kvha-handoff 1 m2 ") == ("m2", frozenset())
     for bad in (b"h 1", b"h 1 gopher", b"x one", b"z 1", b"a 1 2", b"c -1", b"a " + b"9" * 21):
         with pytest.raises(LinkError):
             parse(bad)
-    for bad in (b"kvha-handoff 2 redis", b"hello redis", b"kvha-handoff 1 redis,smtp"):
+    for bad in (
+        b"kvha-handoff 2 m1 redis",
+        b"hello m1 redis",
+        b"kvha-handoff 1 m1 redis,smtp",
+        b"kvha-handoff 1 redis",
+    ):
         with pytest.raises(LinkError):
             parse_hello(bad)
     with pytest.raises(LinkError):
@@ -56,9 +64,18 @@ def test_plain_tcp_listeners_only() -> None:
 
 
 class FakeAdopted:
+    _shouldShutdown = True
+
     def __init__(self) -> None:
         self.lost_with: list[Any] = []
         self.lose_calls = 0
+        self.reading = True
+
+    def pauseProducing(self) -> None:
+        self.reading = False
+
+    def resumeProducing(self) -> None:
+        self.reading = True
 
     def connectionLost(self, reason: Any) -> None:
         self.lost_with.append(reason)
@@ -102,7 +119,7 @@ def closed(fd: int) -> bool:
 def master_link(refuse: bool = False) -> tuple[Any, StringTransport, AdoptingReactor, Any]:
     reactor = AdoptingReactor(refuse)
     redis_factory, mc_factory = Factory(), Factory()
-    receiver = HandoffReceiver(reactor, {"redis": redis_factory, "memcached": mc_factory})
+    receiver = HandoffReceiver(reactor, "m1", {"redis": redis_factory, "memcached": mc_factory})
     link = receiver.buildProtocol(address.UNIXAddress(None))
     transport = StringTransport()
     link.makeConnection(transport)
@@ -111,7 +128,7 @@ def master_link(refuse: bool = False) -> tuple[Any, StringTransport, AdoptingRea
 
 def test_master_greets_with_what_it_adopts_and_adopts_a_handed_socket() -> None:
     link, transport, reactor, redis_factory = master_link()
-    assert transport.value() == b"kvha-handoff 1 memcached,redis\n"
+    assert transport.value() == b"kvha-handoff 1 m1 memcached,redis\n"
     transport.clear()
     fd = tcp_fd()
     link.fileDescriptorReceived(fd)
@@ -123,6 +140,11 @@ def test_master_greets_with_what_it_adopts_and_adopts_a_handed_socket() -> None:
     assert transport.value() == b"a 7\n"
     assert closed(fd), "the master's copy is closed; the adopted transport holds its own"
     os.close(dup)
+    # Not read from until the load balancer confirms.
+    adopted = reactor.transports[0]
+    assert not adopted.reading and link.unconfirmed == {7}
+    link.dataReceived(b"k 7\nk 99\n")  # an unknown id is ignored
+    assert adopted.reading and link.unconfirmed == set()
     transport.clear()
     # x closes it; its close is reported once.
     link.dataReceived(b"x 7\n")
@@ -166,19 +188,42 @@ def test_master_closes_a_link_that_breaks_the_rules(data: bytes) -> None:
     assert transport.disconnecting and reactor.adopted == []
 
 
+def test_a_failed_adoption_is_reported_adopted_and_closed_never_refused() -> None:
+    """Its protocol may have read from it: relaying it as well would give it two readers."""
+    link, transport, reactor, _ = master_link()
+
+    def broken(fd: int, family: int, factory: Any) -> None:
+        raise RuntimeError("connectionMade blew up")
+
+    reactor.adoptStreamConnection = broken  # type: ignore[method-assign]
+    transport.clear()
+    fd = tcp_fd()
+    link.fileDescriptorReceived(fd)
+    link.dataReceived(b"h 4 redis\n")
+    assert transport.value() == b"a 4\nc 4\n" and closed(fd)
+    assert not transport.disconnecting
+
+
 def test_master_closes_descriptors_left_on_a_lost_link_and_keeps_its_clients() -> None:
     link, transport, reactor, _ = master_link()
     link.fileDescriptorReceived(tcp_fd())
     link.dataReceived(b"h 1 redis\n")
+    link.fileDescriptorReceived(tcp_fd())
+    link.dataReceived(b"k 1\nh 2 redis\n")  # 2 is never confirmed
     left = tcp_fd()
     link.fileDescriptorReceived(left)  # its line never came
     link.connectionLost(None)
     assert closed(left)
-    assert reactor.transports[0].lose_calls == 0  # the client stays connected
+    confirmed, unconfirmed = reactor.transports
+    assert confirmed.lose_calls == 0  # the client stays connected
+    # The load balancer relays the unconfirmed one: let go without a shutdown.
+    assert unconfirmed.lose_calls == 1 and unconfirmed._shouldShutdown is False
+    assert not unconfirmed.reading
     transport.clear()
     reactor.transports[0].connectionLost("later")
     assert transport.value() == b""  # nobody to tell any more
-    os.close(reactor.adopted[0][0])
+    for dup, _, _ in reactor.adopted:
+        os.close(dup)
 
 
 # The load balancer's side ----------------------------------------------------------------------
@@ -211,7 +256,7 @@ class ClientTransport(StringTransport):
 
 
 def lb_with_link(
-    offered: bytes = b"kvha-handoff 1 memcached,redis\n", handoff: Optional[str] = "/run/m1.hs"
+    offered: bytes = b"kvha-handoff 1 m1 memcached,redis\n", handoff: Optional[str] = "/run/m1.hs"
 ) -> tuple[Pool, HandoffLinks, MemoryReactorClock, Any, LinkTransport]:
     reactor = MemoryReactorClock()
     pool = Pool("leastconn")
@@ -246,7 +291,9 @@ def test_lb_hands_a_client_over_and_counts_it_until_the_master_reports_its_close
     assert client.transport.paused  # never read: its bytes are the master's
     assert lt.fds == [client.transport.fd] and lt.value() == b"h 1 redis\n"
     assert backend.conns["redis"] == 1 and reactor.tcpClients == []
+    lt.clear()
     link.dataReceived(b"a 1\n")
+    assert lt.value() == b"k 1\n"  # the master may read it now
     # Our copy of the descriptor is closed without a shutdown.
     assert client.transport._shouldShutdown is False and client.transport.disconnecting
     assert backend.conns["redis"] == 1 and backend.total["redis"] == 1
@@ -260,7 +307,7 @@ def test_lb_hands_a_client_over_and_counts_it_until_the_master_reports_its_close
 
 
 def test_lb_relays_what_the_master_refuses_or_does_not_offer() -> None:
-    pool, links, reactor, link, lt = lb_with_link(offered=b"kvha-handoff 1 redis\n")
+    pool, links, reactor, link, lt = lb_with_link(offered=b"kvha-handoff 1 m1 redis\n")
     client = connect_client(reactor, pool, links)
     link.dataReceived(b"r 1\n")
     [(host, port, _f, _t, _b)] = reactor.tcpClients  # relayed to the same master
@@ -271,22 +318,75 @@ def test_lb_relays_what_the_master_refuses_or_does_not_offer() -> None:
     assert lt.fds == [client.transport.fd]
 
 
+def test_lb_never_shuts_down_a_socket_once_its_descriptor_is_sent() -> None:
+    pool, links, reactor, link, lt = lb_with_link()
+    client = connect_client(reactor, pool, links)
+    assert client.transport._shouldShutdown is False  # from the send on, not from the answer
+    # Twisted's own flag, which _closeSocket honours: a rename must fail here.
+    assert tcp.Connection._shouldShutdown is True
+    assert "_shouldShutdown" in inspect.getsource(tcp.Connection._closeSocket)
+
+
+def test_a_refusal_after_the_client_left_uncounts_it() -> None:
+    pool, links, reactor, link, lt = lb_with_link()
+    client = connect_client(reactor, pool, links)
+    client.connectionLost(None)
+    link.dataReceived(b"r 1\n")
+    assert pool.backends["m1"].conns["redis"] == 0 and reactor.tcpClients == []
+
+
+def test_a_master_that_does_not_answer_loses_its_link() -> None:
+    pool, links, reactor, link, lt = lb_with_link()
+    first = connect_client(reactor, pool, links)
+    reactor.advance(1.5)
+    second = connect_client(reactor, pool, links)
+    reactor.advance(0.5)  # the first is 2 s old
+    assert lt.disconnecting and link.broken and not link.takes("redis")
+    third = connect_client(reactor, pool, links)  # relayed, not handed to a closing link
+    assert lt.fds == [first.transport.fd, second.transport.fd]
+    assert [c[:2] for c in reactor.tcpClients] == [("127.0.0.1", 7001)]
+    link.connectionLost(None)
+    for c in (first, second):
+        assert c.transport.disconnecting and c.transport._shouldShutdown is False
+    assert pool.backends["m1"].conns["redis"] == 1  # the relayed one
+    assert pool.backends["m1"].up["redis"]  # a hung master is the health checks' to judge
+    assert not third.transport.disconnecting
+
+
+def test_removing_a_master_closes_its_handed_connections_through_the_link() -> None:
+    pool, links, reactor, link, lt = lb_with_link()
+    connect_client(reactor, pool, links)
+    link.dataReceived(b"a 1\n")
+    lt.clear()
+    backend = pool.remove("m1")  # as the admin API's DELETE does
+    for pair in list(backend.pairs):
+        pair.close()
+    assert lt.value() == b"x 1\n" and lt.disconnecting
+
+
 def test_lb_relays_to_a_master_without_a_handoff_socket() -> None:
     pool, links, reactor, _, _ = lb_with_link(handoff=None)
     connect_client(reactor, pool, links)
     assert [c[:2] for c in reactor.tcpClients] == [("127.0.0.1", 7001)]
 
 
-def test_a_lost_link_closes_unanswered_clients_and_a_refused_relink_marks_the_master_down() -> None:
+def test_a_lost_link_passes_unanswered_clients_on_and_a_refused_relink_marks_the_master_down() -> (
+    None
+):
     pool, links, reactor, link, lt = lb_with_link()
     backend = pool.backends["m1"]
     first = connect_client(reactor, pool, links)
     link.dataReceived(b"a 1\n")
     waiting = connect_client(reactor, pool, links)
     assert backend.conns["redis"] == 2
+    pool.add("m2", "127.0.0.1", {"redis": 7101})  # on another host: relayed to
     reactor.advance(1.0)
     link.connectionLost(Failure(ConnectionRefusedError()))
-    assert waiting.transport.disconnecting and waiting.transport._shouldShutdown is True
+    # Unanswered: no master read from it (they wait for k), so the next one gets it,
+    # as after a refused connect in proxy mode.  The client notices nothing.
+    assert not waiting.transport.disconnecting and waiting.transport._shouldShutdown is False
+    assert [c[:2] for c in reactor.tcpClients] == [("127.0.0.1", 7101)]
+    assert waiting.backend is pool.backends["m2"] and pool.backends["m2"].conns["redis"] == 1
     assert backend.conns["redis"] == 0 and backend.pairs == set()
     assert first.transport.disconnecting  # (closed at the handover, long before)
     # It connects again at once; the master's socket refuses: down at once.
@@ -305,6 +405,20 @@ def test_a_lost_link_closes_unanswered_clients_and_a_refused_relink_marks_the_ma
     assert len(reactor.unixClients) == 3
     reactor.advance(0.1)
     assert len(reactor.unixClients) == 4
+
+
+def test_lb_refuses_a_link_whose_socket_belongs_to_another_master() -> None:
+    """Socket paths are per host and master lists are shared: a path that names another
+    master's socket on this host must not get this master's clients."""
+    pool, links, reactor, link, lt = lb_with_link(offered=b"kvha-handoff 1 m2 redis\n")
+    assert lt.disconnecting and not link.takes("redis")
+    link.connectionLost(None)
+    connect_client(reactor, pool, links)
+    assert lt.fds == [] and [c[:2] for c in reactor.tcpClients] == [("127.0.0.1", 7001)]
+    # Reconnects back off (no greeting was accepted) rather than loop every 0.1 s.
+    assert len(reactor.unixClients) == 1
+    reactor.advance(0.1)
+    assert len(reactor.unixClients) == 2
 
 
 def test_links_follow_the_pool() -> None:

@@ -101,31 +101,45 @@ class ClientSide(BufferedWrites, Protocol):
             self.pending = []
         self.transport.resumeProducing()
 
-    def handed_over(self) -> None:
-        """The master adopted this connection: close our copy of its descriptor.
+    def handing_over(self) -> None:
+        """Its descriptor is about to go to a master: never shut the socket down from here.
 
-        Not a shutdown, which would end the connection for the master too:
-        with ``_shouldShutdown`` false Twisted only closes the descriptor
-        (as it does for a socket it adopted; pinned by tests/test_handoff.py).
+        A ``shutdown()`` would end the connection for the master too, which
+        may hold it from now on; with ``_shouldShutdown`` false Twisted only
+        closes this process's descriptor (as it does for a socket it adopted),
+        and the client sees the end only when no process holds it any more.
+        Pinned by tests/test_handoff.py (the flag) and by the process test
+        that kills the load balancer and goes on using handed connections.
         """
+        self.transport._shouldShutdown = False
+
+    def handed_over(self) -> None:
+        """The master adopted this connection: close our copy of its descriptor."""
         self.backend = None  # counted by the link from now on, until the master reports the close
         self.handed = True
-        self.transport._shouldShutdown = False
         self.transport.loseConnection()
 
     def handoff_refused(self) -> None:
         """The master did not adopt it: relay it to that master instead."""
-        if self.closed or self.backend is None:
+        backend = self.backend
+        if backend is None:
             return
-        self._relay(self.backend)
+        if self.closed:
+            backend.conns[self.factory.proto] -= 1
+            self.backend = None
+            return
+        self._relay(backend)
 
-    def handoff_lost(self) -> None:
-        """The link broke before the master answered: close, as a dying master's connection."""
+    def handoff_failed(self) -> None:
+        """The link broke before the master's answer: no master has read from
+        the connection (masters wait for the load balancer's confirmation), so
+        it goes to the next master, as after a refused connect."""
         backend = self.backend
         if backend is not None:
             backend.conns[self.factory.proto] -= 1
             self.backend = None
-        self.transport.loseConnection()
+        if not self.closed:
+            self._connect()
 
     def _failed(self, failure: Any, backend: Backend) -> None:
         backend.conns[self.factory.proto] -= 1

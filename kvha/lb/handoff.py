@@ -6,7 +6,11 @@ chosen master with an ``h`` line.  When the master answers ``a`` (adopted),
 the load balancer closes its own copy of the descriptor without shutting
 the socket down, and is out of that connection's path.  When it answers
 ``r`` (refused), the load balancer still holds the untouched connection and
-relays it to that master as ``forward: proxy`` does.  Masters without a
+relays it to that master as ``forward: proxy`` does.  A master reads nothing
+from an adopted connection before the load balancer's ``k``, so a link that
+breaks before the ``a`` arrived (a master that died, or hung for
+:data:`ANSWER_TIMEOUT`) passes its waiting clients on to the next master, and
+a dying master is no more visible to new clients than with ``proxy``.  Masters without a
 ``handoff`` socket, or whose link is down, are relayed the same way.
 
 The master reports each adopted connection's close (``c``), which keeps the
@@ -40,9 +44,12 @@ if TYPE_CHECKING:
 log = Logger()
 
 #: Seconds before the first new attempt after a link could not connect;
-#: it doubles up to :data:`RETRY_MAX` while the master keeps refusing.
+#: it doubles up to :data:`RETRY_MAX` (per master) until a greeting is accepted.
 RETRY = 0.1
 RETRY_MAX = 5.0
+#: A master that has not answered a handoff in this long is taken for hung:
+#: its link is closed (it is relayed to, if at all, until a new one is up).
+ANSWER_TIMEOUT = 2.0
 
 
 class Handed:
@@ -72,31 +79,64 @@ class HandoffLink(Protocol):
         self.offered: Optional[frozenset[str]] = None
         self.buffer = b""
         self.next_id = 0
-        #: Sent, not yet answered: the client connection is still ours.
-        self.waiting: dict[int, ClientSide] = {}
+        #: Sent, not yet answered (with when): the master may or may not hold them.
+        self.waiting: dict[int, tuple[ClientSide, float]] = {}
         #: Adopted by the master, not yet closed.
         self.handed: dict[int, Handed] = {}
         self.closing = False
+        #: Closed by us over a broken rule (a bad line, the wrong master, no answer).
+        self.broken = False
         self.connected = False
         self.opened_at = 0.0
+        self._answer_check: Any = None
 
     def connectionMade(self) -> None:
         self.connected = True
         self.opened_at = self.links.clock.seconds()
 
     def takes(self, proto: str) -> bool:
-        return bool(self.connected and self.offered is not None and proto in self.offered)
+        return bool(
+            self.connected
+            and not self.closing
+            and not self.broken
+            and self.offered is not None
+            and proto in self.offered
+        )
 
     def hand(self, client: ClientSide, proto: str) -> None:
         """Send ``client``'s descriptor; :meth:`ClientSide.handed_over` or
         :meth:`ClientSide.handoff_refused` follows when the master answers."""
         self.next_id += 1
         conn_id = self.next_id
-        self.waiting[conn_id] = client
+        now = self.links.clock.seconds()
+        self.waiting[conn_id] = (client, now)
+        client.handing_over()
         # The descriptor must stay open until it is sent: the client's
         # transport keeps it until the master's answer.
         self.transport.sendFileDescriptor(client.transport.fileno())
         self.transport.write(b"h %d %s\n" % (conn_id, proto.encode("ascii")))
+        if self._answer_check is None:
+            self._answer_check = self.links.clock.callLater(ANSWER_TIMEOUT, self._check_answers)
+
+    def _check_answers(self) -> None:
+        self._answer_check = None
+        if not self.waiting or not self.connected:
+            return
+        now = self.links.clock.seconds()
+        oldest = min(sent for _, sent in self.waiting.values())
+        if now - oldest >= ANSWER_TIMEOUT:
+            log.warn(
+                "master {m} left {n} handoffs unanswered for {t}s: closing its handoff link",
+                m=self.backend.id,
+                n=len(self.waiting),
+                t=ANSWER_TIMEOUT,
+            )
+            self.broken = True
+            self.transport.loseConnection()
+            return
+        self._answer_check = self.links.clock.callLater(
+            oldest + ANSWER_TIMEOUT - now, self._check_answers
+        )
 
     def close_handed(self, conn_id: int) -> None:
         if conn_id in self.handed and self.connected:
@@ -107,7 +147,14 @@ class HandoffLink(Protocol):
             lines, self.buffer = split_lines(self.buffer + data)
             for line in lines:
                 if self.offered is None:
-                    self.offered = parse_hello(line)
+                    master_id, offered = parse_hello(line)
+                    if master_id != self.backend.id:
+                        raise LinkError(
+                            f"{self.path} belongs to master {master_id!r} "
+                            f"(on this host), not to {self.backend.id!r}"
+                        )
+                    self.offered = offered
+                    self.links.greeted(self.backend.id)
                     log.info(
                         "handoff link to {m} up; it adopts {protos}",
                         m=self.backend.id,
@@ -118,26 +165,30 @@ class HandoffLink(Protocol):
                 if op == b"a":
                     self._adopted(conn_id)
                 elif op == b"r":
-                    client = self.waiting.pop(conn_id, None)
-                    if client is not None:
-                        client.handoff_refused()
+                    entry = self.waiting.pop(conn_id, None)
+                    if entry is None:
+                        raise LinkError(f"refused unknown connection {conn_id}")
+                    entry[0].handoff_refused()
                 elif op == b"c":
                     self._closed(conn_id)
                 else:
                     raise LinkError(f"unexpected line {line[:60]!r} from the master")
         except LinkError as e:
             log.warn("closing the handoff link to {m}: {why}", m=self.backend.id, why=str(e))
+            self.broken = True
             self.transport.loseConnection()
 
     def _adopted(self, conn_id: int) -> None:
-        client = self.waiting.pop(conn_id, None)
-        if client is None:
+        entry = self.waiting.pop(conn_id, None)
+        if entry is None:
             raise LinkError(f"adopted unknown connection {conn_id}")
+        client = entry[0]
         proto = client.factory.proto
         handed = Handed(self, conn_id, proto)
         self.handed[conn_id] = handed
         self.backend.total[proto] += 1
         self.backend.pairs.add(handed)
+        self.transport.write(b"k %d\n" % conn_id)  # the master may read it from now on
         client.handed_over()
 
     def _closed(self, conn_id: int) -> None:
@@ -153,11 +204,14 @@ class HandoffLink(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.connected = False
-        # Not answered: the master may have read from them before it went, so
-        # they cannot be relayed instead; they close, as a dying master's do.
+        if self._answer_check is not None and self._answer_check.active():
+            self._answer_check.cancel()
+        self._answer_check = None
+        # Not answered: the master, alive or not, has not read from them (it
+        # waits for our ``k``) and lets go of its copy; the next master gets them.
         waiting, self.waiting = self.waiting, {}
-        for client in waiting.values():
-            client.handoff_lost()
+        for client, _ in waiting.values():
+            client.handoff_failed()
         # Adopted: no longer counted (their master is gone, or will not report them).
         handed, self.handed = self.handed, {}
         for h in handed.values():
@@ -177,8 +231,9 @@ class HandoffLinks:
         self._connecting: set[str] = set()
         #: Links lost while up, not yet connected again: a refusal means a dead master.
         self.suspect: set[str] = set()
-        self._retry: Any = None
-        self._delay = RETRY
+        #: Per master: the pending new attempt, and the delay before the next one.
+        self._retry: dict[str, Any] = {}
+        self._delay: dict[str, float] = {}
         self.stopped = True
         self.lost_count = 0
 
@@ -189,9 +244,10 @@ class HandoffLinks:
 
     def stop(self) -> None:
         self.stopped = True
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
+        for call in self._retry.values():
+            if call.active():
+                call.cancel()
+        self._retry.clear()
         if self.connect_missing in self.pool.on_change:
             self.pool.on_change.remove(self.connect_missing)
         for link in list(self.open.values()):
@@ -231,12 +287,21 @@ class HandoffLinks:
         d = endpoint.connect(OneProtocolFactory(link))
         d.addCallbacks(self._connected, self._not_connected, errbackArgs=(backend,))
 
+    def greeted(self, master_id: str) -> None:
+        """A link's master answered as the one it should be: back to quick retries."""
+        self._delay.pop(master_id, None)
+
     def _connected(self, link: HandoffLink) -> None:
-        self._connecting.discard(link.backend.id)
-        self.suspect.discard(link.backend.id)
-        self._delay = RETRY
-        if self.stopped or self.pool.backends.get(link.backend.id) is not link.backend:
-            link.close()
+        backend = link.backend
+        self._connecting.discard(backend.id)
+        self.suspect.discard(backend.id)
+        if (
+            self.stopped
+            or self.pool.backends.get(backend.id) is not backend
+            or backend.handoff != link.path
+        ):
+            link.close()  # removed, moved or given another socket while connecting
+            self.connect_missing()
             return
         old = self.open.get(link.backend.id)
         if old is not None and old is not link:
@@ -257,12 +322,18 @@ class HandoffLinks:
             log.debug(
                 "no handoff link to {m} yet: {why}", m=backend.id, why=failure.getErrorMessage()
             )
-        self._retry_later()
+        self._retry_later(backend.id)
 
-    def _retry_later(self) -> None:
-        if self._retry is None or not self._retry.active():
-            self._retry = self.clock.callLater(self._delay, self.connect_missing)
-            self._delay = min(self._delay * 2, RETRY_MAX)
+    def _retry_later(self, master_id: str) -> None:
+        call = self._retry.get(master_id)
+        if call is None or not call.active():
+            delay = self._delay.get(master_id, RETRY)
+            self._retry[master_id] = self.clock.callLater(delay, self._retry_now, master_id)
+            self._delay[master_id] = min(delay * 2, RETRY_MAX)
+
+    def _retry_now(self, master_id: str) -> None:
+        self._retry.pop(master_id, None)
+        self.connect_missing()
 
     def lost(self, link: HandoffLink) -> None:
         master_id = link.backend.id
@@ -273,9 +344,14 @@ class HandoffLinks:
         if self.pool.backends.get(master_id) is not link.backend:
             return
         self.lost_count += 1
+        if link.broken:
+            # We closed it (a bad line, the wrong master, no answer): nothing
+            # says the master is gone.  Try again later, backing off.
+            self._retry_later(master_id)
+            return
         log.info("handoff link to {m} lost", m=master_id)
         self.suspect.add(master_id)
         if self.clock.seconds() - link.opened_at < RETRY:
-            self._retry_later()  # one that closes every new link is not hammered
+            self._retry_later(master_id)  # one that closes every new link is not hammered
         elif master_id not in self._connecting:
             self._connect(link.backend)

@@ -42,10 +42,13 @@ class HandoffServer(Protocol):
         self.buffer = b""
         #: Adopted connections by the load balancer's id, until they close.
         self.conns: dict[int, Any] = {}
+        #: Adopted, not read from until the load balancer's ``k``: until then
+        #: it may still relay them elsewhere (if this link breaks).
+        self.unconfirmed: set[int] = set()
         self.lost = False
 
     def connectionMade(self) -> None:
-        self.transport.write(hello(frozenset(self.receiver.factories)))
+        self.transport.write(hello(self.receiver.master_id, frozenset(self.receiver.factories)))
 
     def fileDescriptorReceived(self, descriptor: int) -> None:
         self.fds.append(descriptor)
@@ -60,6 +63,10 @@ class HandoffServer(Protocol):
                         raise LinkError(f"handoff {conn_id} came without a descriptor")
                     assert proto is not None
                     self._adopt(conn_id, proto, self.fds.popleft())
+                elif op == b"k":
+                    if conn_id in self.unconfirmed:
+                        self.unconfirmed.discard(conn_id)
+                        self.conns[conn_id].resumeProducing()
                 elif op == b"x":
                     transport = self.conns.get(conn_id)
                     if transport is not None:
@@ -88,32 +95,54 @@ class HandoffServer(Protocol):
                 socket.AF_INET,
                 socket.AF_INET6,
             ):
-                raise OSError(f"not a TCP socket ({sock.family!r}, {sock.type!r})")
+                log.warn(
+                    "handed descriptor {id} is not a TCP socket ({family!r}, {type!r})",
+                    id=conn_id,
+                    family=sock.family,
+                    type=sock.type,
+                )
+                self.transport.write(b"r %d\n" % conn_id)  # untouched: relayed instead
+                return
             sock.setblocking(False)
-            transport = self.receiver.reactor.adoptStreamConnection(
-                sock.fileno(), sock.family, factory
-            )
-        except Exception as e:  # noqa: BLE001 - anything: the load balancer forwards it instead
-            log.warn("could not adopt handed connection {id}: {e}", id=conn_id, e=e)
-            self.transport.write(b"r %d\n" % conn_id)
-            return
+            try:
+                transport = self.receiver.reactor.adoptStreamConnection(
+                    sock.fileno(), sock.family, factory
+                )
+            except Exception:
+                # Its protocol may exist and may have read: not safe to relay.
+                # Ours now; the load balancer's copy closes, and with it the socket.
+                log.failure("adopting handed connection {id} failed", id=conn_id)
+                transport = None
         finally:
             sock.close()  # the adopted transport holds its own duplicate
         self.receiver.adopted += 1
         self.transport.write(b"a %d\n" % conn_id)
-        if transport is None:  # the factory turned it away (and Twisted closed it)
+        if transport is None:  # turned away by the factory (and closed), or failed
             self.transport.write(b"c %d\n" % conn_id)
             return
+        # Not a byte read before the load balancer confirms (``k``): until then
+        # it may relay the connection to another master if this link breaks.
+        transport.pauseProducing()
+        self.unconfirmed.add(conn_id)
         self.conns[conn_id] = transport
         transport.connectionLost = _on_lost(transport.connectionLost, self, conn_id)
 
     def closed(self, conn_id: int) -> None:
+        self.unconfirmed.discard(conn_id)
         if self.conns.pop(conn_id, None) is not None and not self.lost:
             self.transport.write(b"c %d\n" % conn_id)
 
     def connectionLost(self, reason: Any = None) -> None:
-        # The load balancer went away; its clients stay connected to us.
+        # The load balancer went away.  Confirmed clients stay connected to
+        # us.  Unconfirmed ones it relays elsewhere (or has closed): we let go
+        # of our copy without a shutdown, which would end them for it too.
         self.lost = True
+        for conn_id in list(self.unconfirmed):
+            transport = self.conns.get(conn_id)
+            if transport is not None:
+                transport._shouldShutdown = False
+                transport.loseConnection()
+        self.unconfirmed.clear()
         self.conns.clear()
         while self.fds:
             os.close(self.fds.popleft())
@@ -141,8 +170,9 @@ class HandoffReceiver(Factory):
 
     noisy = False
 
-    def __init__(self, reactor: Any, factories: dict[str, Factory]) -> None:
+    def __init__(self, reactor: Any, master_id: str, factories: dict[str, Factory]) -> None:
         self.reactor = reactor
+        self.master_id = master_id
         self.factories = dict(factories)
         self.links: set[HandoffServer] = set()
         self.adopted = 0

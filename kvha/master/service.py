@@ -165,7 +165,7 @@ class MasterNode(service.MultiService):
                 adoptable["http"] = site
         self.handoff: Optional[HandoffReceiver] = None
         if config.handoff:
-            self.handoff = HandoffReceiver(reactor, adoptable)
+            self.handoff = HandoffReceiver(reactor, config.id, adoptable)
             os.makedirs(os.path.dirname(config.handoff), exist_ok=True)
             # wantPID: a lock file beside the socket, so a socket file left by
             # a killed master is removed rather than blocking the restart.

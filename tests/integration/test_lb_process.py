@@ -479,7 +479,7 @@ def test_kill_9_of_a_master_under_load_loses_nothing(nodes, record_property, for
         assert detected["connections"] == {"redis": 0, "memcached": 0, "http": 0}
         total_then = detected["total_connections"]
         mark = time.monotonic()
-        wait_until(lambda: load.successes_since(mark) > 200, 10, "the load to go on")
+        wait_until(lambda: load.successes_since(mark) > 300, 10, "the load to go on")
         later = victim_row()
         assert later["total_connections"] == total_then  # no new connection reached it
         assert later["connections"] == {"redis": 0, "memcached": 0, "http": 0}
@@ -640,6 +640,18 @@ def test_master_add_and_drain_at_run_time(nodes, record_property, forward):  # t
                 return {m["id"]: m for m in lb_status(lb)["masters"]}["master3"]  # type: ignore[no-any-return]
 
             wait_until(lambda: m3_row(lb1)["total_connections"]["redis"] > 3, 5, "load on master3")
+            if forward == "handoff":
+                # The added master is linked, and connections are handed over, not relayed.
+                for lb in (lb1, lb2):
+                    wait_until(
+                        lambda lb=lb: count_in_log(lb, "handoff link to master3 up") == 1,
+                        5,
+                        f"{lb.node_id}'s link to master3",  # type: ignore[attr-defined]
+                    )
+                probe = socket.create_connection((vip, rport), timeout=CLIENT_TIMEOUT)
+                host, port = probe.getsockname()[:2]
+                assert f"addr={host}:{port} ".encode() in _resp_call(probe, b"CLIENT", b"INFO")
+                probe.close()
             # The standby has the new list too.
             wait_until(lambda: lb_status(lb2, "/v1/masters")["epoch"] == 1, 3, "lb2 at epoch 1")
             # A long-lived connection that reached master3 (leastconn ties are random).
