@@ -14,8 +14,12 @@ The link carries lines of ASCII, at most :data:`MAX_LINE` bytes each:
   another master refuses the link: socket paths are per host, master lists are
   shared between hosts) and the comma-separated protocols it takes by handoff
   (its plain-TCP listeners);
-- load balancer -> master: ``h <id> <protocol>`` with one descriptor attached
-  (the n-th descriptor belongs to the n-th ``h`` line); ``k <id>``: confirmed,
+- load balancer -> master: ``h <id> <protocol> <host>:<port>`` with one
+  descriptor attached (the n-th descriptor belongs to the n-th ``h`` line;
+  ``<host>:<port>`` is the client's address, which the master checks against
+  the descriptor it got, so that a descriptor the kernel dropped, for one,
+  at the master's descriptor limit, cannot pair a line with the wrong
+  socket: a mismatch closes the link); ``k <id>``: confirmed,
   serve it; ``x <id>``: close that connection (a drain that timed out, a
   removed master);
 - master -> load balancer: ``a <id>`` adopted (and paused); ``r <id>`` refused
@@ -64,24 +68,34 @@ def split_lines(buffer: bytes) -> tuple[list[bytes], bytes]:
     return lines, rest
 
 
-def parse(line: bytes) -> tuple[bytes, int, Optional[str]]:
-    """``(op, id, protocol)`` of one ``h``/``k``/``x``/``a``/``r``/``c`` line.
+def parse(line: bytes) -> tuple[bytes, int, Optional[str], Optional[str]]:
+    """``(op, id, protocol, peer)`` of one ``h``/``k``/``x``/``a``/``r``/``c`` line.
 
-    ``protocol`` is set for ``h`` only.  Raises :class:`LinkError`.
+    ``protocol`` and ``peer`` (``host:port``) are set for ``h`` only.
+    Raises :class:`LinkError`.
     """
     parts = line.split(b" ")
     op = parts[0]
-    want = 3 if op == b"h" else 2
+    want = 4 if op == b"h" else 2
     if op not in (b"h", b"k", b"x", b"a", b"r", b"c") or len(parts) != want:
         raise LinkError(f"unexpected line {line[:60]!r}")
     if not parts[1].isdigit() or len(parts[1]) > 20:
         raise LinkError(f"bad connection id in {line[:60]!r}")
     proto: Optional[str] = None
+    peer: Optional[str] = None
     if op == b"h":
         proto = parts[2].decode("ascii", "replace")
         if proto not in PROTOCOLS:
             raise LinkError(f"unknown protocol in {line[:60]!r}")
-    return op, int(parts[1]), proto
+        peer = parts[3].decode("ascii", "replace")
+        if not peer.rpartition(":")[2].isdigit():
+            raise LinkError(f"bad client address in {line[:60]!r}")
+    return op, int(parts[1]), proto, peer
+
+
+def address_text(host: str, port: int) -> str:
+    """A client address as ``h`` lines carry it."""
+    return f"{host}:{port}"
 
 
 def parse_hello(line: bytes) -> tuple[str, frozenset[str]]:

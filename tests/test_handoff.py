@@ -25,6 +25,7 @@ from kvha.lb.forward import ForwardFactory
 from kvha.lb.handoff import HandoffLinks
 from kvha.lb.pool import Pool
 from kvha.local import handoff_path, plan
+from kvha.master import handoff as master_handoff
 from kvha.master.handoff import HandoffReceiver, plain_tcp
 
 # The link's lines ---------------------------------------------------------------------------
@@ -32,13 +33,23 @@ from kvha.master.handoff import HandoffReceiver, plain_tcp
 
 def test_lines_parse_and_bad_ones_are_link_errors() -> None:
     assert split_lines(b"a 1\nc 2\nh 3") == ([b"a 1", b"c 2"], b"h 3")
-    assert parse(b"h 12 redis") == (b"h", 12, "redis")
-    assert parse(b"c 5") == (b"c", 5, None)
+    assert parse(b"h 12 redis 127.0.0.9:40000") == (b"h", 12, "redis", "127.0.0.9:40000")
+    assert parse(b"h 1 http ::1:5") == (b"h", 1, "http", "::1:5")
+    assert parse(b"c 5") == (b"c", 5, None, None)
     greeting = hello("m1", frozenset({"redis", "http"}))
     assert greeting == b"kvha-handoff 1 m1 http,redis\n"
     assert parse_hello(greeting[:-1]) == ("m1", {"redis", "http"})
     assert parse_hello(b"kvha-handoff 1 m2 ") == ("m2", frozenset())
-    for bad in (b"h 1", b"h 1 gopher", b"x one", b"z 1", b"a 1 2", b"c -1", b"a " + b"9" * 21):
+    for bad in (
+        b"h 1 redis",
+        b"h 1 gopher 1.2.3.4:5",
+        b"h 1 redis 1.2.3.4",
+        b"x one",
+        b"z 1",
+        b"a 1 2",
+        b"c -1",
+        b"a " + b"9" * 21,
+    ):
         with pytest.raises(LinkError):
             parse(bad)
     for bad in (
@@ -103,9 +114,30 @@ class AdoptingReactor:
         return t
 
 
-def tcp_fd() -> int:
-    """A descriptor of an unconnected TCP socket: the kind the master adopts."""
-    return socket.socket(socket.AF_INET, socket.SOCK_STREAM).detach()
+#: The client address each test descriptor stands for (``peer_address`` is faked:
+#: these sockets never connect, there being no network in unit tests).
+PEERS: dict[int, tuple[str, int]] = {}
+
+
+@pytest.fixture(autouse=True)
+def fake_peers(monkeypatch: Any) -> Any:
+    def peer_address(sock: socket.socket) -> tuple[str, int]:
+        try:
+            return PEERS[sock.fileno()]
+        except KeyError:
+            raise OSError(107, "Transport endpoint is not connected") from None
+
+    monkeypatch.setattr(master_handoff, "peer_address", peer_address)
+    yield
+    PEERS.clear()
+
+
+def tcp_fd(peer: Optional[tuple[str, int]] = ("127.0.0.9", 40000)) -> int:
+    """A descriptor of a TCP socket (the kind the master adopts), said to come from ``peer``."""
+    fd = socket.socket(socket.AF_INET, socket.SOCK_STREAM).detach()
+    if peer is not None:
+        PEERS[fd] = peer
+    return fd
 
 
 def closed(fd: int) -> bool:
@@ -134,7 +166,7 @@ def test_master_greets_with_what_it_adopts_and_adopts_a_handed_socket() -> None:
     link.fileDescriptorReceived(fd)
     link.dataReceived(b"h 7 red")  # a line split across reads
     assert reactor.adopted == []
-    link.dataReceived(b"is\n")
+    link.dataReceived(b"is 127.0.0.9:40000\n")
     [(dup, family, factory)] = reactor.adopted
     assert family == socket.AF_INET and factory is redis_factory
     assert transport.value() == b"a 7\n"
@@ -160,27 +192,51 @@ def test_master_refuses_what_it_cannot_adopt_and_closes_the_descriptor() -> None
     transport.clear()
     fd = tcp_fd()
     link.fileDescriptorReceived(fd)
-    link.dataReceived(b"h 1 http\n")  # no plain-TCP http listener offered
+    link.dataReceived(b"h 1 http 127.0.0.9:40000\n")  # no plain-TCP http listener offered
     a, b = socket.socketpair()
     link.fileDescriptorReceived(a.detach())
-    link.dataReceived(b"h 2 redis\n")  # not a TCP socket
+    link.dataReceived(b"h 2 redis 127.0.0.9:40000\n")  # not a TCP socket
     assert transport.value() == b"r 1\nr 2\n"
     assert reactor.adopted == [] and closed(fd)
     b.close()
     assert not transport.disconnecting
 
 
+def test_a_descriptor_that_is_not_the_lines_closes_the_link() -> None:
+    """A dropped descriptor (MSG_CTRUNC at the master's limit) puts lines and descriptors
+    out of step: the client address in the line catches it before anything is adopted."""
+    link, transport, reactor, _ = master_link()
+    other = tcp_fd(("127.0.0.9", 40001))
+    left = tcp_fd(("127.0.0.9", 40002))
+    link.fileDescriptorReceived(other)  # the one for line 1 never came
+    link.fileDescriptorReceived(left)
+    link.dataReceived(b"h 1 redis 127.0.0.9:40000\n")
+    assert transport.disconnecting and reactor.adopted == []
+    assert closed(other)
+    link.connectionLost(None)
+    assert closed(left)
+
+
+def test_a_client_gone_before_adoption_is_refused() -> None:
+    link, transport, reactor, _ = master_link()
+    transport.clear()
+    fd = tcp_fd(peer=None)  # getpeername fails: not connected any more
+    link.fileDescriptorReceived(fd)
+    link.dataReceived(b"h 5 redis 127.0.0.9:40000\n")
+    assert transport.value() == b"r 5\n" and closed(fd) and not transport.disconnecting
+
+
 def test_master_reports_a_connection_its_factory_turned_away_as_closed() -> None:
     link, transport, reactor, _ = master_link(refuse=True)
     transport.clear()
     link.fileDescriptorReceived(tcp_fd())
-    link.dataReceived(b"h 3 memcached\n")
+    link.dataReceived(b"h 3 memcached 127.0.0.9:40000\n")
     assert transport.value() == b"a 3\nc 3\n"
     assert link.conns == {}
 
 
 @pytest.mark.parametrize(
-    "data", [b"h 1 redis\n", b"bogus\n", b"a 1\n", b"h 1 " + b"r" * 300 + b"\n"]
+    "data", [b"h 1 redis 127.0.0.9:40000\n", b"bogus\n", b"a 1\n", b"h 1 " + b"r" * 300 + b"\n"]
 )
 def test_master_closes_a_link_that_breaks_the_rules(data: bytes) -> None:
     link, transport, reactor, _ = master_link()
@@ -199,7 +255,7 @@ def test_a_failed_adoption_is_reported_adopted_and_closed_never_refused() -> Non
     transport.clear()
     fd = tcp_fd()
     link.fileDescriptorReceived(fd)
-    link.dataReceived(b"h 4 redis\n")
+    link.dataReceived(b"h 4 redis 127.0.0.9:40000\n")
     assert transport.value() == b"a 4\nc 4\n" and closed(fd)
     assert not transport.disconnecting
 
@@ -207,9 +263,9 @@ def test_a_failed_adoption_is_reported_adopted_and_closed_never_refused() -> Non
 def test_master_closes_descriptors_left_on_a_lost_link_and_keeps_its_clients() -> None:
     link, transport, reactor, _ = master_link()
     link.fileDescriptorReceived(tcp_fd())
-    link.dataReceived(b"h 1 redis\n")
+    link.dataReceived(b"h 1 redis 127.0.0.9:40000\n")
     link.fileDescriptorReceived(tcp_fd())
-    link.dataReceived(b"k 1\nh 2 redis\n")  # 2 is never confirmed
+    link.dataReceived(b"k 1\nh 2 redis 127.0.0.9:40000\n")  # 2 is never confirmed
     left = tcp_fd()
     link.fileDescriptorReceived(left)  # its line never came
     link.connectionLost(None)
@@ -289,7 +345,7 @@ def test_lb_hands_a_client_over_and_counts_it_until_the_master_reports_its_close
     backend = pool.backends["m1"]
     client = connect_client(reactor, pool, links)
     assert client.transport.paused  # never read: its bytes are the master's
-    assert lt.fds == [client.transport.fd] and lt.value() == b"h 1 redis\n"
+    assert lt.fds == [client.transport.fd] and lt.value() == b"h 1 redis 127.0.0.9:40000\n"
     assert backend.conns["redis"] == 1 and reactor.tcpClients == []
     lt.clear()
     link.dataReceived(b"a 1\n")

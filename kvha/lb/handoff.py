@@ -34,7 +34,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
-from kvha.handoff import LinkError, parse, parse_hello, split_lines
+from kvha.handoff import LinkError, address_text, parse, parse_hello, split_lines
 from kvha.lb.forward import OneProtocolFactory
 from kvha.lb.pool import Backend, Pool
 
@@ -113,8 +113,12 @@ class HandoffLink(Protocol):
         client.handing_over()
         # The descriptor must stay open until it is sent: the client's
         # transport keeps it until the master's answer.
+        peer = client.transport.getPeer()
         self.transport.sendFileDescriptor(client.transport.fileno())
-        self.transport.write(b"h %d %s\n" % (conn_id, proto.encode("ascii")))
+        self.transport.write(
+            b"h %d %s %s\n"
+            % (conn_id, proto.encode("ascii"), address_text(peer.host, peer.port).encode("ascii"))
+        )
         if self._answer_check is None:
             self._answer_check = self.links.clock.callLater(ANSWER_TIMEOUT, self._check_answers)
 
@@ -161,7 +165,7 @@ class HandoffLink(Protocol):
                         protos=",".join(sorted(self.offered)) or "nothing",
                     )
                     continue
-                op, conn_id, _ = parse(line)
+                op, conn_id, _, _ = parse(line)
                 if op == b"a":
                     self._adopted(conn_id)
                 elif op == b"r":

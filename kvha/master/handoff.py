@@ -25,7 +25,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from kvha.handoff import LinkError, hello, parse, split_lines
+from kvha.handoff import LinkError, address_text, hello, parse, split_lines
 
 log = Logger()
 
@@ -57,12 +57,12 @@ class HandoffServer(Protocol):
         try:
             lines, self.buffer = split_lines(self.buffer + data)
             for line in lines:
-                op, conn_id, proto = parse(line)
+                op, conn_id, proto, peer = parse(line)
                 if op == b"h":
                     if not self.fds:
                         raise LinkError(f"handoff {conn_id} came without a descriptor")
-                    assert proto is not None
-                    self._adopt(conn_id, proto, self.fds.popleft())
+                    assert proto is not None and peer is not None
+                    self._adopt(conn_id, proto, peer, self.fds.popleft())
                 elif op == b"k":
                     if conn_id in self.unconfirmed:
                         self.unconfirmed.discard(conn_id)
@@ -77,7 +77,7 @@ class HandoffServer(Protocol):
             log.warn("closing the handoff link: {why}", why=str(e))
             self.transport.loseConnection()
 
-    def _adopt(self, conn_id: int, proto: str, fd: int) -> None:
+    def _adopt(self, conn_id: int, proto: str, peer: str, fd: int) -> None:
         factory = self.receiver.factories.get(proto)
         if factory is None:
             os.close(fd)
@@ -103,6 +103,18 @@ class HandoffServer(Protocol):
                 )
                 self.transport.write(b"r %d\n" % conn_id)  # untouched: relayed instead
                 return
+            try:
+                got = peer_address(sock)
+            except OSError as e:  # the client has gone already
+                log.info("handed connection {id} is closed: {e}", id=conn_id, e=e)
+                self.transport.write(b"r %d\n" % conn_id)
+                return
+            if address_text(got[0], got[1]) != peer:
+                # Not the socket this line is about: descriptors and lines are
+                # out of step (one was dropped).  Nothing here can be trusted.
+                raise LinkError(
+                    f"handoff {conn_id} is for {peer}, the descriptor is {got[0]}:{got[1]}"
+                )
             sock.setblocking(False)
             try:
                 transport = self.receiver.reactor.adoptStreamConnection(
@@ -147,6 +159,12 @@ class HandoffServer(Protocol):
         while self.fds:
             os.close(self.fds.popleft())
         self.receiver.links.discard(self)
+
+
+def peer_address(sock: socket.socket) -> tuple[str, int]:
+    """The client's address of a handed socket (a seam for the tests)."""
+    name = sock.getpeername()
+    return name[0], name[1]
 
 
 def _on_lost(lost: Callable[[Any], Any], link: HandoffServer, conn_id: int) -> Callable[[Any], Any]:
