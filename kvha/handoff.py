@@ -20,8 +20,10 @@ The link carries lines of ASCII, at most :data:`MAX_LINE` bytes each:
   the descriptor it got, so that a descriptor the kernel dropped, for one,
   at the master's descriptor limit, cannot pair a line with the wrong
   socket: a mismatch closes the link); ``k <id>``: confirmed,
-  serve it; ``x <id>``: close that connection (a drain that timed out, a
-  removed master);
+  serve it; ``x <id>``: close that connection; ``z``: close every confirmed
+  connection any load balancer handed over, on any link, now or before (a
+  drain that timed out, a removed master: what a load balancer handed before
+  a restart or a broken link is closed too);
 - master -> load balancer: ``a <id>`` adopted (and paused); ``r <id>`` refused
   (the load balancer still holds the connection and forwards it another
   way); ``c <id>`` the adopted connection has closed.
@@ -69,13 +71,15 @@ def split_lines(buffer: bytes) -> tuple[list[bytes], bytes]:
 
 
 def parse(line: bytes) -> tuple[bytes, int, Optional[str], Optional[str]]:
-    """``(op, id, protocol, peer)`` of one ``h``/``k``/``x``/``a``/``r``/``c`` line.
+    """``(op, id, protocol, peer)`` of one ``h``/``k``/``x``/``z``/``a``/``r``/``c`` line.
 
     ``protocol`` and ``peer`` (``host:port``) are set for ``h`` only.
     Raises :class:`LinkError`.
     """
     parts = line.split(b" ")
     op = parts[0]
+    if op == b"z" and len(parts) == 1:
+        return op, 0, None, None
     want = 4 if op == b"h" else 2
     if op not in (b"h", b"k", b"x", b"a", b"r", b"c") or len(parts) != want:
         raise LinkError(f"unexpected line {line[:60]!r}")

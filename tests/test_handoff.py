@@ -178,7 +178,7 @@ def test_master_greets_with_what_it_adopts_and_adopts_a_handed_socket() -> None:
     link.dataReceived(b"k 7\nk 99\n")  # an unknown id is ignored
     assert adopted.reading and link.unconfirmed == set()
     transport.clear()
-    # x closes it; its close is reported once.
+    # x closes it; its close is reported.
     link.dataReceived(b"x 7\n")
     assert reactor.transports[0].lose_calls == 1
     reactor.transports[0].connectionLost("done")
@@ -397,13 +397,17 @@ def test_a_master_that_does_not_answer_loses_its_link() -> None:
     reactor.advance(1.5)
     second = connect_client(reactor, pool, links)
     reactor.advance(0.5)  # the first is 2 s old
-    assert lt.disconnecting and link.broken and not link.takes("redis")
+    # Aborted, not closed gracefully: a master that stopped reading would hold
+    # a graceful close, and these clients, for as long as it sleeps.
+    assert lt.disconnected and link.broken and not link.takes("redis")  # (set by abort)
     third = connect_client(reactor, pool, links)  # relayed, not handed to a closing link
     assert lt.fds == [first.transport.fd, second.transport.fd]
     assert [c[:2] for c in reactor.tcpClients] == [("127.0.0.1", 7001)]
     link.connectionLost(None)
     for c in (first, second):
-        assert c.transport.disconnecting and c.transport._shouldShutdown is False
+        # No other master: closed, and this time with a shutdown, since no master
+        # will be told to serve them (the hung one may still hold a copy).
+        assert c.transport.disconnecting and c.transport._shouldShutdown is True
     assert pool.backends["m1"].conns["redis"] == 1  # the relayed one
     assert pool.backends["m1"].up["redis"]  # a hung master is the health checks' to judge
     assert not third.transport.disconnecting
@@ -414,10 +418,32 @@ def test_removing_a_master_closes_its_handed_connections_through_the_link() -> N
     connect_client(reactor, pool, links)
     link.dataReceived(b"a 1\n")
     lt.clear()
-    backend = pool.remove("m1")  # as the admin API's DELETE does
+    link.close_all()  # as the admin API's DELETE does, before the removal closes the link
+    backend = pool.remove("m1")
     for pair in list(backend.pairs):
         pair.close()
-    assert lt.value() == b"x 1\n" and lt.disconnecting
+        pair.close()  # (the drain calls it every tick): sent once
+    assert lt.value() == b"z\nx 1\n" and lt.disconnecting
+
+
+def test_master_closes_every_confirmed_handed_connection_on_z() -> None:
+    """z reaches connections handed by another link (the peer, or before a restart)."""
+    link, transport, reactor, _ = master_link()
+    link.fileDescriptorReceived(tcp_fd())
+    link.dataReceived(b"h 1 redis 127.0.0.9:40000\nk 1\n")
+    link.connectionLost(None)  # the link that handed it is gone; the client is not
+    other = link.receiver.buildProtocol(address.UNIXAddress(None))
+    other_transport = StringTransport()
+    other.makeConnection(other_transport)
+    other.fileDescriptorReceived(tcp_fd())
+    other.dataReceived(b"h 1 memcached 127.0.0.9:40000\n")  # not confirmed: left alone
+    old, unconfirmed = reactor.transports
+    other.dataReceived(b"z\n")
+    assert old.lose_calls == 1 and unconfirmed.lose_calls == 0
+    old.connectionLost("closed")
+    assert link.receiver.confirmed == set()
+    for dup, _, _ in reactor.adopted:
+        os.close(dup)
 
 
 def test_lb_relays_to_a_master_without_a_handoff_socket() -> None:
@@ -440,7 +466,8 @@ def test_a_lost_link_passes_unanswered_clients_on_and_a_refused_relink_marks_the
     link.connectionLost(Failure(ConnectionRefusedError()))
     # Unanswered: no master read from it (they wait for k), so the next one gets it,
     # as after a refused connect in proxy mode.  The client notices nothing.
-    assert not waiting.transport.disconnecting and waiting.transport._shouldShutdown is False
+    assert not waiting.transport.disconnecting
+    assert waiting.transport._shouldShutdown is True  # relayed: its end is ours to send
     assert [c[:2] for c in reactor.tcpClients] == [("127.0.0.1", 7101)]
     assert waiting.backend is pool.backends["m2"] and pool.backends["m2"].conns["redis"] == 1
     assert backend.conns["redis"] == 0 and backend.pairs == set()
@@ -475,6 +502,15 @@ def test_lb_refuses_a_link_whose_socket_belongs_to_another_master() -> None:
     assert len(reactor.unixClients) == 1
     reactor.advance(0.1)
     assert len(reactor.unixClients) == 2
+    again = reactor.unixClients[1][1].buildProtocol(address.UNIXAddress(None))
+    again_transport = LinkTransport()
+    again.makeConnection(again_transport)
+    links.open["m1"].dataReceived(b"kvha-handoff 1 m2 redis\n")
+    links.open["m1"].connectionLost(None)
+    reactor.advance(0.19)
+    assert len(reactor.unixClients) == 2  # 0.2 s this time
+    reactor.advance(0.01)
+    assert len(reactor.unixClients) == 3
 
 
 def test_links_follow_the_pool() -> None:

@@ -138,6 +138,10 @@ class ClientSide(BufferedWrites, Protocol):
         if backend is not None:
             backend.conns[self.factory.proto] -= 1
             self.backend = None
+        # That link is gone, so no master will ever be told to read this
+        # connection: ending it from here must reach the client again (a hung
+        # master's unread queue may still hold a copy of the descriptor).
+        self.transport._shouldShutdown = True
         if not self.closed:
             self._connect()
 

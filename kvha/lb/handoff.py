@@ -55,15 +55,18 @@ ANSWER_TIMEOUT = 2.0
 class Handed:
     """An adopted connection, as the drain and removal code sees it (``close()``)."""
 
-    __slots__ = ("link", "conn_id", "proto")
+    __slots__ = ("link", "conn_id", "proto", "closing")
 
     def __init__(self, link: HandoffLink, conn_id: int, proto: str) -> None:
         self.link = link
         self.conn_id = conn_id
         self.proto = proto
+        self.closing = False
 
     def close(self) -> None:
-        self.link.close_handed(self.conn_id)
+        if not self.closing:  # once: the drain calls this every tick until ``c``
+            self.closing = True
+            self.link.close_handed(self.conn_id)
 
 
 class HandoffLink(Protocol):
@@ -135,8 +138,7 @@ class HandoffLink(Protocol):
                 n=len(self.waiting),
                 t=ANSWER_TIMEOUT,
             )
-            self.broken = True
-            self.transport.loseConnection()
+            self._break()
             return
         self._answer_check = self.links.clock.callLater(
             oldest + ANSWER_TIMEOUT - now, self._check_answers
@@ -145,6 +147,17 @@ class HandoffLink(Protocol):
     def close_handed(self, conn_id: int) -> None:
         if conn_id in self.handed and self.connected:
             self.transport.write(b"x %d\n" % conn_id)
+
+    def close_all(self) -> None:
+        """Have the master close every connection handed to it, by anyone, ever."""
+        if self.connected and not self.closing:
+            self.transport.write(b"z\n")
+
+    def _break(self) -> None:
+        """Close at once, dropping what is unsent: a master that stopped reading
+        would otherwise hold a graceful close (and the waiting clients) for ever."""
+        self.broken = True
+        self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -179,8 +192,7 @@ class HandoffLink(Protocol):
                     raise LinkError(f"unexpected line {line[:60]!r} from the master")
         except LinkError as e:
             log.warn("closing the handoff link to {m}: {why}", m=self.backend.id, why=str(e))
-            self.broken = True
-            self.transport.loseConnection()
+            self._break()
 
     def _adopted(self, conn_id: int) -> None:
         entry = self.waiting.pop(conn_id, None)

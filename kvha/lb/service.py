@@ -279,14 +279,21 @@ class LoadBalancer(service.MultiService):
                 if self.kernel.held and not backend.drain_closed:
                     backend.drain_closed = True
                     self._cut(backend, "drain of {m} timed out")
-            elif backend.pairs:
-                log.info(
-                    "drain of {m} timed out: closing {n} connections",
-                    m=backend.id,
-                    n=len(backend.pairs),
-                )
-                for pair in list(backend.pairs):
-                    pair.close()
+            else:
+                link = None if self.links is None else self.links.open.get(backend.id)
+                if link is not None and link.connected and not backend.drain_closed:
+                    # Every connection handed to it, also by the peer or
+                    # before a restart, which this process no longer counts.
+                    backend.drain_closed = True
+                    link.close_all()
+                if backend.pairs:
+                    log.info(
+                        "drain of {m} timed out: closing {n} connections",
+                        m=backend.id,
+                        n=len(backend.pairs),
+                    )
+                    for pair in list(backend.pairs):
+                        pair.close()
 
     # Status --------------------------------------------------------------------------
 
@@ -489,6 +496,10 @@ class AdminApi(Resource):
                 raise AdminError(404, f"no master {master_id!r}")
             if method == b"DELETE":
                 backend = pool.remove(master_id)
+                if lb.links is not None:
+                    link = lb.links.open.get(master_id)
+                    if link is not None:
+                        link.close_all()  # sent before the link closes below
                 for pair in list(backend.pairs):
                     pair.close()  # forward: kernel cuts its connections in _kernel_sync
                 log.info("master {m} removed, epoch {e}", m=master_id, e=pool.epoch)

@@ -66,7 +66,14 @@ class HandoffServer(Protocol):
                 elif op == b"k":
                     if conn_id in self.unconfirmed:
                         self.unconfirmed.discard(conn_id)
-                        self.conns[conn_id].resumeProducing()
+                        transport = self.conns[conn_id]
+                        self.receiver.confirmed.add(transport)
+                        transport.resumeProducing()
+                elif op == b"z":
+                    confirmed = list(self.receiver.confirmed)
+                    log.info("closing {n} handed-over connections", n=len(confirmed))
+                    for transport in confirmed:
+                        transport.loseConnection()
                 elif op == b"x":
                     transport = self.conns.get(conn_id)
                     if transport is not None:
@@ -137,7 +144,7 @@ class HandoffServer(Protocol):
         transport.pauseProducing()
         self.unconfirmed.add(conn_id)
         self.conns[conn_id] = transport
-        transport.connectionLost = _on_lost(transport.connectionLost, self, conn_id)
+        transport.connectionLost = _on_lost(transport.connectionLost, self, conn_id, transport)
 
     def closed(self, conn_id: int) -> None:
         self.unconfirmed.discard(conn_id)
@@ -167,17 +174,24 @@ def peer_address(sock: socket.socket) -> tuple[str, int]:
     return name[0], name[1]
 
 
-def _on_lost(lost: Callable[[Any], Any], link: HandoffServer, conn_id: int) -> Callable[[Any], Any]:
+def _on_lost(
+    lost: Callable[[Any], Any], link: HandoffServer, conn_id: int, transport: Any
+) -> Callable[[Any], Any]:
     """``transport.connectionLost`` that also reports the close over ``link``.
 
     Wrapping the transport's method (an instance attribute, Twisted's code
     calls it by name) leaves the protocols and their compiled hot path alone.
+    It is installed once ``adoptStreamConnection`` returns, so a protocol
+    whose ``connectionMade`` aborted the connection would go unreported
+    (kvha's protocols refuse with a reply and ``loseConnection``, which
+    closes later, through the wrapper).
     """
 
     def connectionLost(reason: Any) -> Any:
         try:
             return lost(reason)
         finally:
+            link.receiver.confirmed.discard(transport)
             link.closed(conn_id)
 
     return connectionLost
@@ -194,6 +208,9 @@ class HandoffReceiver(Factory):
         self.factories = dict(factories)
         self.links: set[HandoffServer] = set()
         self.adopted = 0
+        #: Every confirmed handed-over connection still open, whichever link
+        #: (or load balancer) handed it: what ``z`` closes.
+        self.confirmed: set[Any] = set()
 
     def buildProtocol(self, addr: Any) -> HandoffServer:
         link = HandoffServer(self)

@@ -565,6 +565,51 @@ def test_handoff_gives_masters_the_client_socket_which_outlives_the_lb(nodes, re
         mc.close()
 
 
+def test_handoff_drain_timeout_closes_what_the_dead_peer_handed_over(nodes):  # type: ignore[no-untyped-def]
+    """A drain's timeout closes every connection handed to the master, also those the
+    killed active load balancer handed over, which the new holder never counted."""
+    _, masters, lb1, lb2 = start_cluster(nodes, forward="handoff", drain_timeout=1.5)
+    vip, mport = lb1.vip, lb1.vip_ports["memcached"]  # type: ignore[attr-defined]
+    victim = masters[0]
+    kept: Optional[Memcached] = None
+    others: list[Memcached] = []
+    try:
+        for _ in range(20):
+            candidate = Memcached(vip, mport)
+            if candidate.pid() == victim.pid:
+                kept = candidate
+                break
+            others.append(candidate)
+        assert kept is not None, "no memcached connection reached master1"
+        lb1.kill()
+        wait_until(lambda: lb_status(lb2)["holds_vip"], 5, "lb2 to take the VIP")
+        kept.roundtrip("drain-kept", "before")
+        admin = ["--admin", lb2.admin, "--token", ADMIN_TOKEN]  # type: ignore[attr-defined]
+        started = time.monotonic()
+        code, out = kvha("master", "drain", victim.node_id, *admin)  # type: ignore[attr-defined]
+        assert code == 0, out
+        kept.roundtrip("drain-kept", "during")  # open connections work until the timeout
+        for other in others:  # the other master's are not touched
+            other.roundtrip("drain-other", "during")
+
+        def kept_closed() -> bool:
+            try:
+                kept.roundtrip("drain-kept", "after")  # type: ignore[union-attr]
+            except (ConnectionError, OSError):
+                return True
+            time.sleep(0.05)
+            return False
+
+        wait_until(kept_closed, 6, "the drained master's handed connection to be closed")
+        elapsed = time.monotonic() - started
+        assert 1.4 <= elapsed <= 4.0, elapsed
+        for other in others:
+            other.roundtrip("drain-other", "after")
+    finally:
+        for c in [*others, *([kept] if kept is not None else [])]:
+            c.close()
+
+
 # c. master add and drain at run time -------------------------------------------------------------
 
 
