@@ -557,7 +557,7 @@ class LocalConfig:
             longest = os.path.join(
                 os.path.abspath(self.state_dir), f"master{self.masters}", "handoff.sock"
             )
-            if len(os.fsencode(longest)) > UNIX_PATH_MAX:
+            if unix_path_problem(longest) is not None:
                 raise ConfigError(
                     ("state_dir",),
                     f"forward: handoff puts Unix sockets under it, and {longest!r} is longer "
@@ -793,15 +793,20 @@ def _string(raw: Any, kind: Optional[str], meta: Mapping[str, Any], path: tuple)
     return raw
 
 
-def _unix_path(raw: str, path: tuple[str, ...]) -> None:
-    """An absolute path short enough for a Unix socket (``sun_path``)."""
+def unix_path_problem(raw: str) -> Optional[str]:
+    """What is wrong with ``raw`` as a Unix socket path (absolute, fits ``sun_path``), or None."""
     if not os.path.isabs(raw):
-        raise ConfigError(path, f"expected an absolute path; got {_show(raw)}")
+        return f"expected an absolute path; got {_show(raw)}"
     size = len(os.fsencode(raw))
     if size > UNIX_PATH_MAX:
-        raise ConfigError(
-            path, f"a Unix socket path is at most {UNIX_PATH_MAX} bytes; this one is {size}"
-        )
+        return f"a Unix socket path is at most {UNIX_PATH_MAX} bytes; this one is {size}"
+    return None
+
+
+def _unix_path(raw: str, path: tuple[str, ...]) -> None:
+    problem = unix_path_problem(raw)
+    if problem is not None:
+        raise ConfigError(path, problem)
 
 
 def _endpoint(raw: str, client: bool, path: tuple[str, ...]) -> None:

@@ -46,8 +46,6 @@ from typing import Optional
 HELLO = b"kvha-handoff 1"
 #: Longest line either side accepts; a longer one is a broken peer.
 MAX_LINE = 256
-#: The longest Unix socket path Linux takes (``sun_path`` is 108 bytes with its NUL).
-MAX_PATH = 107
 PROTOCOLS = ("redis", "memcached", "http")
 
 

@@ -40,7 +40,6 @@ class ClientSide(BufferedWrites, Protocol):
         self.tried: list[str] = []
         self.pending: list[bytes] = []
         self.closed = False
-        self.handed = False
 
     def connectionMade(self) -> None:
         self.factory.accepted += 1
@@ -67,7 +66,7 @@ class ClientSide(BufferedWrites, Protocol):
         if links is not None and backend.handoff:
             link = links.link_for(backend, factory.proto)
             if link is not None:
-                link.hand(self, factory.proto)
+                link.hand(self)
                 return
         self._relay(backend)
 
@@ -116,7 +115,6 @@ class ClientSide(BufferedWrites, Protocol):
     def handed_over(self) -> None:
         """The master adopted this connection: close our copy of its descriptor."""
         self.backend = None  # counted by the link from now on, until the master reports the close
-        self.handed = True
         self.transport.loseConnection()
 
     def handoff_refused(self) -> None:

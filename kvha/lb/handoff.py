@@ -106,7 +106,7 @@ class HandoffLink(Protocol):
             and proto in self.offered
         )
 
-    def hand(self, client: ClientSide, proto: str) -> None:
+    def hand(self, client: ClientSide) -> None:
         """Send ``client``'s descriptor; :meth:`ClientSide.handed_over` or
         :meth:`ClientSide.handoff_refused` follows when the master answers."""
         self.next_id += 1
@@ -120,7 +120,11 @@ class HandoffLink(Protocol):
         self.transport.sendFileDescriptor(client.transport.fileno())
         self.transport.write(
             b"h %d %s %s\n"
-            % (conn_id, proto.encode("ascii"), address_text(peer.host, peer.port).encode("ascii"))
+            % (
+                conn_id,
+                client.factory.proto.encode("ascii"),
+                address_text(peer.host, peer.port).encode("ascii"),
+            )
         )
         if self._answer_check is None:
             self._answer_check = self.links.clock.callLater(ANSWER_TIMEOUT, self._check_answers)
@@ -148,10 +152,15 @@ class HandoffLink(Protocol):
         if conn_id in self.handed and self.connected:
             self.transport.write(b"x %d\n" % conn_id)
 
-    def close_all(self) -> None:
-        """Have the master close every connection handed to it, by anyone, ever."""
-        if self.connected and not self.closing:
-            self.transport.write(b"z\n")
+    def close_all(self) -> bool:
+        """Have the master close every connection handed to it, by anyone, ever.
+
+        False if the link cannot carry it now.
+        """
+        if not self.connected or self.closing:
+            return False
+        self.transport.write(b"z\n")
+        return True
 
     def _break(self) -> None:
         """Close at once, dropping what is unsent: a master that stopped reading
@@ -268,6 +277,11 @@ class HandoffLinks:
             self.pool.on_change.remove(self.connect_missing)
         for link in list(self.open.values()):
             link.close()
+
+    def close_all(self, master_id: str) -> bool:
+        """:meth:`HandoffLink.close_all` on ``master_id``'s link; False if it has none up."""
+        link = self.open.get(master_id)
+        return link is not None and link.close_all()
 
     def link_for(self, backend: Backend, proto: str) -> Optional[HandoffLink]:
         """The link to hand ``backend`` a ``proto`` connection over, if it takes one."""

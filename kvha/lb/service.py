@@ -36,7 +36,7 @@ from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
-from kvha.config import UNIX_PATH_MAX, LbConfig, is_ipv4
+from kvha.config import UNIX_PATH_MAX, LbConfig, is_ipv4, unix_path_problem
 from kvha.lb.forward import ForwardFactory, HealthChecker
 from kvha.lb.handoff import HandoffLinks
 from kvha.lb.heartbeat import Election, HeartbeatProtocol
@@ -280,12 +280,10 @@ class LoadBalancer(service.MultiService):
                     backend.drain_closed = True
                     self._cut(backend, "drain of {m} timed out")
             else:
-                link = None if self.links is None else self.links.open.get(backend.id)
-                if link is not None and link.connected and not backend.drain_closed:
+                if self.links is not None and not backend.drain_closed:
                     # Every connection handed to it, also by the peer or
                     # before a restart, which this process no longer counts.
-                    backend.drain_closed = True
-                    link.close_all()
+                    backend.drain_closed = self.links.close_all(backend.id)
                 if backend.pairs:
                     log.info(
                         "drain of {m} timed out: closing {n} connections",
@@ -456,9 +454,7 @@ class AdminApi(Resource):
                     )
                 handoff = doc.get("handoff")
                 if handoff is not None and (
-                    not isinstance(handoff, str)
-                    or not os.path.isabs(handoff)
-                    or len(os.fsencode(handoff)) > UNIX_PATH_MAX
+                    not isinstance(handoff, str) or unix_path_problem(handoff) is not None
                 ):
                     raise AdminError(
                         400,
@@ -497,9 +493,7 @@ class AdminApi(Resource):
             if method == b"DELETE":
                 backend = pool.remove(master_id)
                 if lb.links is not None:
-                    link = lb.links.open.get(master_id)
-                    if link is not None:
-                        link.close_all()  # sent before the link closes below
+                    lb.links.close_all(master_id)  # sent before the link closes below
                 for pair in list(backend.pairs):
                     pair.close()  # forward: kernel cuts its connections in _kernel_sync
                 log.info("master {m} removed, epoch {e}", m=master_id, e=pool.epoch)

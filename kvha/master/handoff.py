@@ -134,7 +134,6 @@ class HandoffServer(Protocol):
                 transport = None
         finally:
             sock.close()  # the adopted transport holds its own duplicate
-        self.receiver.adopted += 1
         self.transport.write(b"a %d\n" % conn_id)
         if transport is None:  # turned away by the factory (and closed), or failed
             self.transport.write(b"c %d\n" % conn_id)
@@ -165,7 +164,6 @@ class HandoffServer(Protocol):
         self.conns.clear()
         while self.fds:
             os.close(self.fds.popleft())
-        self.receiver.links.discard(self)
 
 
 def peer_address(sock: socket.socket) -> tuple[str, int]:
@@ -206,16 +204,12 @@ class HandoffReceiver(Factory):
         self.reactor = reactor
         self.master_id = master_id
         self.factories = dict(factories)
-        self.links: set[HandoffServer] = set()
-        self.adopted = 0
         #: Every confirmed handed-over connection still open, whichever link
         #: (or load balancer) handed it: what ``z`` closes.
         self.confirmed: set[Any] = set()
 
     def buildProtocol(self, addr: Any) -> HandoffServer:
-        link = HandoffServer(self)
-        self.links.add(link)
-        return link
+        return HandoffServer(self)
 
 
 def plain_tcp(endpoint: str) -> bool:
