@@ -576,3 +576,55 @@ def test_local_cluster_hands_off_by_default(tmp_path: Any) -> None:
         secret="a-long-enough-local-secret-0123456", state_dir=long_dir, forward="proxy"
     )
     assert "handoff" not in "".join(n.text for n in plan(proxied))
+
+
+# The load balancer's service: admin API and drains --------------------------------------------
+
+
+def _handoff_lb(reactor: Any, state_dir: Any) -> Any:
+    from kvha.lb.service import LoadBalancer
+    from tests.test_lb_nat import _config
+
+    text = _config(
+        state_dir,
+        [{"id": "m1", "host": "127.0.0.1", "redis": 7001, "handoff": "/run/m1.hs"}],
+        forward="handoff",
+        drain_timeout=1.0,
+    )
+    config = load_config_string(text).lb
+    assert config is not None
+    return LoadBalancer(config, reactor)
+
+
+def test_admin_api_refuses_a_bad_handoff_path_and_keeps_a_good_one(tmp_path: Any) -> None:
+    from tests.test_lb_nat import _admin
+
+    lb = _handoff_lb(MemoryReactorClock(), tmp_path)
+    for bad in ("run/m2.hs", "/" + "p" * 120, 7):
+        doc = {"id": "m2", "host": "127.0.0.1", "redis": 7002, "handoff": bad}
+        code, out = _admin(lb, b"POST", "/v1/masters", doc)
+        assert code == 400 and "handoff must be an absolute" in out["error"]["message"]
+        assert "m2" not in lb.pool.backends
+    doc = {"id": "m2", "host": "127.0.0.1", "redis": 7002, "handoff": "/run/m2.hs"}
+    code, out = _admin(lb, b"POST", "/v1/masters", doc)
+    assert code == 201 and lb.pool.backends["m2"].handoff == "/run/m2.hs"
+    assert {"id": "m2", "handoff": "/run/m2.hs"}.items() <= out["masters"][1].items()
+
+
+def test_a_timed_out_drain_sends_z_once_when_the_link_is_up(tmp_path: Any) -> None:
+    reactor = MemoryReactorClock()
+    lb = _handoff_lb(reactor, tmp_path)
+    links = lb.links
+    links.start()
+    [(_path, factory, _timeout, _)] = reactor.unixClients
+    lb.pool.drain("m1", reactor.seconds())
+    reactor.advance(1.0)
+    lb._drain_tick()  # no link yet: nothing sent, tried again next tick
+    assert not lb.pool.backends["m1"].drain_closed
+    lt = LinkTransport()
+    factory.buildProtocol(address.UNIXAddress(None)).makeConnection(lt)
+    links.open["m1"].dataReceived(b"kvha-handoff 1 m1 redis\n")
+    lb._drain_tick()
+    lb._drain_tick()
+    assert lt.value() == b"z\n" and lb.pool.backends["m1"].drain_closed
+    links.stop()
